@@ -265,9 +265,168 @@ def answers_equal(pred: Optional[str], gold: Optional[str]) -> bool:
 # ================================================================================================
 
 
+def majority_vote(answers: list) -> tuple:
+    """Pseudo-label by majority: the most common parsed answer (ties: the earliest sampled).
+
+    s = count(majority) / #parsed. Unparsed answers (None) neither vote nor count.
+    Returns (majority or None, solve rate s, #parsed); s = 0 when nothing parsed.
+    """
+    parsed = [a for a in answers if a is not None]
+    if not parsed:
+        return None, 0.0, 0
+    counts = Counter(parsed)
+    best = max(counts.values())
+    majority = next(a for a in parsed if counts[a] == best)  # first sampled among the tied
+    return majority, best / len(parsed), len(parsed)
+
+
+def band_y_min(group: int, lo: float, hi: float) -> float:
+    """y_min = 1 / |{k/G : k = 1..G, lo <= k/G <= hi}|: the tent's value at the band edges.
+
+    With G = 8 and [0.5, 0.9] the reachable rates are 4/8..7/8, so y_min = 1/4.
+    """
+    n = sum(1 for k in range(1, group + 1) if lo - 1e-9 <= k / group <= hi + 1e-9)
+    return 1.0 / max(n, 1)
+
+
+def solvability_reward(s: float, group: int, lo: float, hi: float) -> float:
+    """R_solv(s) = 1 - (1 - y_min) |s - m| / (m - lo) for lo <= s <= hi, else 0;  m = (lo + hi) / 2.
+
+    A tent on the difficulty band: problems the student solves about m of the time score 1, ones it
+    always or rarely agrees on score 0, so the teacher is pushed to the edge of the student's ability.
+    """
+    if not lo - 1e-9 <= s <= hi + 1e-9:
+        return 0.0
+    m = (lo + hi) / 2
+    if m - lo < 1e-12:  # a zero-width band: any rate in it is the peak
+        return 1.0
+    return 1.0 - (1.0 - band_y_min(group, lo, hi)) * abs(s - m) / (m - lo)
+
+
+def length_reward(solution_lengths: list, cap: int) -> float:
+    """R_len = min(mean student completion tokens, cap) / cap: longer solutions mean harder problems."""
+    if not solution_lengths:
+        return 0.0
+    return min(float(np.mean(solution_lengths)), cap) / cap
+
+
+def diversity_rewards(cand: torch.Tensor, pool: torch.Tensor, topk: int, center: bool) -> torch.Tensor:
+    """R_div(x) = (1 - mean of the top-k cos(e_x, e_y)) / 2, y over the pool and the other candidates.
+
+    cand (n, d) and pool (p, d) are raw mean-pooled hidden states. Hidden states of a language model
+    are anisotropic: every pair has cosine near 1, so raw cosines barely separate a copy from a new
+    problem. With center=True we subtract the mean embedding of everything compared (pool and
+    candidates) before normalising, which spreads cosines over [-1, 1]; center=False keeps raw cosines.
+    """
+    n = cand.shape[0]
+    if n == 0:
+        return torch.zeros(0)
+    allv = torch.cat([pool, cand]).float()  # (p + n, d)
+    if center:
+        allv = allv - allv.mean(dim=0, keepdim=True)
+    allv = F.normalize(allv, dim=-1, eps=1e-12)
+    c = allv[pool.shape[0]:]  # (n, d)
+    sim = c @ allv.T  # (n, p + n)
+    self_idx = torch.arange(n) + pool.shape[0]
+    sim[torch.arange(n), self_idx] = -float("inf")  # a candidate is not its own neighbour
+    k = min(topk, sim.shape[1] - 1)
+    if k <= 0:  # nothing to compare with (empty pool, one candidate): maximally new
+        return torch.full((n,), 0.5)
+    top = sim.topk(k, dim=1).values  # (n, k)
+    return (1.0 - top.mean(dim=1)) / 2.0
+
+
+def teacher_total(solv: float, div: float, length: float, fmt: float, cfg: "Config") -> float:
+    """R_T = w_solv R_solv + w_div R_div + w_len R_len + w_fmt R_format (all 0 for an illegal output)."""
+    return cfg.w_solv * solv + cfg.w_div * div + cfg.w_len * length + cfg.w_teacher_format * fmt
+
+
+def student_rewards(answers: list, majority: Optional[str], formats: list, cfg: "Config") -> list:
+    """R_S = w_correct [answer == majority] + w_fmt [last line is the asked final-answer line]."""
+    return [cfg.w_correct * float(majority is not None and a == majority) + cfg.w_student_format * float(f)
+            for a, f in zip(answers, formats)]
+
+
 # ================================================================================================
 # 5. Rollout: teacher and student
 # ================================================================================================
+
+
+@dataclass
+class Completion:
+    prompt_ids: list  # prompt tokens (chat-formatted)
+    ids: list  # completion tokens up to and including the first EOS (all of them if truncated)
+    text: str  # decoded completion, special tokens dropped
+    truncated: bool  # hit max_new_tokens before any EOS
+
+
+def eos_token_ids(model, tokenizer) -> list:
+    """Every token that ends a turn: chat models stop on an end-of-turn token, not only on EOS."""
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def cut_at_eos(ids: list, eos_ids: list) -> tuple:
+    """(ids up to and including the first EOS, truncated?). The mask comes from here, never from pad ids:
+    many tokenizers use EOS as pad, so `ids != pad` would drop the EOS the model must learn to emit."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1], False
+    return ids, True
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, top_k: int,
+             top_p: float, batch_size: int, desc: str = "", min_new_tokens: int = 0) -> list:
+    """Sample one completion per prompt with HF generate: left padding, KV cache, batches of
+    `batch_size` prompts sorted by length (less padding), halved on out-of-memory."""
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    device = next(model.parameters()).device
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # template has BOS
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list = [None] * len(prompts)
+    bar = _progress(total=len(prompts), desc=desc)
+    pos = 0
+    while pos < len(order):
+        idx = order[pos: pos + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            attn[row, width - len(encoded[i]):] = 1
+        try:
+            gen = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err) or batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            torch.cuda.empty_cache()
+            bar.write(f"[{desc}] out of memory: retrying with --gen_batch {batch_size}")
+            continue
+        for row, i in enumerate(idx):
+            ids, truncated = cut_at_eos(gen[row, width:].tolist(), eos_ids)
+            out[i] = Completion(encoded[i], ids, tokenizer.decode(ids, skip_special_tokens=True), truncated)
+        bar.update(len(idx))
+        pos += len(idx)
+    bar.close()
+    return out
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not desc)
 
 
 # ================================================================================================
@@ -275,9 +434,73 @@ def answers_equal(pred: Optional[str], gold: Optional[str]) -> bool:
 # ================================================================================================
 
 
+@dataclass
+class Candidate:
+    """One teacher output of a round and everything the round learns about it."""
+    group: int  # which reference (teacher group) it came from
+    completion: Completion
+    parsed: TeacherOutput
+    solutions: list = field(default_factory=list)  # G student Completions (legal problems only)
+    answers: list = field(default_factory=list)  # normalised final answers, None if unparsed
+    majority: Optional[str] = None
+    solve_rate: float = 0.0
+    n_parsed: int = 0
+    solv: float = 0.0
+    div: float = 0.0
+    length: float = 0.0
+    fmt: float = 0.0
+    reward: float = 0.0  # R_T
+    student_rewards: list = field(default_factory=list)  # R_S per solution
+    combined: float = 0.0  # w_solv R_solv + w_div R_div: ranks candidates for training
+    embedding: Optional[torch.Tensor] = None  # raw mean-pooled hidden state (d,)
+
+
+def score_candidates(cands: list, pool_emb: Optional[torch.Tensor], cfg: Config) -> None:
+    """Fill every reward of a round's candidates (in place). Illegal candidates keep all zeros."""
+    legal = [c for c in cands if c.parsed.legal]
+    for c in legal:
+        c.majority, c.solve_rate, c.n_parsed = majority_vote(c.answers)
+        c.solv = solvability_reward(c.solve_rate, cfg.student_group, cfg.band_lo, cfg.band_hi)
+        c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap)  # same problem, same c
+        c.fmt = float(c.parsed.has_think)
+        c.student_rewards = student_rewards(c.answers, c.majority, [has_final_line(s.text) for s in c.solutions], cfg)
+    if legal and cfg.w_div > 0:
+        divs = diversity_rewards(torch.stack([c.embedding for c in legal]), pool_emb, cfg.div_topk,
+                                 cfg.div_embed == "center")
+        for c, d in zip(legal, divs.tolist()):
+            c.div = d
+    for c in legal:
+        c.reward = teacher_total(c.solv, c.div, c.length, c.fmt, cfg)
+        c.combined = cfg.w_solv * c.solv + cfg.w_div * c.div
+
+
+def select_teacher_group(combined: np.ndarray, legal: np.ndarray) -> int:
+    """The reference group whose `combined` scores vary most: the most informative for GRPO.
+    combined, legal: (n_refs, g). Groups with no legal member rank last."""
+    var = combined.var(axis=1)  # (n_refs,)
+    var = np.where(legal.any(axis=1), var, -1.0)
+    return int(np.argmax(var))  # first among ties
+
+
+def select_student_problem(cands: list) -> Optional[int]:
+    """Index of the legal candidate with the highest `combined` that has a majority answer, or None."""
+    ok = [i for i, c in enumerate(cands) if c.parsed.legal and c.majority is not None]
+    return max(ok, key=lambda i: cands[i].combined) if ok else None
+
+
 # ================================================================================================
 # 7. Advantages
 # ================================================================================================
+
+
+def group_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
+    """A_i = (R_i - mean(R)) / (std(R) + eps) within each group (rows); std unbiased, as TRL computes it.
+
+    rewards: (n_groups, group_size). A group whose rewards are all equal gets A = 0 exactly (0 / eps).
+    """
+    mean = rewards.mean(dim=1, keepdim=True)  # (n, 1)
+    std = rewards.std(dim=1, keepdim=True)  # (n, 1), needs group_size >= 2 (Config.validate)
+    return (rewards - mean) / (std + eps)  # (n, G)
 
 
 # ================================================================================================
@@ -285,9 +508,354 @@ def answers_equal(pred: Optional[str], gold: Optional[str]) -> bool:
 # ================================================================================================
 
 
+@dataclass
+class TrainSeq:
+    """One sequence to train on: prompt + completion, a sequence-level advantage, a loss mask."""
+    prompt_ids: list
+    ids: list  # completion ids (up to and including the first EOS)
+    mask: list  # 1 per completion token that carries loss (0: the teacher's <concepts> span)
+    advantage: float
+    role: str  # "teacher" | "student"
+    weight: float = 0.0  # loss weight per token, from the aggregation (set by set_loss_weights)
+    old_logp: Optional[torch.Tensor] = None  # (T,) at rollout time, when updates_per_rollout > 1
+    ref_logp: Optional[torch.Tensor] = None  # (T,) under the frozen initial model, when beta > 0
+
+
+def concepts_mask(tokenizer, ids: list) -> list:
+    """Loss mask for a teacher completion: 0 on the tokens of `<concepts>...</concepts>`, 1 elsewhere.
+
+    The concepts are bookkeeping for the pool, not something the teacher is rewarded for. Token spans
+    come from the character offsets of decoded prefixes (binary search), so any tokenizer works.
+    """
+    text = tokenizer.decode(ids)
+    start = text.find("<concepts>")
+    end = text.find("</concepts>", start + 1) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return [1] * len(ids)
+    end += len("</concepts>")
+
+    def first_token_reaching(char_pos: int) -> int:  # smallest k with len(decode(ids[:k+1])) > char_pos
+        lo, hi = 0, len(ids) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(tokenizer.decode(ids[: mid + 1])) > char_pos:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    a, b = first_token_reaching(start), first_token_reaching(end - 1)
+    return [0 if a <= i <= b else 1 for i in range(len(ids))]
+
+
+def set_loss_weights(rounds: list, agg: str, max_new_tokens: int) -> None:
+    """Per-token weights w_i so that L_round = sum_i w_i sum_t m_it l_it, for each aggregation.
+
+    token    (authors, TRL 0.16): w = 1 / (completion tokens of the round), teacher and student pooled
+    sequence (original GRPO):     w = 1 / (n_seqs * len_i), every sequence counts the same
+    role:                         w = 1 / (n_roles * tokens of the role), teacher and student count the same
+    constant (Dr. GRPO):          w = 1 / (n_seqs * max_new_tokens), no length normalisation
+    The step loss is the mean over rounds, so every weight is also divided by the number of rounds.
+    """
+    n_rounds = len(rounds)
+    for seqs in rounds:
+        n_tok = sum(sum(s.mask) for s in seqs)
+        by_role = Counter()
+        for s in seqs:
+            by_role[s.role] += sum(s.mask)
+        for s in seqs:
+            if agg == "token":
+                w = 1.0 / max(n_tok, 1)
+            elif agg == "sequence":
+                w = 1.0 / (len(seqs) * max(sum(s.mask), 1))
+            elif agg == "role":
+                w = 1.0 / (len(by_role) * max(by_role[s.role], 1))
+            elif agg == "constant":
+                w = 1.0 / (len(seqs) * max_new_tokens)
+            else:
+                raise ValueError(f"unknown loss_agg {agg!r}")
+            s.weight = w / n_rounds
+
+
+def _lm_head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(lm_head(h) / T)[target] for a chunk of positions. hidden (N, H), targets (N,) -> (N,)."""
+    logits = model.get_output_embeddings()(hidden).float()  # (N, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-2 squashes its logits; skipping this changes every log-prob
+        logits = torch.tanh(logits / cap) * cap
+    logits = logits / temperature  # log-probs of the distribution we sampled from
+    return logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+
+
+def sequence_logprobs(model, seqs: list, temperature: float, chunk: int, autocast_dtype=None) -> list:
+    """Per-token log-probs of each sequence's completion: a list of (T_i,) tensors.
+
+    Right padding, so positions of real tokens are 0..L-1 whatever the batch (padding invariance).
+    The vocabulary projection runs over `chunk` positions at a time and, under autograd, is
+    recomputed in backward (checkpoint): a (tokens x 256k) logit tensor is never held whole.
+    """
+    device = next(model.parameters()).device
+    full = [s.prompt_ids + s.ids for s in seqs]
+    width = max(len(f) for f in full)
+    input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, f in enumerate(full):
+        input_ids[row, : len(f)] = torch.tensor(f)
+        attn[row, : len(f)] = 1
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        hidden = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attn.to(device)).last_hidden_state  # (B, L, H)
+    # the token at position t is predicted from the hidden state at t - 1
+    rows, cols, tgts = [], [], []
+    for row, s in enumerate(seqs):
+        p = len(s.prompt_ids)
+        cols += list(range(p - 1, p - 1 + len(s.ids)))
+        rows += [row] * len(s.ids)
+        tgts += s.ids
+    h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (N, H), N = all completion tokens
+    t = torch.tensor(tgts, device=device)  # (N,)
+    parts = []
+    for i in range(0, h.shape[0], chunk):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if torch.is_grad_enabled():
+                parts.append(torch.utils.checkpoint.checkpoint(
+                    _lm_head_logprobs, model, h[i: i + chunk], t[i: i + chunk], temperature, use_reentrant=False))
+            else:
+                parts.append(_lm_head_logprobs(model, h[i: i + chunk], t[i: i + chunk], temperature))
+    flat = torch.cat(parts) if parts else torch.zeros(0, device=device)  # (N,)
+    return list(flat.split([len(s.ids) for s in seqs]))
+
+
+def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+                    advantage: float, clip_eps: float, beta: float) -> tuple:
+    """Per-token GRPO loss and k3 KL for one sequence (all (T,)):
+
+        r_t  = exp(logp_t - logp_old_t)
+        kl_t = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1
+        l_t  = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A) + beta kl_t
+    """
+    ratio = torch.exp(logp - old_logp)  # (T,); exactly 1 on the first update of a rollout
+    surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage)  # (T,)
+    if ref_logp is None or beta == 0:
+        kl = torch.zeros_like(logp)
+    else:
+        d = ref_logp - logp  # (T,)
+        kl = torch.exp(d) - d - 1  # (T,), >= 0, unbiased estimate of KL(pi || pi_ref)
+    return -surrogate + beta * kl, kl
+
+
 # ================================================================================================
 # 9. Models and checkpoints
 # ================================================================================================
+
+MODELS = {  # short names -> hub ids; any hub id or local directory works too
+    "gemma-2-2b-it": "google/gemma-2-2b-it",
+    "llama-3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
+    "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+}
+
+# The architectures behind the short names, written down so `--random_init` can build any of them
+# with random weights and no download: enough to measure memory and speed before fetching weights.
+ARCHITECTURES = {
+    "gemma-2-2b-it": dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6,
+        rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True),
+    "llama-3.2-3b-instruct": dict(
+        model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+        num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+        hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192), tie_word_embeddings=True),
+    "qwen2.5-1.5b-instruct": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+        num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, hidden_act="silu",
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=True),
+}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no GPU (use --device cpu)")
+    return torch.device(device)
+
+
+def compute_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    """bf16 on GPU (Gemma-2 is unstable in fp16), fp32 on CPU."""
+    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
+        return torch.float32
+    return torch.bfloat16
+
+
+def resolve_model(name: str) -> str:
+    """Short name -> hub id; "tiny" -> its cache directory (built on first use); else as given."""
+    if name == "tiny":
+        return ensure_tiny_model()
+    if name in MODELS:
+        return MODELS[name]
+    if os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return name
+    raise ValueError(
+        f"unknown model {name!r}. Short names: {', '.join(['tiny', *MODELS])}. "
+        "Or pass a hub id (org/name) or the path of a local directory holding a saved model.")
+
+
+def attention_for(model_type: str, attn: str = "auto") -> str:
+    """Gemma-2 soft-caps its attention logits; SDPA kernels drop the cap, eager attention keeps it."""
+    if attn != "auto":
+        return attn
+    return "eager" if model_type.startswith("gemma2") else "sdpa"
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly `vocab_size` entries and a chat template, for random weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
+                                  eos_token="<eos>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": ["<user>", "<assistant>"]})
+    tok.chat_template = ("<bos>{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant> {% endif %}")
+    return tok
+
+
+def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", attn: str = "auto",
+               random_init: bool = False, seed: int = 0):
+    """(model, tokenizer) on the device, in eval mode. dtype "fp32" for trained (master) weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    dev = pick_device(device)
+    torch_dtype = compute_dtype(dev, dtype)
+    if random_init:
+        if name_or_path not in ARCHITECTURES:
+            raise ValueError(f"--random_init knows the architectures of {', '.join(ARCHITECTURES)}, "
+                             f"not {name_or_path!r}")
+        arch = dict(ARCHITECTURES[name_or_path])
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0  # synthetic_tokenizer's
+        tokenizer = synthetic_tokenizer(config.vocab_size)
+        torch.manual_seed(seed)  # the same seed gives the same "initial weights" (policy and reference)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
+    else:
+        path = resolve_model(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
+        except OSError as err:
+            raise OSError(f"could not load {path!r}: {err}\nIf this machine is offline, download the model "
+                          "elsewhere and pass its local directory.") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(dev).eval(), tokenizer
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts: list, batch_size: int = 64) -> torch.Tensor:
+    """Diversity embedding: the last hidden layer mean-pooled over the text's tokens (no chat
+    template, padding excluded), fp32 on the CPU, (n, d). Normalisation happens when comparing."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = [tokenizer(t, add_special_tokens=True)["input_ids"] or [tokenizer.pad_token_id]
+               for t in texts[i: i + batch_size]]
+        width = max(len(e) for e in enc)
+        ids = torch.zeros((len(enc), width), dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for row, e in enumerate(enc):  # right padding: real tokens keep positions 0..n-1
+            ids[row, : len(e)] = torch.tensor(e)
+            mask[row, : len(e)] = 1
+        h = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (b, L, d)
+        m = mask.to(device).unsqueeze(-1).to(h.dtype)  # (b, L, 1)
+        out.append(((h * m).sum(1) / m.sum(1)).float().cpu())  # (b, d)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@dataclass
+class Pool:
+    """The growing set of problems references are drawn from. It never shrinks."""
+    problems: list = field(default_factory=list)
+    concepts: list = field(default_factory=list)
+    embeddings: Optional[torch.Tensor] = None  # (N, d) raw embeddings; None when diversity is off
+
+    def add(self, problems: list, concepts: list, embeddings: Optional[torch.Tensor]) -> None:
+        self.problems += problems
+        self.concepts += concepts
+        if embeddings is not None:
+            self.embeddings = embeddings if self.embeddings is None else torch.cat([self.embeddings, embeddings])
+
+    def truncate(self, n: int) -> None:
+        del self.problems[n:], self.concepts[n:]
+        if self.embeddings is not None:
+            self.embeddings = self.embeddings[:n]
+
+    def state(self) -> dict:
+        return {"problems": self.problems, "concepts": self.concepts, "embeddings": self.embeddings}
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def checkpoint_dir(out: str, step: int) -> str:
+    return os.path.join(out, f"ckpt-{step:05d}")
+
+
+def latest_checkpoint(out: str) -> Optional[str]:
+    """The newest complete checkpoint (state.pt is written last, so its presence means complete)."""
+    if not os.path.isdir(out):
+        return None
+    done = sorted(d for d in os.listdir(out)
+                  if re.fullmatch(r"ckpt-\d{5}", d) and os.path.exists(os.path.join(out, d, "state.pt")))
+    return os.path.join(out, done[-1]) if done else None
+
+
+def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler, pool: Pool,
+                    rng: dict, cfg: Config) -> str:
+    """Model and tokenizer by save_pretrained (loadable by transformers and eval.py) plus state.pt
+    with what an exact resume needs. Older checkpoints keep their weights but drop optimizer state."""
+    path = checkpoint_dir(out, step)
+    policy.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng, "pool": pool.state(), "config": dataclasses.asdict(cfg)}
+    torch.save(state, os.path.join(path, "state.tmp"))
+    os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))
+    for d in os.listdir(out):  # optimizer state is 2x the fp32 weights: keep it only in the newest
+        old = os.path.join(out, d, "state.pt")
+        if re.fullmatch(r"ckpt-\d{5}", d) and os.path.join(out, d) != path and os.path.exists(old):
+            lite = torch.load(old, weights_only=False)
+            lite.pop("optimizer", None)
+            torch.save(lite, os.path.join(out, d, "state_no_optimizer.pt"))
+            os.remove(old)
+    return path
 
 
 # >>> TINY MODEL SECTION (owned by the tiny-model work; keep build_tiny_model's signature) >>>
@@ -304,3 +872,407 @@ def build_tiny_model(path: str, seed: int = 0) -> None:
 # ================================================================================================
 # 10. The loop and main()
 # ================================================================================================
+
+def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
+    """parse_teacher, except with --random_init, where every output counts as a legal problem so that
+    benchmarks of random weights run the student phase at full size."""
+    if cfg.random_init:
+        return TeacherOutput(text.strip() or "?", ["random weights"], False, True)
+    return parse_teacher(text)
+
+
+def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, timers: Counter) -> list:
+    """One round of self-play: teacher writes problems, student solves them, rewards are computed.
+    Returns the n_refs * g Candidates, grouped by reference (group = index into refs)."""
+    sample = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.gen_batch)
+    t0 = time.perf_counter()
+    prompts = [chat(tokenizer, teacher_prompt(pool.problems[r])) for r in refs for _ in range(cfg.teacher_group)]
+    outs = generate(sampler, tokenizer, prompts, cfg.teacher_max_new_tokens, desc="teacher", **sample)
+    cands = [Candidate(i // cfg.teacher_group, o, parse_candidate(o.text, cfg)) for i, o in enumerate(outs)]
+    legal = [c for c in cands if c.parsed.legal]
+    t1 = time.perf_counter()
+    prompts = [chat(tokenizer, student_prompt(c.parsed.problem)) for c in legal for _ in range(cfg.student_group)]
+    sols = generate(sampler, tokenizer, prompts, cfg.student_max_new_tokens, desc="student", **sample)
+    for j, c in enumerate(legal):
+        c.solutions = sols[j * cfg.student_group: (j + 1) * cfg.student_group]
+        c.answers = [normalize_answer(extract_boxed(s.text)) for s in c.solutions]
+    t2 = time.perf_counter()
+    if legal and cfg.w_div > 0:
+        for c, e in zip(legal, embed_texts(frozen, tokenizer, [c.parsed.problem for c in legal])):
+            c.embedding = e
+    score_candidates(cands, pool.embeddings, cfg)
+    timers["teacher_gen"] += t1 - t0
+    timers["student_gen"] += t2 - t1
+    timers["scoring"] += time.perf_counter() - t2
+    return cands
+
+
+def training_batch(cands: list, tokenizer, cfg: Config) -> tuple:
+    """Selection and advantages: the teacher group with the most varied `combined`, whole, and the
+    student group of the best problem. Returns (TrainSeqs, chosen group, chosen problem index or None)."""
+    g = cfg.teacher_group
+    combined = np.array([c.combined for c in cands]).reshape(-1, g)  # (n_refs, g)
+    legal = np.array([c.parsed.legal for c in cands]).reshape(-1, g)  # (n_refs, g)
+    group = select_teacher_group(combined, legal)
+    members = cands[group * g: (group + 1) * g]
+    adv_t = group_advantages(torch.tensor([[c.reward for c in members]], dtype=torch.float64), cfg.adv_eps)[0]
+    seqs = [TrainSeq(c.completion.prompt_ids, c.completion.ids, concepts_mask(tokenizer, c.completion.ids),
+                     float(a), "teacher") for c, a in zip(members, adv_t)]
+    best = select_student_problem(cands)
+    if best is not None:
+        c = cands[best]
+        adv_s = group_advantages(torch.tensor([c.student_rewards], dtype=torch.float64), cfg.adv_eps)[0]
+        seqs += [TrainSeq(s.prompt_ids, s.ids, [1] * len(s.ids), float(a), "student")
+                 for s, a in zip(c.solutions, adv_s)]
+    return seqs, group, best
+
+
+def add_to_pool(pool: Pool, cands: list, cfg: Config) -> None:
+    """Every legal problem of the round joins the pool, whatever its solve rate."""
+    legal = [c for c in cands if c.parsed.legal]
+    emb = torch.stack([c.embedding for c in legal]) if legal and cfg.w_div > 0 else None
+    pool.add([c.parsed.problem for c in legal], [c.parsed.concepts for c in legal], emb)
+
+
+def starting_pool_filter(c: Candidate, cfg: Config) -> bool:
+    """The authors' filter for the starting pool: in the band, a majority answer with a digit, a problem
+    of 30+ characters with no tags that does not state its own answer."""
+    return (c.parsed.legal and c.majority is not None
+            and cfg.band_lo - 1e-9 <= c.solve_rate <= cfg.band_hi + 1e-9
+            and any(ch.isdigit() for ch in c.majority)
+            and len(c.parsed.problem) >= cfg.init_pool_min_chars
+            and re.search(r"</?[A-Za-z][\w-]*(\s[^<>]*)?/?>", c.parsed.problem) is None
+            and re.search(rf"(?<![\w.]){re.escape(c.majority)}(?![\w.])", c.parsed.problem) is None)
+
+
+def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
+    """Before RL, grow the pool from the seed problem with the untrained model: the same teacher and
+    student steps, keeping only in-band problems that pass starting_pool_filter."""
+    pool = Pool()
+    seed_emb = embed_texts(frozen, tokenizer, [cfg.seed_problem]) if cfg.w_div > 0 else None
+    pool.add([cfg.seed_problem], [[]], seed_emb)
+    if cfg.init_pool:  # a saved pool: one JSON object with a "problem" (and "concepts") per line
+        rows = [json.loads(line) for line in open(cfg.init_pool) if line.strip()]
+        emb = embed_texts(frozen, tokenizer, [r["problem"] for r in rows]) if cfg.w_div > 0 and rows else None
+        pool.add([r["problem"] for r in rows], [r.get("concepts", []) for r in rows], emb)
+        log(f"starting pool: {len(rows)} problems from {cfg.init_pool}")
+        return pool
+    if cfg.init_pool_size == 0:
+        return pool
+    kept, timers = [], Counter()
+    bar = _progress(total=cfg.init_pool_size, desc="starting pool")
+    for r in range(cfg.init_pool_max_rounds):
+        if len(kept) >= cfg.init_pool_size:
+            break
+        refs = [random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)]
+        cands = [c for c in play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers)
+                 if starting_pool_filter(c, cfg)][: cfg.init_pool_size - len(kept)]
+        add_to_pool(pool, cands, cfg)
+        kept += cands
+        bar.update(len(cands))
+    bar.close()
+    log(f"starting pool: {len(kept)} of {cfg.init_pool_size} in-band problems after {r + 1} rounds"
+        + ("" if len(kept) >= cfg.init_pool_size else " (stopped at --init_pool_max_rounds)"))
+    with open(os.path.join(cfg.out, "init_pool.jsonl"), "w") as f:
+        for c in kept:
+            f.write(json.dumps({"problem": c.parsed.problem, "concepts": c.parsed.concepts,
+                                "solve_rate": c.solve_rate, "majority": c.majority}) + "\n")
+    return pool
+
+
+def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, autocast_dtype) -> dict:
+    """updates_per_rollout optimiser steps on one batch of rounds. L = mean over rounds of L_round."""
+    set_loss_weights(rounds, cfg.loss_agg, max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens))
+    seqs = sorted((s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
+    batches = [seqs[i: i + cfg.train_micro_batch] for i in range(0, len(seqs), cfg.train_micro_batch)]
+    with torch.no_grad():  # fixed targets of this rollout: reference and (for mu > 1) old log-probs
+        for mb in batches:
+            if frozen is not None and cfg.beta > 0:
+                for s, lp in zip(mb, sequence_logprobs(frozen, mb, cfg.temperature, cfg.logprob_chunk)):
+                    s.ref_logp = lp
+            if cfg.updates_per_rollout > 1:
+                for s, lp in zip(mb, sequence_logprobs(policy, mb, cfg.temperature, cfg.logprob_chunk, autocast_dtype)):
+                    s.old_logp = lp
+    policy.train()
+    stats = Counter()
+    for _ in range(cfg.updates_per_rollout):
+        optimizer.zero_grad(set_to_none=True)
+        for mb in batches:
+            logps = sequence_logprobs(policy, mb, cfg.temperature, cfg.logprob_chunk, autocast_dtype)
+            loss = 0.0
+            for s, lp in zip(mb, logps):
+                old = s.old_logp if s.old_logp is not None else lp.detach()
+                l_t, kl_t = grpo_token_loss(lp, old, s.ref_logp, s.advantage, cfg.clip_eps, cfg.beta)  # (T,)
+                m = torch.tensor(s.mask, dtype=l_t.dtype, device=l_t.device)  # (T,)
+                loss = loss + s.weight * (l_t * m).sum()
+                with torch.no_grad():
+                    stats["kl_sum"] += float((kl_t * m).sum())
+                    stats["tokens"] += float(m.sum())
+                    clipped = ((torch.exp(lp - old) - 1).abs() > cfg.clip_eps).float()  # (T,)
+                    stats["clipped"] += float((clipped * m).sum())
+            loss.backward()
+            stats["loss"] += float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        with _sigint_deferred():  # never leave weights half-updated
+            optimizer.step()
+            scheduler.step()
+        stats["grad_norm"] += float(grad_norm)
+    optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next generation phase
+    policy.eval()
+    n = cfg.updates_per_rollout
+    return {"loss": stats["loss"] / n, "kl": stats["kl_sum"] / max(stats["tokens"], 1),
+            "clip_frac": stats["clipped"] / max(stats["tokens"], 1), "grad_norm": stats["grad_norm"] / n,
+            "lr": scheduler.get_last_lr()[0]}
+
+
+class _sigint_deferred:
+    """Hold Ctrl-C until the block ends (the optimiser step), then raise it."""
+    def __enter__(self):
+        import signal
+        self.got = False
+        self.old = signal.signal(signal.SIGINT, lambda *_: setattr(self, "got", True))
+
+    def __exit__(self, *exc):
+        import signal
+        signal.signal(signal.SIGINT, self.old)
+        if self.got:
+            raise KeyboardInterrupt
+
+
+def step_metrics(step: int, rounds_cands: list, rounds: list, pool: Pool, cfg: Config, opt: dict,
+                 timers: Counter) -> dict:
+    """One metrics.jsonl line: every reward component by role, solve-rate histogram, lengths, costs."""
+    cands = [c for cs in rounds_cands for c in cs]
+    legal = [c for c in cands if c.parsed.legal]
+    seqs = [s for r in rounds for s in r]
+    teach = [s for s in seqs if s.role == "teacher"]
+    stud = [s for s in seqs if s.role == "student"]
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
+    hist = np.histogram([c.solve_rate for c in legal if c.n_parsed], bins=10, range=(0, 1))[0]
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+            else _rss_gib())
+    return {
+        "step": step, **opt,
+        "teacher/legal_rate": len(legal) / max(len(cands), 1),
+        "teacher/reward": mean([c.reward for c in cands]),
+        "teacher/solvability": mean([c.solv for c in legal]),
+        "teacher/diversity": mean([c.div for c in legal]),
+        "teacher/length": mean([c.length for c in legal]),
+        "teacher/format": mean([c.fmt for c in legal]),
+        "student/reward": mean([r for c in legal for r in c.student_rewards]),
+        "student/agree": mean([float(a is not None and a == c.majority) for c in legal for a in c.answers]),
+        "student/format": mean([float(has_final_line(s.text)) for c in legal for s in c.solutions]),
+        "student/parsed_rate": mean([float(a is not None) for c in legal for a in c.answers]),
+        "solve_rate/mean": mean([c.solve_rate for c in legal if c.n_parsed]),
+        "solve_rate/in_band": mean([float(c.solv > 0) for c in legal]),
+        "solve_rate/hist10": hist.tolist(),
+        "rounds/no_legal": sum(not any(c.parsed.legal for c in cs) for cs in rounds_cands),
+        "rounds/no_student": sum(not any(s.role == "student" for s in r) for r in rounds),
+        "train/teacher_seqs": len(teach), "train/student_seqs": len(stud),
+        "train/teacher_adv_abs": mean([abs(s.advantage) for s in teach]),
+        "train/student_adv_abs": mean([abs(s.advantage) for s in stud]),
+        "len/teacher": mean([len(c.completion.ids) for c in cands]),
+        "len/student": mean([len(s.ids) for c in legal for s in c.solutions]),
+        "pool": len(pool.problems),
+        **{f"sec/{k}": round(v, 3) for k, v in timers.items()},
+        "peak_mem_gib": round(peak, 3),
+    }
+
+
+def _rss_gib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def problem_rows(step: int, rnd: int, refs: list, pool_before: list, cands: list, group: int,
+                 best: Optional[int]) -> list:
+    """problems.jsonl rows: every teacher output of the round with its reference and scores."""
+    rows = []
+    for i, c in enumerate(cands):
+        rows.append({
+            "step": step, "round": rnd, "reference": pool_before[refs[c.group]], "problem": c.parsed.problem,
+            "legal": c.parsed.legal, "concepts": c.parsed.concepts, "solve_rate": c.solve_rate,
+            "n_parsed": c.n_parsed, "majority": c.majority, "answers": c.answers,
+            "rewards": {"total": c.reward, "solvability": c.solv, "diversity": c.div, "length": c.length,
+                        "format": c.fmt},
+            "trained_as_teacher": c.group == group, "trained_as_student": i == best,
+            "teacher_output": c.completion.text,
+        })
+    return rows
+
+
+CONFIG_RUN_ONLY = {"out", "resume", "steps", "save_every", "device", "gen_batch", "train_micro_batch",
+                   "logprob_chunk", "grad_ckpt"}  # may change between a run and its resume
+
+
+def prepare_out(cfg: Config) -> Optional[str]:
+    """Check --out before any model loads. Returns the checkpoint to resume from, if any."""
+    cfg_path = os.path.join(cfg.out, "config.json")
+    if os.path.exists(cfg_path):
+        saved = json.load(open(cfg_path))
+        if not cfg.resume:
+            raise SystemExit(f"{cfg.out} already holds a run. Pass --resume to continue it, or choose "
+                             "another --out.")
+        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+                if k not in CONFIG_RUN_ONLY and saved.get(k) != v}
+        if diff:
+            raise SystemExit(f"{cfg.out} holds a run with a different config; refusing to touch it. "
+                             "Differences (saved, now): " + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items()))
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(cfg_path, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    return latest_checkpoint(cfg.out) if cfg.resume else None
+
+
+def _truncate_log(path: str, last_step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def train(cfg: Config) -> str:
+    """The whole method. Returns the path of the final checkpoint."""
+    cfg.validate()
+    resume_from = prepare_out(cfg)
+    log = print
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    cdtype = compute_dtype(device, cfg.dtype)
+    autocast_dtype = cdtype if cdtype != torch.float32 else None
+    load = dict(device=cfg.device, attn=cfg.attn, random_init=cfg.random_init, seed=cfg.seed)
+
+    # policy: fp32 master weights (at lr 3e-7 a bf16 weight cannot move); frozen: the initial weights,
+    # for the KL term and the diversity embedding, in the compute dtype and never trained.
+    policy, tokenizer = load_model(resume_from or cfg.model, dtype="fp32",
+                                   **{**load, "random_init": cfg.random_init and not resume_from})
+    frozen = None
+    if cfg.beta > 0 or cfg.w_div > 0:
+        frozen, _ = load_model(cfg.model, dtype=cfg.dtype, **load)
+        frozen.requires_grad_(False)
+    # sampler: the policy itself in fp32, else a compute-dtype copy refreshed after every update
+    sampler = policy
+    if cdtype != torch.float32:
+        import copy
+        sampler = copy.deepcopy(policy).to(cdtype).requires_grad_(False)
+    if device.type == "cuda" and cfg.grad_ckpt:
+        policy.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # linear warm-up reaching lr at step `warmup_steps`, then constant (lr/warmup on the first step,
+    # not 0, so the first step's rollouts are not thrown away)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    n_params = sum(p.numel() for p in policy.parameters())
+    log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters on {device}, compute {cdtype}, "
+        f"reference model {'yes' if frozen is not None else 'no'}")
+
+    metrics_path, problems_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        pool = Pool(**state["pool"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        for p in (metrics_path, problems_path):
+            _truncate_log(p, start)
+        log(f"resumed from {resume_from} at step {start}, pool of {len(pool.problems)}")
+    else:
+        for p in (metrics_path, problems_path):
+            open(p, "w").close()
+        pool = grow_starting_pool(sampler, frozen, tokenizer, cfg, log)
+        start = 0
+
+    step, snapshot, pool_len = start, rng_state(), len(pool.problems)
+    final = None
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            snapshot, pool_len = rng_state(), len(pool.problems)  # what Ctrl-C saves: the step's start
+            timers, t_step = Counter(), time.perf_counter()
+            rounds, rounds_cands, rows = [], [], []
+            for rnd in range(cfg.rounds_per_step):
+                refs = [random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)]
+                pool_before = list(pool.problems)
+                cands = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers)
+                seqs, group, best = training_batch(cands, tokenizer, cfg)
+                add_to_pool(pool, cands, cfg)
+                rounds.append(seqs)
+                rounds_cands.append(cands)
+                rows += problem_rows(step, rnd, refs, pool_before, cands, group, best)
+            t0 = time.perf_counter()
+            opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype)
+            if sampler is not policy:
+                with torch.no_grad():
+                    for ps, pp in zip(sampler.parameters(), policy.parameters()):
+                        ps.copy_(pp)
+            timers["train"] += time.perf_counter() - t0
+            timers["step"] = time.perf_counter() - t_step
+            m = step_metrics(step, rounds_cands, rounds, pool, cfg, opt, timers)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            with open(problems_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            log(f"step {step}/{cfg.steps} | teacher R {m['teacher/reward']:.3f} legal {m['teacher/legal_rate']:.0%}"
+                f" | student R {m['student/reward']:.3f} | solve {m['solve_rate/mean']:.2f} in-band "
+                f"{m['solve_rate/in_band']:.0%} | pool {m['pool']} | loss {m['loss']:+.4f} kl {m['kl']:.2e} "
+                f"gnorm {m['grad_norm']:.3f} | {timers['step']:.1f}s")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, rng_state(), cfg)
+    except KeyboardInterrupt:
+        done = step - 1 if snapshot is not None and len(pool.problems) >= pool_len else step
+        pool.truncate(pool_len)
+        if latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, done):
+            path = save_checkpoint(cfg.out, done, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
+            log(f"\ninterrupted: saved {path}; continue with --resume")
+        raise SystemExit(130)
+    return final or latest_checkpoint(cfg.out)
+
+
+# --- command line: generated from Config, help text from its field comments ----------------------
+
+def _field_help() -> dict:
+    import inspect
+    src = inspect.getsource(Config)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]*#(.*)$", src, re.M)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="OpenSIR self-play training (arXiv 2511.00602). Every flag is "
+                                "a Config field; --snake_case and --kebab-case both work.")
+    helps = _field_help()
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(Config):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        if f.type == "bool":
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{helps.get(f.name, '')} (default: {f.default})")
+        else:
+            p.add_argument(*names, type=types[f.type], default=None, metavar=f.type.upper(),
+                           help=f"{helps.get(f.name, '')} (default: {f.default})")
+    return p
+
+
+def config_from_args(argv: Optional[list] = None) -> Config:
+    """Flags the user set win; for --model tiny, TINY_DEFAULTS fill the rest before Config's defaults."""
+    args = vars(build_parser().parse_args(argv))
+    given = {k: v for k, v in args.items() if v is not None}
+    model = given.get("model", Config.model)
+    tiny = {k: v for k, v in TINY_DEFAULTS.items() if k not in given} if model == "tiny" else {}
+    if tiny:
+        print("tiny model defaults (override with flags): " + ", ".join(f"{k}={v}" for k, v in tiny.items()))
+    return Config(**{**tiny, **given})
+
+
+def main(argv: Optional[list] = None) -> None:
+    cfg = config_from_args(argv)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise SystemExit(str(err))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
