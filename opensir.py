@@ -92,7 +92,7 @@ class Config:
     device: str = "auto"  # "auto" (cuda if present), "cuda", "cpu"
     dtype: str = "auto"  # compute dtype for generation/autocast: "auto" (bf16 on cuda), "bf16", "fp32"
     attn: str = "auto"  # attention implementation; "auto": eager for Gemma-2 (soft-capping), else sdpa
-    gen_batch: int = 256  # sequences per generate() call (halved on out-of-memory)
+    gen_batch: int = 64  # sequences per generate() call (halved on out-of-memory)
     train_micro_batch: int = 4  # sequences per forward/backward
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no full-vocab tensor for the batch)
     grad_ckpt: bool = True  # gradient checkpointing (on cuda)
@@ -1335,6 +1335,8 @@ def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, 
     score_candidates(cands, pool.embeddings, cfg)
     timers["teacher_gen"] += t1 - t0
     timers["student_gen"] += t2 - t1
+    timers["teacher_tokens"] += sum(len(o.ids) for o in outs)
+    timers["student_tokens"] += sum(len(s.ids) for s in sols)
     timers["scoring"] += time.perf_counter() - t2
     return cands
 
@@ -1412,7 +1414,8 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
     return pool
 
 
-def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, autocast_dtype) -> dict:
+def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, autocast_dtype,
+             guard: Optional["StepGuard"] = None) -> dict:
     """updates_per_rollout optimiser steps on one batch of rounds. L = mean over rounds of L_round."""
     set_loss_weights(rounds, cfg.loss_agg, max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens))
     seqs = sorted((s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
@@ -1445,9 +1448,10 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
             loss.backward()
             stats["loss"] += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        with _sigint_deferred():  # never leave weights half-updated
-            optimizer.step()
-            scheduler.step()
+        if guard is not None:
+            guard.begin()  # from the first weight update until the step is recorded, Ctrl-C waits
+        optimizer.step()
+        scheduler.step()
         stats["grad_norm"] += float(grad_norm)
     optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next generation phase
     policy.eval()
@@ -1457,17 +1461,25 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
             "lr": scheduler.get_last_lr()[0]}
 
 
-class _sigint_deferred:
-    """Hold Ctrl-C until the block ends (the optimiser step), then raise it."""
-    def __enter__(self):
-        import signal
-        self.got = False
-        self.old = signal.signal(signal.SIGINT, lambda *_: setattr(self, "got", True))
+class StepGuard:
+    """Ctrl-C stops the run at once, except between a step's first weight update and the moment the
+    step is recorded: then it waits, so the checkpoint saved on exit is never half a step."""
 
-    def __exit__(self, *exc):
-        import signal
-        signal.signal(signal.SIGINT, self.old)
-        if self.got:
+    def __init__(self):
+        self.critical = self.pending = False
+
+    def handler(self, *_):
+        if self.critical:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def begin(self):
+        self.critical = True
+
+    def end(self):
+        self.critical = False
+        if self.pending:
             raise KeyboardInterrupt
 
 
@@ -1506,7 +1518,9 @@ def step_metrics(step: int, rounds_cands: list, rounds: list, pool: Pool, cfg: C
         "len/teacher": mean([len(c.completion.ids) for c in cands]),
         "len/student": mean([len(s.ids) for c in legal for s in c.solutions]),
         "pool": len(pool.problems),
-        **{f"sec/{k}": round(v, 3) for k, v in timers.items()},
+        **{f"sec/{k}": round(timers[k], 3) for k in ("teacher_gen", "student_gen", "scoring", "train", "step")},
+        "tok_per_sec/teacher": timers["teacher_tokens"] / max(timers["teacher_gen"], 1e-9),
+        "tok_per_sec/student": timers["student_tokens"] / max(timers["student_gen"], 1e-9),
         "peak_mem_gib": round(peak, 3),
     }
 
@@ -1617,11 +1631,13 @@ def train(cfg: Config) -> str:
         pool = grow_starting_pool(sampler, frozen, tokenizer, cfg, log)
         start = 0
 
-    step, snapshot, pool_len = start, rng_state(), len(pool.problems)
-    final = None
+    # the state at the end of the last completed step: what Ctrl-C saves
+    completed, snapshot, pool_len = start, rng_state(), len(pool.problems)
+    final, guard = None, StepGuard()
+    import signal
+    old_handler = signal.signal(signal.SIGINT, guard.handler)
     try:
         for step in range(start + 1, cfg.steps + 1):
-            snapshot, pool_len = rng_state(), len(pool.problems)  # what Ctrl-C saves: the step's start
             timers, t_step = Counter(), time.perf_counter()
             rounds, rounds_cands, rows = [], [], []
             for rnd in range(cfg.rounds_per_step):
@@ -1634,7 +1650,7 @@ def train(cfg: Config) -> str:
                 rounds_cands.append(cands)
                 rows += problem_rows(step, rnd, refs, pool_before, cands, group, best)
             t0 = time.perf_counter()
-            opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype)
+            opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard)
             if sampler is not policy:
                 with torch.no_grad():
                     for ps, pp in zip(sampler.parameters(), policy.parameters()):
@@ -1650,15 +1666,18 @@ def train(cfg: Config) -> str:
                 f" | student R {m['student/reward']:.3f} | solve {m['solve_rate/mean']:.2f} in-band "
                 f"{m['solve_rate/in_band']:.0%} | pool {m['pool']} | loss {m['loss']:+.4f} kl {m['kl']:.2e} "
                 f"gnorm {m['grad_norm']:.3f} | {timers['step']:.1f}s")
+            completed, snapshot, pool_len = step, rng_state(), len(pool.problems)
+            guard.end()
             if step % cfg.save_every == 0 or step == cfg.steps:
-                final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, rng_state(), cfg)
+                final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
     except KeyboardInterrupt:
-        done = step - 1 if snapshot is not None and len(pool.problems) >= pool_len else step
-        pool.truncate(pool_len)
-        if latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, done):
-            path = save_checkpoint(cfg.out, done, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
+        pool.truncate(pool_len)  # drop problems of the unfinished step; weights are still `completed`'s
+        if latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, completed):
+            path = save_checkpoint(cfg.out, completed, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
             log(f"\ninterrupted: saved {path}; continue with --resume")
         raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
     return final or latest_checkpoint(cfg.out)
 
 
@@ -1698,6 +1717,7 @@ def config_from_args(argv: Optional[list] = None) -> Config:
 
 
 def main(argv: Optional[list] = None) -> None:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
     cfg = config_from_args(argv)
     try:
         cfg.validate()

@@ -498,3 +498,50 @@ def test_real_gemma_llama_qwen_architectures_are_valid():
         cfg = AutoConfig.for_model(arch.pop("model_type"), **arch)
         assert cfg.vocab_size > 100_000, name
     assert O.attention_for("gemma2") == "eager" and O.attention_for("llama") == "sdpa"
+
+
+def test_gemma2_softcapped_logprobs_match_plain_forward():
+    """Gemma-2 squashes logits with tanh(x / 30) * 30; the chunked log-probs must include it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("gemma2", vocab_size=300, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=8, final_logit_softcapping=2.0, attn_logit_softcapping=5.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # large output weights so the cap really bites
+        model.get_output_embeddings().weight.mul_(50)
+    s = O.TrainSeq(list(range(3, 15)), list(range(20, 30)), [1] * 10, 1.0, "student")
+    lp = O.sequence_logprobs(model, [s], 0.6, chunk=4)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([s.prompt_ids + s.ids])).logits[0] / 0.6  # HF applies the cap itself
+    ref = logits.log_softmax(-1)[11:-1].gather(1, torch.tensor(s.ids)[:, None])[:, 0]
+    assert torch.allclose(lp, ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU-only (issue 4): skipped on CPU machines such as CI
+# ------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+def test_gpu_chunked_logprobs_equal_plain():
+    model, tok = O.load_model("gemma-2-2b-it", device="cuda", dtype="bf16", random_init=True)
+    g = torch.Generator().manual_seed(0)
+    seqs = [O.TrainSeq(torch.randint(10, 1000, (200,), generator=g).tolist(),
+                       torch.randint(10, 1000, (n,), generator=g).tolist(), [1] * n, 1.0, "student")
+            for n in (300, 50)]
+    chunked = torch.cat(O.sequence_logprobs(model, seqs, 1.0, chunk=128))
+    whole = torch.cat(O.sequence_logprobs(model, seqs, 1.0, chunk=10**9))
+    assert torch.allclose(chunked, whole, atol=1e-3)
+
+
+@gpu
+def test_gpu_default_round_fits_in_70_gib(tmp_path):
+    """One full round of the paper's recipe for gemma-2-2b-it (random weights, full-length outputs)."""
+    torch.cuda.reset_peak_memory_stats()
+    O.main(["--model", "gemma-2-2b-it", "--random_init", "--init_pool_size", "0", "--rounds_per_step", "1",
+            "--steps", "1", "--out", str(tmp_path / "run")])
+    m = _rows(str(tmp_path / "run" / "metrics.jsonl"))[0]
+    assert m["peak_mem_gib"] < 70, m
