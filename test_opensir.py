@@ -545,3 +545,86 @@ def test_gpu_default_round_fits_in_70_gib(tmp_path):
             "--steps", "1", "--out", str(tmp_path / "run")])
     m = _rows(str(tmp_path / "run" / "metrics.jsonl"))[0]
     assert m["peak_mem_gib"] < 70, m
+
+
+# ------------------------------------------------------------------------------------------------
+# the built-in tiny model: real generation through the whole loop
+# ------------------------------------------------------------------------------------------------
+
+TINY_FAST = ["--rounds_per_step", "2", "--init_pool_size", "2", "--init_pool_max_rounds", "2"]
+TIMING_KEYS = ("sec/", "tok_per_sec/", "peak_mem")
+
+
+def _params(path):
+    from transformers import AutoModelForCausalLM
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def test_tiny_two_step_run(tmp_path):
+    """`--model tiny --steps 2`: real rounds with legal problems and votes, parameters change, the
+    checkpoint loads with plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = str(tmp_path / "run")
+    O.main(["--model", "tiny", "--steps", "2", "--out", out])
+    m = _rows(os.path.join(out, "metrics.jsonl"))
+    probs = _rows(os.path.join(out, "problems.jsonl"))
+    assert [r["step"] for r in m] == [1, 2]
+    assert any(p["legal"] and p["majority"] is not None for p in probs)
+    assert any(r["train/student_seqs"] > 0 and r["train/student_adv_abs"] > 0 for r in m)
+    assert any(r["train/teacher_adv_abs"] > 0 for r in m)
+    assert all(r["pool"] > 1 for r in m) and m[1]["pool"] >= m[0]["pool"]
+    assert os.path.exists(os.path.join(out, "init_pool.jsonl"))
+    ckpt = os.path.join(out, "ckpt-00002")
+    before, after = _params(O.ensure_tiny_model()), _params(ckpt)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(ckpt)
+
+
+def test_tiny_run_without_diversity(tmp_path):
+    """Every reward weight may be 0: no embeddings are computed and no reference model is needed."""
+    out = str(tmp_path / "run")
+    O.main(["--model", "tiny", "--steps", "1", "--out", out, "--w_div", "0", "--beta", "0", *TINY_FAST])
+    probs = _rows(os.path.join(out, "problems.jsonl"))
+    assert probs and all(p["rewards"]["diversity"] == 0.0 for p in probs)
+    assert any(p["legal"] for p in probs)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    O.main(["--model", "tiny", "--steps", "2", "--out", a, *TINY_FAST])
+    O.main(["--model", "tiny", "--steps", "1", "--out", b, *TINY_FAST])
+    O.main(["--model", "tiny", "--steps", "2", "--out", b, "--resume", *TINY_FAST])
+    pa, pb = _rows(os.path.join(a, "problems.jsonl")), _rows(os.path.join(b, "problems.jsonl"))
+    assert pa == pb  # every generated problem, reward and answer of both steps
+    ma, mb = _rows(os.path.join(a, "metrics.jsonl")), _rows(os.path.join(b, "metrics.jsonl"))
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)}  # noqa: E731
+    assert [strip(r) for r in ma] == [strip(r) for r in mb]
+    wa, wb = _params(os.path.join(a, "ckpt-00002")), _params(os.path.join(b, "ckpt-00002"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-u", "opensir.py", "--model", "tiny", "--steps", "50", "--save_every", "100",
+           "--out", out, *TINY_FAST]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(O.__file__)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait for the first step to finish, then interrupt the second
+        lines.append(line)
+        if line.startswith("step 1/50"):
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "interrupted: saved" in rest
+    assert os.path.exists(os.path.join(out, "ckpt-00001", "state.pt"))
+    assert [r["step"] for r in _rows(os.path.join(out, "metrics.jsonl"))] == [1]
+    O.main(["--model", "tiny", "--steps", "2", "--save_every", "100", "--out", out, "--resume", *TINY_FAST])
+    assert [r["step"] for r in _rows(os.path.join(out, "metrics.jsonl"))] == [1, 2]
