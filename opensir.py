@@ -129,6 +129,8 @@ class Config:
             errors.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
         if self.init_pool and not os.path.exists(self.init_pool):
             errors.append(f"--init_pool {self.init_pool} does not exist")
+        if model_name_error(self.model, self.random_init):
+            errors.append(model_name_error(self.model, self.random_init))
         if errors:
             raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -1123,17 +1125,24 @@ def compute_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     return torch.bfloat16
 
 
+def model_name_error(name: str, random_init: bool = False) -> Optional[str]:
+    """Why `name` cannot name a model, or None. Checked before anything loads."""
+    if random_init:
+        return None if name in ARCHITECTURES else (
+            f"--random_init builds the architectures of {', '.join(ARCHITECTURES)}, not {name!r}")
+    if name == "tiny" or name in MODELS or os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return None
+    return (f"unknown model {name!r}. Short names: {', '.join(['tiny', *MODELS])}. "
+            "Or pass a hub id (org/name) or the path of a local directory holding a saved model.")
+
+
 def resolve_model(name: str) -> str:
     """Short name -> hub id; "tiny" -> its cache directory (built on first use); else as given."""
+    if model_name_error(name):
+        raise ValueError(model_name_error(name))
     if name == "tiny":
         return ensure_tiny_model()
-    if name in MODELS:
-        return MODELS[name]
-    if os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return name
-    raise ValueError(
-        f"unknown model {name!r}. Short names: {', '.join(['tiny', *MODELS])}. "
-        "Or pass a hub id (org/name) or the path of a local directory holding a saved model.")
+    return MODELS.get(name, name)
 
 
 def attention_for(model_type: str, attn: str = "auto") -> str:
@@ -1167,9 +1176,8 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", att
     dev = pick_device(device)
     torch_dtype = compute_dtype(dev, dtype)
     if random_init:
-        if name_or_path not in ARCHITECTURES:
-            raise ValueError(f"--random_init knows the architectures of {', '.join(ARCHITECTURES)}, "
-                             f"not {name_or_path!r}")
+        if model_name_error(name_or_path, random_init=True):
+            raise ValueError(model_name_error(name_or_path, random_init=True))
         arch = dict(ARCHITECTURES[name_or_path])
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
         config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0  # synthetic_tokenizer's
@@ -1184,7 +1192,7 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", att
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
-        except OSError as err:
+        except (OSError, ValueError) as err:  # missing files, no network, not a model directory
             raise OSError(f"could not load {path!r}: {err}\nIf this machine is offline, download the model "
                           "elsewhere and pass its local directory.") from err
     if tokenizer.pad_token_id is None:
@@ -1552,7 +1560,8 @@ CONFIG_RUN_ONLY = {"out", "resume", "steps", "save_every", "device", "gen_batch"
 
 
 def prepare_out(cfg: Config) -> Optional[str]:
-    """Check --out before any model loads. Returns the checkpoint to resume from, if any."""
+    """Check --out before any model loads. Returns the checkpoint to resume from, if any.
+    config.json is written only once the models have loaded, so a failed start blocks nothing."""
     cfg_path = os.path.join(cfg.out, "config.json")
     if os.path.exists(cfg_path):
         saved = json.load(open(cfg_path))
@@ -1564,9 +1573,6 @@ def prepare_out(cfg: Config) -> Optional[str]:
         if diff:
             raise SystemExit(f"{cfg.out} holds a run with a different config; refusing to touch it. "
                              "Differences (saved, now): " + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items()))
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(cfg_path, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
     return latest_checkpoint(cfg.out) if cfg.resume else None
 
 
@@ -1584,7 +1590,6 @@ def train(cfg: Config) -> str:
     cfg.validate()
     resume_from = prepare_out(cfg)
     log = print
-    set_seed(cfg.seed)
     device = pick_device(cfg.device)
     cdtype = compute_dtype(device, cfg.dtype)
     autocast_dtype = cdtype if cdtype != torch.float32 else None
@@ -1604,7 +1609,7 @@ def train(cfg: Config) -> str:
         import copy
         sampler = copy.deepcopy(policy).to(cdtype).requires_grad_(False)
     if device.type == "cuda" and cfg.grad_ckpt:
-        policy.gradient_checkpointing_enable()
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # linear warm-up reaching lr at step `warmup_steps`, then constant (lr/warmup on the first step,
     # not 0, so the first step's rollouts are not thrown away)
@@ -1614,6 +1619,10 @@ def train(cfg: Config) -> str:
     log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters on {device}, compute {cdtype}, "
         f"reference model {'yes' if frozen is not None else 'no'}")
 
+    set_seed(cfg.seed)  # after loading: building the tiny model or initialising weights draws random numbers
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
     metrics_path, problems_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
     if resume_from:
         state = torch.load(os.path.join(resume_from, "state.pt"), weights_only=False)

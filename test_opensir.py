@@ -628,3 +628,13 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     assert [r["step"] for r in _rows(os.path.join(out, "metrics.jsonl"))] == [1]
     O.main(["--model", "tiny", "--steps", "2", "--save_every", "100", "--out", out, "--resume", *TINY_FAST])
     assert [r["step"] for r in _rows(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+
+
+def test_failed_start_leaves_out_reusable(tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="unknown model"):
+        O.main(["--model", "gemma2b", "--out", out])
+    with pytest.raises(OSError, match="could not load"):  # a directory that holds no model
+        os.makedirs(tmp_path / "empty")
+        O.main(["--model", str(tmp_path / "empty"), "--out", out])
+    assert not os.path.exists(os.path.join(out, "config.json"))
