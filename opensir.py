@@ -90,6 +90,7 @@ class Config:
     init_pool: str = ""  # JSONL of a starting pool to load instead of growing one
     # compute
     device: str = "auto"  # "auto" (cuda if present), "cuda", "cpu"
+    threads: int = 0  # CPU threads for torch (0: torch's default)
     dtype: str = "auto"  # compute dtype for generation/autocast: "auto" (bf16 on cuda), "bf16", "fp32"
     attn: str = "auto"  # attention implementation; "auto": eager for Gemma-2 (soft-capping), else sdpa
     gen_batch: int = 64  # sequences per generate() call (halved on out-of-memory)
@@ -112,7 +113,7 @@ class Config:
             if getattr(self, name) < 1:
                 errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("w_solv", "w_div", "w_len", "w_teacher_format", "w_correct", "w_student_format",
-                     "beta", "clip_eps", "lr", "init_pool_size", "warmup_steps", "max_grad_norm"):
+                     "beta", "clip_eps", "lr", "init_pool_size", "warmup_steps", "max_grad_norm", "threads"):
             if getattr(self, name) < 0:
                 errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -142,7 +143,7 @@ LOSS_AGGS = ("token", "sequence", "role", "constant")
 TINY_DEFAULTS = dict(
     rounds_per_step=2, teacher_max_new_tokens=64, student_max_new_tokens=48, init_pool_size=4,
     init_pool_max_rounds=4, lr=1e-4, warmup_steps=0, save_every=1, beta=0.04, gen_batch=256,
-    train_micro_batch=16,
+    train_micro_batch=16, threads=1,  # one thread: small matmuls gain nothing from two, and lose a lot on a busy machine
 )
 
 
@@ -265,10 +266,16 @@ _SPACING = re.compile(r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?)(?![a-z
                       r"(?<!\\)\\[,;:! ]|\\q?quad|\\displaystyle|\\mathstrut|~")
 
 
-def _clean(ans: Optional[str]) -> str:
+def _clean(ans: Optional[str], units: bool = True) -> str:
     """String clean-up shared by the vote key and the checker; returns a space-free string."""
+    return _clean_parts(ans, units)[1]
+
+
+def _clean_parts(ans: Optional[str], units: bool = True) -> tuple[str, str]:
+    """(name, answer): `y_2 = x e^x` -> ("y_2", "xe^x"); name "" when the answer is not named.
+    units=False keeps trailing words and \\text{} (to compare `37/4 m` with `37/4m` as written)."""
     if ans is None:
-        return ""
+        return "", ""
     s = str(ans).strip()
     if "\\boxed" in s or "\\fbox" in s:
         s = extract_boxed(s, last=True) or s
@@ -279,29 +286,36 @@ def _clean(ans: Optional[str]) -> str:
     s = s.replace("{,}", ",").replace("\\%", "%").replace("\u2212", "-").replace("\u03c0", "\\pi ")
     s = s.replace("\u221e", "\\infty ").replace("\u00d7", "\\times ").replace("\u221a", "\\sqrt")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\u00b0|\\degree", "", s)  # degrees
-    # \text{} and friends: a trailing unit after a number goes, any other text is unwrapped
-    m = re.match(r"^(.*?[\d}).])\s*" + _TEXT_CMD.pattern + r"\s*(\^\{?\d\}?)?\s*$", s)
-    if m and not re.search(r"\d", m.group(2)):
-        s = m.group(1)
-    s = _TEXT_CMD.sub(lambda t: t.group(1), s)
-    s = re.sub(r"^[\u20ac\u00a3\u00a5]|(?<=[\d}])\s+(?:%s)$" % _UNIT_WORDS.pattern[:-1], "", s.strip(),
-               flags=re.I)
+    s = re.sub(r"^\s*[\u20ac\u00a3\u00a5]", "", s)  # other currencies (\$ went above)
+    if units:  # a trailing \text{unit} after a number goes, and plain unit words after a plain number
+        m = re.match(r"^(.*?[\d}).])\s*" + _TEXT_CMD.pattern + r"\s*(\^\{?\d\}?)?\s*$", s)
+        if m and not re.search(r"\d", m.group(2)):
+            s = m.group(1)
+        m = _UNIT_TAIL.match(s)
+        if m and _parse_number(re.sub(r"\s+", "", m.group(1))) is not None:
+            s = m.group(1)
+    s = _TEXT_CMD.sub(lambda t: t.group(1), s)  # any other \text{} is unwrapped
     s = s.strip().rstrip(".").strip()
     # `x = 5`, `f(x) = 2x`, `x \in [1,2]`: a lone variable on the left names the answer, it is not
     # part of it (so `y = 2x + 3` meets `2x + 3`; `x + y = 1` stays an equation)
-    m = re.match(r"^[a-zA-Z](?:_\w|_\{[^{}]*\})?(?:\([a-zA-Z]\))?\s*(?:=|\\in)\s*(.+)$", s)
-    if m and "=" not in m.group(1):
-        s = m.group(1)
+    name = ""
+    m = _NAMED.match(s)
+    if m and "=" not in m.group(2):
+        name, s = re.sub(r"[\s{}]", "", m.group(1)), m.group(2)
     s = re.sub(r"\s+", "", s)
     if re.fullmatch(r"\(\w\)", s):  # multiple-choice letter `(C)`
         s = s[1]
-    return s
+    return name, s
 
 
-def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool]]:
-    """(value, written as a decimal, is a percent) for a plain number in a space-free cleaned string:
-    integers, `1,000`, decimals, `4.5e33`, `4.5\\times10^{33}`, `a/b`, `\\frac{a}{b}`, `\\frac ab`,
-    mixed `1\\frac{4}{5}`, a trailing `%`; None for anything else."""
+_UNIT_TAIL = re.compile(r"^(.*?)\s+" + _UNIT_WORDS.pattern, re.I)
+_NAMED = re.compile(r"^([a-zA-Z](?:_\w|_\{[^{}]*\})?(?:\s*\(\s*[a-zA-Z]\s*\))?)\s*(?:=|\\in)\s*(.+)$")
+
+
+def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool, int]]:
+    """(value, written as a decimal?, a percent?, decimal places) for a plain number in a cleaned
+    string: integers, `1,000`, decimals, `4.5e33`, `4.5\\times10^{33}`, `a/b`, `\\frac{a}{b}`,
+    `\\frac ab`, mixed `1\\frac{4}{5}`, a trailing `%`; None for anything else."""
     pct = s.endswith("%")
     s = s.rstrip("%")
     sign = -1 if s.startswith("-") else 1
@@ -315,20 +329,22 @@ def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool]]:
         if abs(exp) > 400:  # keep Fraction arithmetic small
             return None
         dec = "." in m.group(1) or m.group(2) is not None or m.group(3) is not None
-        return sign * Fraction(m.group(1)) * Fraction(10) ** exp, dec, pct
+        places = max(0, len(m.group(1).partition(".")[2]) - exp)
+        return sign * Fraction(m.group(1)) * Fraction(10) ** exp, dec, pct, places
     m = (re.fullmatch(r"(\d+)?\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(\d+)?\\frac(\d)(\d)", s)
          or re.fullmatch(r"()(-?\d+)/(-?\d+)", s) or re.fullmatch(r"()\\frac\{(-?\d+)\}(\d)", s)
          or re.fullmatch(r"()\\frac(\d)\{(-?\d+)\}", s))
     if m and int(m.group(3)) != 0:
         whole = int(m.group(1) or 0)  # `1\frac{4}{5}` is the mixed number 9/5 (MATH's convention)
-        return sign * (whole + Fraction(int(m.group(2)), int(m.group(3)))), False, pct
+        return sign * (whole + Fraction(int(m.group(2)), int(m.group(3)))), False, pct, 0
     return None
 
 
 def normalize_answer(ans: Optional[str]) -> Optional[str]:
     """Canonical string used as the vote key: equal keys mean the same answer. Numbers become the
-    exact fraction `p/q` (so 0.5, 1/2, \\frac12, 50% of nothing... all meet); other answers the
-    cleaned, space-free LaTeX. String work only: no sympy in training."""
+    exact fraction `p/q`: 0.5, 1/2 and \\dfrac12 all give `1/2`; `50\\%` gives `50` (answers to
+    "what percent" usually drop the sign). Other answers: the cleaned, space-free LaTeX.
+    String work only, no sympy: this runs for every training sample."""
     s = _clean(ans)
     if not s:
         return None
@@ -379,6 +395,8 @@ def _structure(s: str) -> tuple[str, list[str]]:
     if m:
         rows = [r.split("&") for r in m.group(1).split("\\\\") if r]
         return f"matrix{len(rows)}", [x for r in rows for x in r]
+    if _enclosed(s, "{", "}"):  # bare TeX grouping braces
+        return _structure(s[1:-1])
     if len(_split_top(s, ("\\cup",))) > 1:
         return "set", _split_top(s, ("\\cup",))
     if _enclosed(s, "\\{", "\\}"):
@@ -416,12 +434,16 @@ def _run_with_budget(fn, seconds: float):
         def on_alarm(signum, frame):
             raise _Timeout()
         old = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+        start = time.monotonic()
         try:
             return fn()
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
+            if old_delay:  # someone else's alarm (e.g. a test timeout) was pending: re-arm it
+                left = max(1e-3, old_delay - (time.monotonic() - start))
+                signal.setitimer(signal.ITIMER_REAL, left, old_interval)
     box: list = []
     t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
     t.start()
@@ -435,8 +457,14 @@ def answers_equal(pred: Optional[str], gold: Optional[str], *, timeout: float = 
     """Full checker used by eval.py: is the predicted answer the gold one? Understands numbers in
     their usual spellings, units and text, tuples/intervals (ordered), sets and bare lists
     (unordered), matrices, and simple symbolic expressions (sympy, at most `timeout` seconds)."""
-    p, g = _clean(pred), _clean(gold)
-    return bool(p and g) and (p == g or _equal_budgeted(p, g, timeout))
+    (pn, p), (gn, g) = _clean_parts(pred), _clean_parts(gold)
+    if not p or not g or (pn and gn and pn != gn):  # `y_2 = x` is not `y_3 = x`
+        return False
+    if p == g or _equal_budgeted(p, g, timeout):
+        return True
+    # units kept, as written: `\\frac{37}{4} m` and `\\frac{37}{4}m` (a product with m) then meet
+    p2, g2 = _clean(pred, units=False), _clean(gold, units=False)
+    return (p2, g2) != (p, g) and (p2 == g2 or _equal_budgeted(p2, g2, timeout))
 
 
 @functools.lru_cache(maxsize=65536)  # 16 samples of a problem often repeat an answer
@@ -483,25 +511,19 @@ def _atom_equal(p: str, g: str) -> bool:
     return _sympy_equal(p, g)
 
 
-def _numbers_equal(a: tuple[Fraction, bool, bool], b: tuple[Fraction, bool, bool]) -> bool:
-    """Exact values must match. A decimal may stand for a value with no finite decimal expansion
-    (0.333333 for 1/3): then, as math-verify does, both are compared rounded to 6 places."""
+def _numbers_equal(a: tuple[Fraction, bool, bool, int], b: tuple[Fraction, bool, bool, int]) -> bool:
+    """Exact values must match, except that a decimal may be a rounding of a value it cannot write
+    in as many places (0.333333 for 1/3, 0.035156 for 9/256): then, as math-verify does, both are
+    compared rounded to 6 places. 0.5 vs 0.05 or 1.0000001 vs 1 stay different numbers."""
     for x in ([a[0], a[0] / 100] if a[2] else [a[0]]):  # 50% may mean 50 or 0.5
         for y in ([b[0], b[0] / 100] if b[2] else [b[0]]):
             if x == y:
                 return True
-            approx = (a[1] and not _terminates(y)) or (b[1] and not _terminates(x))
-            if approx and round(x, 6) == round(y, 6):
+            rounded = (a[1] and not b[1] and (y * 10 ** a[3]).denominator != 1) or \
+                      (b[1] and not a[1] and (x * 10 ** b[3]).denominator != 1)
+            if rounded and round(x, 6) == round(y, 6):
                 return True
     return False
-
-
-def _terminates(v: Fraction) -> bool:
-    d = v.denominator
-    for f in (2, 5):
-        while d % f == 0:
-            d //= f
-    return d == 1
 
 
 _FUNCS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh",
@@ -664,6 +686,8 @@ def _to_sympy(s: str):
 def _sympy_equal(p: str, g: str, up_to_factor: bool = False) -> bool:
     """Symbolic equality; constants are also compared numerically at high precision."""
     import sympy
+    if max(len(p), len(g)) > 400:  # not a short answer; parsing alone could eat the budget
+        return False
     try:
         a, b = _to_sympy(p), _to_sympy(g)
         if a is None or b is None:
@@ -677,8 +701,8 @@ def _sympy_equal(p: str, g: str, up_to_factor: bool = False) -> bool:
             if a.is_Rational and b.is_Rational:
                 return a == b  # exact: 2**100 + 1 is not 2**100
             x, y = sympy.N(a, 50), sympy.N(b, 50)
-            if not (x.is_number and y.is_number):
-                return False
+            if not (x.is_number and y.is_number) or not (x.is_finite and y.is_finite):
+                return x == y  # oo, -oo, zoo: only themselves
             if "." in p or "." in g:  # a decimal stands for a rounded value: math-verify's 6 places
                 cx, cy = complex(x), complex(y)
                 return all(round(u, 6) == round(v, 6) for u, v in ((cx.real, cy.real), (cx.imag, cy.imag)))
@@ -1301,9 +1325,172 @@ def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler
 # >>> TINY MODEL SECTION (owned by the tiny-model work; keep build_tiny_model's signature) >>>
 
 
+# `--model tiny` runs the real loop on a laptop with no download. A randomly initialised model would
+# never write a legal problem or a \boxed{} answer, so every round would be empty; instead we build a
+# ~0.6M-parameter Llama and its tokenizer in-process and teach both output formats for ~30 s of CPU
+# on procedurally generated arithmetic. It learns the formats well and the arithmetic only in part,
+# so at temperature 1.0 its rounds hold legal and illegal problems, votes that partly agree
+# (solve rates spread over [0, 1]) and therefore non-zero advantages.
+
+TINY_VERSION = "1"  # part of the cache directory name: bump it whenever the recipe below changes
+TINY_SPECIALS = dict(bos_token="<|bos|>", eos_token="<|eot|>", pad_token="<|pad|>")
+TINY_TAGS = ["<think>", "</think>", "<problem>", "</problem>", "<concepts>", "</concepts>"]
+# Every message is "<|role|>\n...<|eot|>\n"; <|eot|> ends a turn and is the EOS generation stops at.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eot|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TINY_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
+TINY_TRAIN = dict(examples=3000, steps=250, student_batch=48, teacher_batch=8, lr=3e-3, warmup=20)
+_TINY_NAMES = ["Ana", "Ben", "Mia", "Sam", "Zoe", "Leo"]
+_TINY_ITEMS = ["apples", "books", "coins", "pens", "stickers", "marbles"]
+
+
+def _tiny_problem(rng: random.Random) -> tuple:
+    """A random arithmetic problem: (text, worked steps, answer, concepts). Small operands keep the
+    facts few enough to half-learn in seconds; concepts come first-is-main, one of them >= 10 chars."""
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
+    n, it = rng.choice(_TINY_NAMES), rng.choice(_TINY_ITEMS)
+    return rng.choice([
+        (f"What is {a} + {b}?", [f"{a} + {b} = {a + b}."], a + b, ["addition", "mental arithmetic"]),
+        (f"What is {a} - {b}?", [f"{a} - {b} = {a - b}."], a - b, ["subtraction", "negative numbers"]),
+        (f"What is {b} * {c}?", [f"{b} * {c} = {b * c}."], b * c, ["multiplication"]),
+        (f"What is {b * c} / {c}?", [f"{b * c} / {c} = {b}."], b, ["division", "multiplication"]),
+        (f"What is {a} + {b} * {c}?", [f"{b} * {c} = {b * c}.", f"{a} + {b * c} = {a + b * c}."],
+         a + b * c, ["order of operations", "multiplication"]),
+        (f"{n} has {a} {it} and gets {b} more. How many {it} does {n} have now?",
+         [f"{a} + {b} = {a + b}."], a + b, ["word problems", "addition"]),
+        (f"{n} has {b} bags with {c} {it} in each. How many {it} are there?", [f"{b} * {c} = {b * c}."],
+         b * c, ["word problems", "multiplication"]),
+        (f"What is the remainder when {a * c + b % c} is divided by {c}?",
+         [f"{a * c + b % c} = {c} * {a} + {b % c}."], b % c, ["remainders", "division"]),
+        (f"What is {b} squared?", [f"{b} * {b} = {b * b}."], b * b, ["exponents", "perfect squares"]),
+        (f"What is {c * 10}% of {b * 10}?", [f"{c * 10}% of {b * 10} = {c} * {b} = {c * b}."], c * b,
+         ["percentages", "multiplication"]),
+    ])
+
+
+def _tiny_examples(rng: random.Random) -> list:
+    """One teacher and one student example, as (user text, assistant completion) pairs."""
+    ref = ("What is 1+1?", None, None, ["addition"]) if rng.random() < 0.2 else _tiny_problem(rng)
+    new = _tiny_problem(rng)
+    while new[3][0] == ref[3][0]:  # "conceptually different": another main concept than the reference
+        new = _tiny_problem(rng)
+    think = f"<think>That problem uses {ref[3][0]}. Mine needs {new[3][0]} instead.</think>\n"
+    concepts = f"\n<concepts>{', '.join(new[3])}</concepts>"
+    style = rng.random()  # ~10% without <think> (legal, no format reward), ~10% illegal concepts
+    teacher = ((think if style >= 0.1 else "") + f"<problem>{new[0]}</problem>"
+               + (concepts if style < 0.9 else f"\n<concepts>{new[3][0][:4]}</concepts>"))
+    student = "\n".join(new[1]) + f"\nTherefore, the final answer is: $\\boxed{{{new[2]}}}$"
+    return [(teacher_prompt(ref[0]), teacher), (student_prompt(new[0]), student)]
+
+
+def _tiny_tokenizer(texts: list):
+    """Byte-level BPE, so any text round-trips (unicode, LaTeX). Merges may cross word boundaries, so
+    each fixed instruction shrinks to a few tokens (cheap on CPU); a run of digits is split from its
+    neighbours, so small numbers become single tokens (one fact = one token to learn); the tags are
+    whole tokens, so no token straddles a tag boundary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    specials = [*TINY_SPECIALS.values(), "<|system|>", "<|user|>", "<|assistant|>"]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in TINY_TAGS])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, chat_template=TINY_CHAT_TEMPLATE,
+                                   clean_up_tokenization_spaces=False, **TINY_SPECIALS)
+
+
+def _tiny_batch(seqs: list, pad_id: int) -> tuple:
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 except on completion tokens."""
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad_id)
+    labels = torch.full((len(seqs), width), -100)
+    for i, (p, c) in enumerate(seqs):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
+    return ids, (ids != pad_id).long(), labels
+
+
 def build_tiny_model(path: str, seed: int = 0) -> None:
-    """Build a tiny model + tokenizer, teach it the two output formats, save_pretrained to path."""
-    raise NotImplementedError
+    """Build a tiny model + tokenizer, teach it the two output formats, save_pretrained to path.
+    Deterministic given the seed; leaves the caller's RNG and thread settings as they were."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    hp = TINY_TRAIN
+    rng = random.Random(seed)
+    pairs = [p for _ in range(hp["examples"]) for p in _tiny_examples(rng)]
+    # the corpus is the training text itself, chat-formatted as TINY_CHAT_TEMPLATE renders it
+    tok = _tiny_tokenizer([f"<|bos|><|user|>\n{p}<|eot|>\n<|assistant|>\n{c}<|eot|>\n"
+                           for p, c in pairs[:2000]])
+    prompts = tok([chat(tok, p) for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    seqs = [(p, c + [tok.eos_token_id]) for p, c in zip(prompts, completions)]  # learn to stop
+    roles = [seqs[0::2], seqs[1::2]]  # teacher, student: one-role batches pad less (lengths differ)
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        # One thread: deterministic whatever the caller set, and immune to the collapse a 2-thread
+        # team suffers when another process holds a core; these matmuls gain little from more.
+        torch.set_num_threads(1)
+        torch.manual_seed(seed)
+        try:
+            model = LlamaForCausalLM(LlamaConfig(
+                vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, **TINY_ARCH))
+            opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp["warmup"]) * (
+                0.1 + 0.45 * (1 + math.cos(math.pi * s / hp["steps"]))))  # warm-up, cosine to 10%
+            model.train()
+            for _ in range(hp["steps"]):
+                loss = 0.0
+                for role, n in zip(roles, (hp["teacher_batch"], hp["student_batch"])):
+                    ids, mask, labels = _tiny_batch([role[rng.randrange(len(role))] for _ in range(n)],
+                                                    tok.pad_token_id)
+                    loss = loss + model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+        finally:
+            torch.set_num_threads(threads)
+    model.eval()
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def tiny_model_path(seed: int = 0) -> str:
+    """The tiny model's cache directory: <$OPENSIR_CACHE or ~/.cache/opensir>/tiny-v<VERSION>-seed<seed>."""
+    root = os.environ.get("OPENSIR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "opensir")
+    return os.path.join(root, f"tiny-v{TINY_VERSION}-seed{seed}")
+
+
+def ensure_tiny_model(seed: int = 0) -> str:
+    """The tiny model's directory, built on first use. Built in a temporary directory and renamed
+    into place, so a crash never leaves a half-built model that later runs would load."""
+    import shutil
+    import tempfile
+    path = tiny_model_path(seed)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        print(f"building the tiny model in {path} (once, ~30 s)", file=sys.stderr)
+        tmp = tempfile.mkdtemp(prefix=".tiny-building-", dir=os.path.dirname(path))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished cache need not be
+        try:
+            build_tiny_model(tmp, seed)
+            os.replace(tmp, path)
+        except OSError:  # another process renamed its copy into place first: use that one
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 # <<< TINY MODEL SECTION <<<
@@ -1590,6 +1777,8 @@ def train(cfg: Config) -> str:
     cfg.validate()
     resume_from = prepare_out(cfg)
     log = print
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     cdtype = compute_dtype(device, cfg.dtype)
     autocast_dtype = cdtype if cdtype != torch.float32 else None
