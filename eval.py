@@ -1,0 +1,341 @@
+"""Evaluate a model on the five maths benchmarks of the OpenSIR paper.
+
+    python eval.py --model gemma-2-2b-it                   # all five, the paper's settings
+    python eval.py --model runs/opensir --benchmarks gsm8k --limit 50
+    python eval.py --compare eval_results/a eval_results/b
+
+The paper's protocol: the student prompt of opensir.py, 16 samples per problem at temperature 0.6,
+top-p 0.95, up to 4096 new tokens; a benchmark's score is the mean accuracy over all samples x 100
+(an estimate of pass@1), reported with its standard error, and the headline is the unweighted mean
+over benchmarks. Prompt, answer extraction and the answer checker are imported from opensir.py, so
+what training rewards and what evaluation counts cannot drift apart.
+
+Data: `--data-dir/NAME.jsonl` in the layout of the public copies, else a cached download.
+Output in --out: samples.jsonl (one line per sample; `--resume` continues it), summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import opensir
+
+# ================================================================================================
+# Benchmarks: where the problem and the gold answer live in each public copy
+# ================================================================================================
+
+QWEN = "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    problem_field: str
+    gold_field: str
+    gold: Callable[[dict], Optional[str]]  # row -> gold answer string
+    url: str  # public source, fetched once into the cache when no local copy exists
+
+
+def _gsm8k_gold(row: dict) -> Optional[str]:
+    """The solution text ends in `#### 70,000`; the number is the answer."""
+    tail = row["answer"].rsplit("####", 1)
+    return tail[1].strip().replace(",", "") if len(tail) == 2 else None
+
+
+def _olympiad_gold(row: dict) -> Optional[str]:
+    """`final_answer` is a list of LaTeX strings; several parts form one answer (a set)."""
+    parts = row["final_answer"]
+    return ", ".join(parts) if isinstance(parts, list) and parts else None
+
+
+BENCHMARKS = {b.name: b for b in [
+    Benchmark("gsm8k", "question", "answer", _gsm8k_gold, f"{QWEN}/gsm8k/test.jsonl"),
+    Benchmark("math500", "problem", "answer", lambda r: r["answer"],
+              "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"),
+    Benchmark("minerva_math", "problem", "solution", lambda r: opensir.extract_boxed(r["solution"], last=True),
+              f"{QWEN}/minerva_math/test.jsonl"),
+    Benchmark("olympiadbench", "question", "final_answer", _olympiad_gold, f"{QWEN}/olympiadbench/test.jsonl"),
+    Benchmark("college_math", "question", "answer", lambda r: r["answer"], f"{QWEN}/college_math/test.jsonl"),
+]}
+
+
+@dataclass
+class Problem:
+    benchmark: str
+    id: int  # row number in the benchmark file: stable for a given file, so resume can key on it
+    problem: str
+    gold: str
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "opensir", "benchmarks")
+
+
+def download(url: str, dest: str, timeout: float = 60.0) -> None:
+    """Fetch url to dest atomically (a partial download never looks like a data file)."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp = dest + ".part"
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
+        f.write(resp.read())
+    os.replace(tmp, dest)
+
+
+def benchmark_file(name: str, data_dir: Optional[str], cache_dir: str, allow_download: bool = True,
+                   url: Optional[str] = None) -> str:
+    """Path of a benchmark's JSONL: data_dir first, then the cache, else downloaded into the cache."""
+    b = BENCHMARKS[name]
+    candidates = [os.path.join(d, f"{name}.jsonl") for d in (data_dir, cache_dir) if d]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    where = candidates[0]
+    how = (f"place a copy of {name} (JSONL, one problem per line with fields {b.problem_field!r} and "
+           f"{b.gold_field!r}) at {where}; the public copy is {url or b.url}")
+    if not allow_download:
+        raise FileNotFoundError(f"{name}: no local data and downloads are off: {how}")
+    dest = os.path.join(cache_dir, f"{name}.jsonl")
+    try:
+        download(url or b.url, dest)
+    except OSError as err:  # URLError, HTTPError, timeouts and file errors are all OSErrors
+        raise FileNotFoundError(f"{name}: download failed ({err}). Offline? Then {how}") from err
+    return dest
+
+
+def load_benchmark(name: str, path: str, limit: Optional[int] = None) -> list[Problem]:
+    """Problems with their gold answers; any malformed line is an error naming file and line."""
+    b = BENCHMARKS[name]
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            missing = [k for k in (b.problem_field, b.gold_field) if k not in row]
+            if missing:
+                raise ValueError(f"{where}: missing field(s) {missing} ({name} needs "
+                                 f"{b.problem_field!r} and {b.gold_field!r})")
+            gold = b.gold(row)
+            if not gold:
+                raise ValueError(f"{where}: no gold answer in field {b.gold_field!r}")
+            text = row[b.problem_field]
+            if row.get("context"):  # OlympiadBench: some problems share a preamble
+                text = f"{row['context']}\n\n{text}"
+            problems.append(Problem(name, len(problems), text, gold))
+            if limit is not None and len(problems) >= limit:
+                break
+    return problems
+
+
+# ================================================================================================
+# Scoring
+# ================================================================================================
+
+
+def score(samples: list[dict]) -> dict:
+    """Mean accuracy x 100 over all samples, and its standard error. Samples of one problem are not
+    independent, so the error is taken over problems: SE = sd(per-problem accuracy) / sqrt(#problems)."""
+    per_problem: dict = {}
+    for s in samples:
+        per_problem.setdefault(s["id"], []).append(float(s["correct"]))
+    accs = [sum(v) / len(v) for v in per_problem.values()]
+    n = len(accs)
+    mean = sum(accs) / n if n else 0.0  # equal samples per problem: the same as the mean over samples
+    sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
+    return {"score": 100 * mean, "se": 100 * sd / math.sqrt(n) if n else 0.0, "problems": n,
+            "samples": len(samples), "no_answer": sum(s["extracted"] is None for s in samples),
+            "truncated": sum(bool(s.get("truncated")) for s in samples)}
+
+
+def summarize(samples: list[dict], benchmarks: list[str]) -> dict:
+    per = {b: score([s for s in samples if s["benchmark"] == b]) for b in benchmarks}
+    k = len(per)
+    avg = {"score": sum(r["score"] for r in per.values()) / k,
+           "se": math.sqrt(sum(r["se"] ** 2 for r in per.values())) / k}  # benchmarks are independent
+    return {"benchmarks": per, "average": avg}
+
+
+def format_table(summary: dict) -> str:
+    """Score ± se per benchmark, plus how many samples gave no \\boxed answer or hit the token limit."""
+    rows = [f"{'benchmark':<15}{'problems':>9}{'samples':>9}{'score':>8}{'± se':>7}{'no answer':>11}{'truncated':>11}"]
+    for name, r in summary["benchmarks"].items():
+        rows.append(f"{name:<15}{r['problems']:>9}{r['samples']:>9}{r['score']:>8.1f}{r['se']:>7.1f}"
+                    f"{r['no_answer']:>11}{r['truncated']:>11}")
+    a = summary["average"]
+    rows.append(f"{'average':<15}{'':>9}{'':>9}{a['score']:>8.1f}{a['se']:>7.1f}")
+    return "\n".join(rows)
+
+
+def read_summary(path: str) -> dict:
+    path = os.path.join(path, "summary.json") if os.path.isdir(path) else path
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def format_compare(a: dict, b: dict, name_a: str, name_b: str) -> str:
+    """Two summaries side by side, with B - A."""
+    names = list(dict.fromkeys([*a["benchmarks"], *b["benchmarks"]]))
+    rows = [f"{'benchmark':<15}{name_a[-14:]:>15}{name_b[-14:]:>15}{'delta':>9}"]
+
+    def cell(r: Optional[dict]) -> str:
+        return f"{r['score']:.1f} ± {r['se']:.1f}" if r else "-"
+
+    for n in names + ["average"]:
+        ra = a["average"] if n == "average" else a["benchmarks"].get(n)
+        rb = b["average"] if n == "average" else b["benchmarks"].get(n)
+        delta = f"{rb['score'] - ra['score']:+.1f}" if ra and rb else "-"
+        rows.append(f"{n:<15}{cell(ra):>15}{cell(rb):>15}{delta:>9}")
+    return "\n".join(rows)
+
+
+# ================================================================================================
+# Running
+# ================================================================================================
+
+
+def read_samples(path: str) -> list[dict]:
+    """Samples already written. A torn last line (a run killed mid-write) is dropped from the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1}: not valid JSON; fix or delete the file") from None
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(lines[:-1])
+    return out
+
+
+def model_path(name: str) -> str:
+    """An opensir.py run directory stands for its newest checkpoint."""
+    if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
+        ckpt = opensir.latest_checkpoint(name)
+        if ckpt:
+            return ckpt
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="short name (tiny, gemma-2-2b-it, ...), hub id, local path, or an "
+                                   "opensir.py run/checkpoint directory")
+    p.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated subset")
+    p.add_argument("--data-dir", help="directory holding NAME.jsonl files (default: download)")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="where downloads are kept")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
+    p.add_argument("--out", help="output directory (default: eval_results/<model>)")
+    p.add_argument("--resume", action="store_true", help="continue --out, skipping samples already written")
+    p.add_argument("--limit", type=int, help="first N problems of each benchmark")
+    p.add_argument("--n", type=int, default=16, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--max-new-tokens", type=int, help="default 4096 (the paper); for --model tiny, the "
+                                                          "student budget of opensir.TINY_DEFAULTS")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two summaries (files or --out dirs)")
+    return p
+
+
+def main(argv: Optional[list] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.compare:
+        a, b = (read_summary(x) for x in args.compare)
+        labels = [os.path.basename(os.path.normpath(x if os.path.isdir(x) else os.path.dirname(x) or x))
+                  for x in args.compare]  # the --out directory names
+        print(format_compare(a, b, *labels))
+        return {}
+    if not args.model:
+        sys.exit("eval.py: --model is required (or --compare A B)")
+    # every check that needs no model comes first: a typo should not cost a model load
+    if args.max_new_tokens is None:  # the tiny model answers in a few dozen tokens, or rambles on
+        args.max_new_tokens = opensir.TINY_DEFAULTS["student_max_new_tokens"] if args.model == "tiny" else 4096
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        sys.exit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+    for flag in ("n", "max_new_tokens", "batch_size"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"eval.py: --{flag.replace('_', '-')} must be >= 1")
+    try:
+        problems = [p for n in names for p in load_benchmark(
+            n, benchmark_file(n, args.data_dir, args.cache_dir, not args.no_download), args.limit)]
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"eval.py: {err}")
+
+    out = args.out or os.path.join("eval_results", args.model.strip("/").replace("/", "_"))
+    samples_path, summary_path = os.path.join(out, "samples.jsonl"), os.path.join(out, "summary.json")
+    settings_path = os.path.join(out, "settings.json")
+    # what makes samples comparable (--n and --limit may grow on resume: samples are keyed by index)
+    settings = {k: getattr(args, k) for k in ("model", "temperature", "top_p", "top_k", "max_new_tokens")}
+    settings["prompt"] = opensir.STUDENT_PROMPT
+    if os.path.exists(samples_path) and not args.resume:
+        sys.exit(f"eval.py: {samples_path} exists; pass --resume to continue it, or another --out")
+    if args.resume and os.path.exists(settings_path):
+        with open(settings_path, encoding="utf-8") as f:
+            old = json.load(f)
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        if changed:
+            sys.exit(f"eval.py: --resume with settings other than {out} was run with: {changed}")
+    done = read_samples(samples_path)
+    have = {(s["benchmark"], s["id"], s["sample"]) for s in done}
+    todo = [(p, k) for p in problems for k in range(args.n) if (p.benchmark, p.id, k) not in have]
+    print(f"{len(problems)} problems x {args.n} samples: {len(todo)} to generate, {len(have)} already in {out}")
+
+    os.makedirs(out, exist_ok=True)
+    with open(settings_path, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
+    if todo:
+        opensir.set_seed(args.seed)
+        model, tok = opensir.load_model(model_path(args.model), device=args.device, dtype=args.dtype)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc="eval", dynamic_ncols=True)
+        with open(samples_path, "a", encoding="utf-8") as f:
+            # chunks of one generate call each: samples are on disk (resumable) after every chunk
+            for i in range(0, len(todo), args.batch_size):
+                chunk = todo[i:i + args.batch_size]
+                prompts = [opensir.chat(tok, opensir.student_prompt(p.problem)) for p, _ in chunk]
+                comps = opensir.generate(model, tok, prompts, args.max_new_tokens, args.temperature,
+                                         args.top_k, args.top_p, args.batch_size)
+                for (p, k), c in zip(chunk, comps):
+                    ans = opensir.extract_boxed(c.text)
+                    f.write(json.dumps({
+                        "benchmark": p.benchmark, "id": p.id, "sample": k, "completion": c.text,
+                        "extracted": ans, "gold": p.gold, "correct": opensir.answers_equal(ans, p.gold),
+                        "truncated": c.truncated, "tokens": len(c.ids)}) + "\n")
+                f.flush()
+                bar.update(len(chunk))
+        bar.close()
+
+    wanted = {(p.benchmark, p.id) for p in problems}
+    samples = [s for s in read_samples(samples_path) if (s["benchmark"], s["id"]) in wanted and s["sample"] < args.n]
+    summary = {"settings": {**settings, "n": args.n, "limit": args.limit}, **summarize(samples, names)}
+    with open(summary_path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    print(format_table(summary))
+    print(f"samples: {samples_path}\nsummary: {summary_path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

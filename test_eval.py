@@ -1,0 +1,313 @@
+"""Tests of eval.py and the answer checker in opensir.py (section 3). Fast, CPU only, no network:
+benchmark rows are small fixtures in each public copy's layout, written to a tmp dir."""
+import json
+import os
+import threading
+import time
+
+import pytest
+
+import eval as ev
+import opensir
+from opensir import answers_equal, extract_boxed, normalize_answer
+
+# ------------------------------------------------------------------------------------------------
+# Fixture rows, one benchmark layout each (fields as in the public copies)
+# ------------------------------------------------------------------------------------------------
+
+ROWS = {
+    "gsm8k": [
+        {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3+4=<<3+4=7>>7\n#### 7", "idx": 0},
+        {"question": "A house costs $80,000 and repairs $50,000. Total?", "answer": "So 130,000\n#### 130,000", "idx": 1},
+        {"question": "What is 10 minus 12?", "answer": "10-12=-2\n#### -2", "idx": 2},
+        {"question": "What is 1+1?", "answer": "#### 2", "idx": 3},
+    ],
+    "math500": [{"problem": "Convert $(0,3)$ to polar.", "solution": "... $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$",
+                 "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
+                 "unique_id": "test/precalculus/807.json"}],
+    "minerva_math": [{"problem": "Find s.", "solution": "First $\\boxed{2}$ then \\[ s=\\boxed{1.6} \\mathrm{~cm} \\]",
+                      "type": "Astronomy", "idx": 0}],
+    "olympiadbench": [{"id": 1, "subfield": "Number Theory", "context": None, "question": "Find all pairs.",
+                       "solution": ["..."], "final_answer": ["$(1,8,19), (2,7,13)$"], "is_multiple_answer": True,
+                       "unit": None, "answer_type": "Tuple", "error": None}],
+    "college_math": [{"data_source": "college_math.algebra", "question_number": "exercise.1.8.9",
+                      "question": "Simplify: $-10-4(n-5)$", "answer": "$10-4 n$", "license": "CC BY 3.0",
+                      "data_topic": "college_math.algebra"}],
+}
+GOLDS = {"gsm8k": ["7", "130000", "-2", "2"], "math500": ["\\left( 3, \\frac{\\pi}{2} \\right)"],
+         "minerva_math": ["1.6"], "olympiadbench": ["$(1,8,19), (2,7,13)$"], "college_math": ["$10-4 n$"]}
+
+
+def write_rows(d, name, rows):
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{name}.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_gold_extraction_per_layout(tmp_path, name):
+    probs = ev.load_benchmark(name, write_rows(tmp_path, name, ROWS[name]))
+    assert [p.gold for p in probs] == GOLDS[name]
+    assert [p.id for p in probs] == list(range(len(ROWS[name])))
+    assert probs[0].problem == ROWS[name][0][ev.BENCHMARKS[name].problem_field]
+    assert answers_equal(GOLDS[name][0], probs[0].gold)  # every gold is equal to itself
+
+
+def test_limit_and_malformed_line(tmp_path):
+    path = write_rows(tmp_path, "gsm8k", ROWS["gsm8k"])
+    assert len(ev.load_benchmark("gsm8k", path, limit=2)) == 2
+    with open(path, "a") as f:
+        f.write('{"question": "broken",\n')
+    with pytest.raises(ValueError, match=r"gsm8k\.jsonl, line 5: not valid JSON"):
+        ev.load_benchmark("gsm8k", path)
+    write_rows(tmp_path, "math500", [{"problem": "p"}])
+    with pytest.raises(ValueError, match=r"math500\.jsonl, line 1: missing field.*'answer'"):
+        ev.load_benchmark("math500", str(tmp_path / "math500.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Extraction and the vote key
+# ------------------------------------------------------------------------------------------------
+
+
+def test_extract_boxed():
+    text = "so $\\boxed{\\frac{1}{2}}$ and later \\boxed{3}"
+    assert extract_boxed(text) == "\\frac{1}{2}"  # first, nested braces kept whole
+    assert extract_boxed(text, last=True) == "3"
+    assert extract_boxed("answer \\boxed 5.") == "5."
+    assert extract_boxed("no box") is None
+    assert extract_boxed("\\boxed{unclosed") is None
+
+
+@pytest.mark.parametrize("group", [
+    ["1/2", "\\frac{1}{2}", "\\dfrac12", "0.5", "$\\tfrac{1}{2}$", "0.50"],
+    ["1000", "1,000", "\\$1,000", "1{,}000", "1,\\!000", "1000 dollars", "1000\\text{ cm}", "x = 1000"],
+    ["90", "90^\\circ", "90^{\\circ}", "90\\text{ degrees}"],
+    ["\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", "( 3 , \\dfrac{\\pi}{2} )"],
+])
+def test_normalize_answer_groups(group):
+    assert len({normalize_answer(a) for a in group}) == 1, [normalize_answer(a) for a in group]
+
+
+def test_normalize_answer_separates():
+    keys = [normalize_answer(a) for a in ["0.5", "0.05", "12", "1.2", "(1,2)", "(2,1)", "-2", "2"]]
+    assert len(set(keys)) == len(keys)
+    assert normalize_answer(None) is None and normalize_answer("  $ $ ") is None
+
+
+def test_normalize_answer_needs_no_sympy():
+    import subprocess
+    import sys
+    code = "import sys, opensir; opensir.normalize_answer('\\\\frac{1}{2}'); print('sympy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------------
+# The checker
+# ------------------------------------------------------------------------------------------------
+
+EQUAL = [
+    ("7", "7"), ("7.0", "7"), ("-2", "-2"), ("1,000", "1000"), ("10,\\!080", "10080"),  # integers, separators
+    ("0.5", "\\frac{1}{2}"), ("1/2", "\\dfrac12"), ("\\frac{-3}{8}", "-\\frac38"), (".35625", "0.35625"),  # fractions
+    ("0.333333", "\\frac{1}{3}"), ("1\\frac{4}{5}", "\\frac95"),  # rounded decimal, mixed number
+    ("50\\%", "50"), ("50\\%", "0.5"), ("\\$18.90", "18.9"), ("18 dollars", "18"), ("5.4 \\text{ cents}", "5.4"),
+    ("864 \\mbox{ inches}^2", "864"), ("90^\\circ", "90"),  # percent, currency, units, degrees
+    ("\\text{Evelyn}", "Evelyn"), ("\\text{(C)}", "C"), ("Yes", "yes"),  # words
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)"), ("(1,2)", "(1, 2)"),  # tuples, spacing commands
+    ("[1, 2)", "\\left[1,2\\right)"), ("(-\\infty, 0]", "(-\\infty,0]"),  # intervals
+    ("(0,9) \\cup (9,36)", "(9,36)\\cup(0,9)"),  # a union is a set of intervals
+    ("\\{1,2\\}", "\\{2, 1\\}"), ("3, 1, 2", "1,2,3"), ("(1,8,19), (2,7,13)", "(2,7,13),(1,8,19)"),  # sets
+    ("1 \\pm \\sqrt{19}", "1-\\sqrt{19}, 1+\\sqrt{19}"),
+    ("x = 5", "5"), ("y = 2x + 3", "2x+3"), ("f(x)=2x", "2x"),  # a named answer
+    ("2(n-1)", "2n-2"), ("\\sqrt2", "\\sqrt{2}"), ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),  # symbolic
+    ("6 - 5i", "-5i+6"), ("\\sqrt[3]{8}", "2"), ("e^{2x}", "(e^{x})^{2}"), ("3!", "6"), ("\\binom{4}{2}", "6"),
+    ("5x - 7y + 11z + 4 = 0", "10x-14y+22z+8=0"),  # equations up to a factor
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}", "\\begin{pmatrix}-\\frac{1}{3}\\\\ \\frac23\\end{pmatrix}"),
+    ("4.5e33", "4.5 \\times 10^{33}"), ("0.916515", "\\frac{\\sqrt{21}}{5}"),  # scientific, decimal of irrational
+    ("The answer is $\\boxed{12}$", "12"),
+]
+UNEQUAL = [
+    ("0.5", "0.05"), ("12", "1.2"), ("(1,2)", "(2,1)"), ("-2", "2"), ("7", "71"), ("1,000", "100"),  # near misses
+    ("0.33", "\\frac13"), ("1.0000001", "1"), ("2^{100}+1", "2^{100}"), ("3.14", "\\pi"),  # different numbers
+    ("[1,2)", "[1,2]"), ("(1,2)", "[1,2]"), ("(0,9)\\cup(9,36)", "(0,36)"),  # intervals
+    ("1, 2", "1, 2, 3"), ("\\{1,2\\}", "(1,2)"), ("(1,8,19), (2,7,13)", "(1,8,19), (2,13,7)"),  # sets vs tuples
+    ("2n-1", "2n-2"), ("\\sqrt{3}", "\\sqrt{2}"), ("x^2", "x^3"), ("6-5i", "6+5i"),  # symbolic
+    ("x+y=1", "x+y=2"), ("Evelyn", "Navin"), ("", "5"), (None, "5"), ("5", None),
+]
+
+
+@pytest.mark.parametrize("pred,gold", EQUAL)
+def test_checker_equal(pred, gold):
+    assert answers_equal(pred, gold) and answers_equal(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold", UNEQUAL)
+def test_checker_unequal(pred, gold):
+    assert not answers_equal(pred, gold) and not answers_equal(gold, pred)
+
+
+def test_checker_time_budget():
+    # sympy grinds ~10 s on this pair; the budget cuts it off and the answer counts as unequal
+    slow = ("\\cos(x)^{20}-\\sin(x)^{20}+\\tan(x)^{10}", "\\cos(2x)^{10}")
+    t = time.time()
+    assert answers_equal(*slow, timeout=0.3) is False
+    assert time.time() - t < 2.5  # generous: includes the first import of sympy
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_run_with_budget_stops_a_hang(in_thread):
+    """The budget holds in the main thread (SIGALRM) and outside it (abandoned worker thread)."""
+    stop = threading.Event()
+
+    def spin():  # a hang (it ends when the test does: an abandoned thread must not spin on)
+        while not stop.is_set():
+            pass
+    result = {}
+
+    def attempt():
+        t = time.time()
+        with pytest.raises(opensir._Timeout):
+            opensir._run_with_budget(spin, 0.2)
+        result["took"] = time.time() - t
+    if in_thread:
+        th = threading.Thread(target=attempt)
+        th.start()
+        th.join(10)
+    else:
+        attempt()
+    stop.set()
+    assert result["took"] < 2
+    assert opensir._run_with_budget(lambda: 42, 1.0) == 42
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: local copies, downloads (file:// URLs), clear errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_download_once_into_cache(tmp_path):
+    src = write_rows(tmp_path / "public", "gsm8k", ROWS["gsm8k"])
+    cache = str(tmp_path / "cache")
+    path = ev.benchmark_file("gsm8k", None, cache, url="file://" + os.path.abspath(src))
+    assert path == os.path.join(cache, "gsm8k.jsonl")
+    assert [p.gold for p in ev.load_benchmark("gsm8k", path)] == GOLDS["gsm8k"]
+    os.remove(src)  # second time round the cache answers; no download is attempted
+    assert ev.benchmark_file("gsm8k", None, cache, url="file:///nonexistent") == path
+    local = write_rows(tmp_path / "mine", "gsm8k", ROWS["gsm8k"][:1])  # --data-dir wins over the cache
+    assert ev.benchmark_file("gsm8k", str(tmp_path / "mine"), cache) == local
+
+
+def test_download_failure_says_where_to_put_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        ev.benchmark_file("math500", str(tmp_path / "data"), str(tmp_path / "cache"),
+                          url="file://" + str(tmp_path / "missing.jsonl"))
+    msg = str(err.value)
+    assert "download failed" in msg and str(tmp_path / "data" / "math500.jsonl") in msg and "'problem'" in msg
+    assert not os.path.exists(tmp_path / "cache" / "math500.jsonl")  # nothing half-written
+
+
+def run_main(args, capsys):
+    with pytest.raises(SystemExit) as err:
+        ev.main(args)
+    return str(err.value.code), capsys.readouterr()
+
+
+def test_cli_errors_before_any_model_loads(tmp_path, capsys):
+    # the model name is bogus on purpose: every error must come before loading is attempted
+    msg, _ = run_main(["--model", "no/such-model", "--benchmarks", "gsm8k,aime"], capsys)
+    assert "unknown benchmark(s) ['aime']" in msg and "college_math" in msg
+    d = tmp_path / "data"
+    write_rows(d, "gsm8k", ROWS["gsm8k"])
+    with open(d / "gsm8k.jsonl", "a") as f:
+        f.write("not json\n")
+    msg, _ = run_main(["--model", "no/such-model", "--benchmarks", "gsm8k", "--data-dir", str(d)], capsys)
+    assert "gsm8k.jsonl, line 5: not valid JSON" in msg
+    msg, _ = run_main(["--model", "no/such-model", "--benchmarks", "minerva_math", "--data-dir", str(d),
+                       "--cache-dir", str(tmp_path / "c"), "--no-download"], capsys)
+    assert str(d / "minerva_math.jsonl") in msg and "downloads are off" in msg
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring, compare
+# ------------------------------------------------------------------------------------------------
+
+
+def test_score_standard_error_over_problems():
+    samples = [{"id": i, "correct": c, "extracted": "1"} for i, cs in enumerate([[1, 1], [1, 0], [0, 0]]) for c in cs]
+    r = ev.score(samples)
+    # per-problem accuracies 1, .5, 0: mean .5, sd .5, se .5/sqrt(3)
+    assert r["score"] == pytest.approx(50.0) and r["se"] == pytest.approx(50 / 3 ** 0.5)
+    assert (r["problems"], r["samples"]) == (3, 6)
+
+
+def test_compare(tmp_path, capsys):
+    def summary(scores):
+        return {"benchmarks": {b: {"score": s, "se": 1.0} for b, s in scores.items()},
+                "average": {"score": sum(scores.values()) / len(scores), "se": 0.5}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(summary({"gsm8k": 40.0, "math500": 20.0})))
+    (tmp_path / "b.json").write_text(json.dumps(summary({"gsm8k": 45.5, "math500": 18.0})))
+    ev.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b.json")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[0] == "gsm8k" and lines[1].split()[-1] == "+5.5"
+    assert lines[2].split()[0] == "math500" and lines[2].split()[-1] == "-2.0"
+    assert lines[3].split()[0] == "average" and lines[3].split()[-1] == "+1.8"  # 31.75 - 30.0
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end with the tiny model: table, JSONL, summary, resume
+# ------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_eval_tiny_end_to_end_and_resume(tmp_path, capsys):
+    d = tmp_path / "data"
+    write_rows(d, "gsm8k", ROWS["gsm8k"])
+    write_rows(d, "math500", ROWS["math500"] * 2)
+    out = str(tmp_path / "out")
+    base = ["--model", "tiny", "--data-dir", str(d), "--benchmarks", "gsm8k,math500", "--out", out,
+            "--max-new-tokens", "24", "--device", "cpu", "--no-download"]
+    summary = ev.main(base + ["--n", "2", "--limit", "3"])
+    printed = capsys.readouterr().out
+    samples = read_jsonl(os.path.join(out, "samples.jsonl"))
+    # 3 gsm8k problems + 2 math500 problems (only 2 rows), 2 samples each
+    assert sorted((s["benchmark"], s["id"], s["sample"]) for s in samples) == sorted(
+        [("gsm8k", i, k) for i in range(3) for k in range(2)] + [("math500", i, k) for i in range(2) for k in range(2)])
+    for s in samples:
+        assert set(s) >= {"benchmark", "id", "sample", "completion", "extracted", "gold", "correct"}
+        assert s["extracted"] == extract_boxed(s["completion"])
+        assert s["correct"] == answers_equal(s["extracted"], s["gold"])
+        assert s["gold"] == GOLDS[s["benchmark"]][s["id"] % len(GOLDS[s["benchmark"]])]
+    on_disk = json.load(open(os.path.join(out, "summary.json")))
+    assert on_disk["benchmarks"] == summary["benchmarks"]
+    for b in ("gsm8k", "math500"):
+        mine = [s for s in samples if s["benchmark"] == b]
+        assert on_disk["benchmarks"][b]["score"] == pytest.approx(100 * sum(s["correct"] for s in mine) / len(mine))
+        assert on_disk["benchmarks"][b]["samples"] == len(mine)
+    avg = (on_disk["benchmarks"]["gsm8k"]["score"] + on_disk["benchmarks"]["math500"]["score"]) / 2
+    assert on_disk["average"]["score"] == pytest.approx(avg)
+    table = printed.splitlines()
+    head = next(i for i, line in enumerate(table) if line.startswith("benchmark"))
+    assert [line.split()[0] for line in table[head + 1:head + 4]] == ["gsm8k", "math500", "average"]
+    assert table[head + 1].split()[1:3] == ["3", "6"]
+    assert f"{on_disk['average']['score']:.1f}" in table[head + 3]
+
+    # a second run without --resume refuses to clobber; with it, nothing is regenerated
+    msg, _ = run_main(base + ["--n", "2", "--limit", "3"], capsys)
+    assert "--resume" in msg
+    ev.main(base + ["--n", "2", "--limit", "3", "--resume"])
+    assert "0 to generate" in capsys.readouterr().out
+    assert len(read_jsonl(os.path.join(out, "samples.jsonl"))) == len(samples)
+    # a larger --limit only adds the missing problem's samples, never a duplicate
+    ev.main(base + ["--n", "2", "--limit", "4", "--resume"])
+    again = read_jsonl(os.path.join(out, "samples.jsonl"))
+    keys = [(s["benchmark"], s["id"], s["sample"]) for s in again]
+    assert len(keys) == len(set(keys)) == len(samples) + 2
+    assert again[:len(samples)] == samples
