@@ -638,3 +638,11 @@ def test_failed_start_leaves_out_reusable(tmp_path):
         os.makedirs(tmp_path / "empty")
         O.main(["--model", str(tmp_path / "empty"), "--out", out])
     assert not os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_readme_flags_table_matches_config():
+    """The README's flags table is generated from Config; this catches drift."""
+    import dataclasses
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(O.__file__)), "README.md")).read()
+    for f in dataclasses.fields(O.Config):
+        assert f"| `--{f.name}` | `{f.default!r}` |" in readme, f.name
