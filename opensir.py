@@ -142,7 +142,7 @@ LOSS_AGGS = ("token", "sequence", "role", "constant")
 # to fields the user did not set on the command line; printed at start.
 TINY_DEFAULTS = dict(
     rounds_per_step=2, teacher_max_new_tokens=64, student_max_new_tokens=48, init_pool_size=4,
-    init_pool_max_rounds=4, lr=1e-4, warmup_steps=0, save_every=1, beta=0.04, gen_batch=256,
+    init_pool_max_rounds=4, lr=1e-5, warmup_steps=0, save_every=1, beta=0.04, gen_batch=256,
     train_micro_batch=16, threads=1,  # one thread: small matmuls gain nothing from two, and lose a lot on a busy machine
 )
 

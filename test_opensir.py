@@ -399,6 +399,24 @@ def test_default_lr_update_moves_fp32_master_weights(small):
     assert (w_before == w_after).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_update_direction_follows_the_advantage(small, advantage):
+    """A positive advantage makes its sequence more likely, a negative one less likely."""
+    import copy
+    model, tok = small
+    m = copy.deepcopy(model).float()
+    s = _seqs(tok, 1)[0]
+    s.advantage = advantage
+    with torch.no_grad():
+        before = O.sequence_logprobs(m, [s], 1.0, 1024)[0].sum()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    O.optimise(m, None, opt, sched, [[s]], O.Config(beta=0.0), None)
+    with torch.no_grad():
+        after = O.sequence_logprobs(m, [s], 1.0, 1024)[0].sum()
+    assert (after - before) * advantage > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # config and CLI
 # ------------------------------------------------------------------------------------------------
