@@ -417,6 +417,25 @@ def test_update_direction_follows_the_advantage(small, advantage):
     assert (after - before) * advantage > 0
 
 
+def test_generation_halves_its_batch_on_out_of_memory(small, monkeypatch, capsys):
+    """Out-of-memory in generate must not kill the run: retry with half the batch, and say so."""
+    model, tok = small
+    real, sizes = model.generate, []
+
+    def generate_with_a_memory_limit(**kw):  # the real generate, refusing batches above 3
+        sizes.append(kw["input_ids"].shape[0])
+        if kw["input_ids"].shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(**kw)
+
+    monkeypatch.setattr(model, "generate", generate_with_a_memory_limit)
+    prompts = [O.chat(tok, O.student_prompt(f"What is {i}+1?")) for i in range(10)]
+    outs = O.generate(model, tok, prompts, 4, 1.0, 50, 1.0, batch_size=16, desc="student")
+    assert len(outs) == 10 and all(o is not None and 1 <= len(o.ids) <= 4 for o in outs)
+    assert sizes[:3] == [10, 8, 4] and max(sizes[3:]) <= 2
+    assert "out of memory: retrying with --gen_batch 2" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------
 # config and CLI
 # ------------------------------------------------------------------------------------------------
