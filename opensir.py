@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Optional
 
 import numpy as np
@@ -226,14 +228,11 @@ def has_final_line(solution: str) -> bool:
 # 3. Answers: extraction, normalisation, equivalence
 # ================================================================================================
 # One source of truth for training (votes) and eval.py (accuracy).
-# >>> ANSWERS SECTION (owned by the eval work; keep the three public names) >>>
 
 # Answers are compared in two tiers. normalize_answer is string work only (cheap, deterministic): it
 # is the vote key in training, so `1/2`, `\dfrac12` and `0.5` must land on one key. answers_equal is
 # the evaluation checker: the same clean-up, then structure (tuples, intervals, sets), exact numbers,
 # and for what is left sympy, imported lazily and run under a time budget.
-import functools  # noqa: E402  (kept inside this section: only answers use them)
-from fractions import Fraction  # noqa: E402
 
 
 def extract_boxed(text: str, last: bool = False) -> Optional[str]:
@@ -715,7 +714,6 @@ def _sympy_equal(p: str, g: str, up_to_factor: bool = False) -> bool:
         return False
 
 
-# <<< ANSWERS SECTION <<<
 
 
 # ================================================================================================
@@ -919,7 +917,7 @@ def score_candidates(cands: list, pool_emb: Optional[torch.Tensor], cfg: Config)
     for c in legal:
         c.majority, c.solve_rate, c.n_parsed = majority_vote(c.answers)
         c.solv = solvability_reward(c.solve_rate, cfg.student_group, cfg.band_lo, cfg.band_hi)
-        c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap)  # same problem, same c
+        c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap)  # its own solutions
         c.fmt = float(c.parsed.has_think)
         c.student_rewards = student_rewards(c.answers, c.majority, [has_final_line(s.text) for s in c.solutions], cfg)
     if legal and cfg.w_div > 0:
@@ -1322,7 +1320,6 @@ def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler
     return path
 
 
-# >>> TINY MODEL SECTION (owned by the tiny-model work; keep build_tiny_model's signature) >>>
 
 
 # `--model tiny` runs the real loop on a laptop with no download. A randomly initialised model would
@@ -1410,11 +1407,13 @@ def _tiny_batch(seqs: list, pad_id: int) -> tuple:
     """Right-padded (input_ids, attention_mask, labels); labels are -100 except on completion tokens."""
     width = max(len(p) + len(c) for p, c in seqs)
     ids = torch.full((len(seqs), width), pad_id)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100)
     for i, (p, c) in enumerate(seqs):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        mask[i, : len(p) + len(c)] = 1  # from lengths: a pad id may also appear as a real token
         labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
-    return ids, (ids != pad_id).long(), labels
+    return ids, mask, labels
 
 
 def build_tiny_model(path: str, seed: int = 0) -> None:
@@ -1493,7 +1492,6 @@ def ensure_tiny_model(seed: int = 0) -> str:
     return path
 
 
-# <<< TINY MODEL SECTION <<<
 
 
 # ================================================================================================

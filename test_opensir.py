@@ -329,39 +329,51 @@ def test_embedding_padding_invariance(small):
     assert a.shape == (1, 32) and torch.allclose(a[0], b[0], atol=1e-5)
 
 
-def _loss_and_grads(model, rounds, cfg):
+def _loss_and_grads(model, ref_model, rounds, cfg):
     import copy
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    stats = O.optimise(m, None, opt, sched, rounds, cfg, None)
-    return stats
+    return O.optimise(m, ref_model, opt, sched, rounds, cfg, None)
 
 
 def test_loss_equals_independent_per_token_computation_and_micro_batch_invariance(small):
+    import copy
     model, tok = small
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():  # a reference that differs, so the KL term is not zero
+        for p in ref_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     seqs = _seqs(tok, 4)
     for s in seqs[:2]:
         s.role = "teacher"
+    seqs[0].mask[1] = 0  # a masked token (as in the <concepts> span) carries no loss
     rounds = [seqs[:3], seqs[3:]]
-    # independent: plain forward per sequence, python loop over tokens, token-mean per round
-    T, expected = 1.0, 0.0
+    T, beta = 0.7, 0.1
+    # independent: plain full forward per sequence at temperature T, a python loop over tokens,
+    # token mean per round, mean over rounds; one update per rollout so the ratio is 1
+    expected = 0.0
     for r in rounds:
-        n_tok = sum(len(s.ids) for s in r)
+        n_tok = sum(sum(s.mask) for s in r)
         total = 0.0
         for s in r:
+            ids = torch.tensor([s.prompt_ids + s.ids])
             with torch.no_grad():
-                lp = model(torch.tensor([s.prompt_ids + s.ids])).logits[0].log_softmax(-1)
+                lp = (model(ids).logits[0] / T).log_softmax(-1)
+                lr = (ref_model(ids).logits[0] / T).log_softmax(-1)
             for j, t in enumerate(s.ids):
-                logp = lp[len(s.prompt_ids) - 1 + j, t].item()
-                ratio = math.exp(logp - logp)  # one update per rollout: ratio 1
-                total += -min(ratio * s.advantage, ratio * s.advantage)
+                if not s.mask[j]:
+                    continue
+                pos = len(s.prompt_ids) - 1 + j
+                d = lr[pos, t].item() - lp[pos, t].item()
+                total += -s.advantage + beta * (math.exp(d) - d - 1)
         expected += total / n_tok / len(rounds)
-    cfg = O.Config(beta=0.0, w_div=0.0, train_micro_batch=1, max_grad_norm=1e9)
-    got1 = _loss_and_grads(model, rounds, cfg)["loss"]
-    cfg4 = O.Config(beta=0.0, w_div=0.0, train_micro_batch=4, max_grad_norm=1e9)
-    got4 = _loss_and_grads(model, rounds, cfg4)
-    assert got1 == pytest.approx(expected, rel=1e-5)
+    cfg = O.Config(beta=beta, temperature=T, w_div=0.0, train_micro_batch=1, max_grad_norm=1e9)
+    got1 = _loss_and_grads(model, ref_model, rounds, cfg)
+    cfg4 = O.Config(beta=beta, temperature=T, w_div=0.0, train_micro_batch=4, max_grad_norm=1e9)
+    got4 = _loss_and_grads(model, ref_model, rounds, cfg4)
+    assert got1["kl"] > 1e-4
+    assert got1["loss"] == pytest.approx(expected, rel=1e-5)
     assert got4["loss"] == pytest.approx(expected, rel=1e-5)
     g1 = _grad_vector(model, rounds, cfg)
     g4 = _grad_vector(model, rounds, cfg4)
@@ -375,9 +387,9 @@ def _grad_vector(model, rounds, cfg):
     O.set_loss_weights(rounds, cfg.loss_agg, 100)
     for mb in [sum(rounds, [])[i: i + cfg.train_micro_batch] for i in range(0, 4, cfg.train_micro_batch)]:
         loss = 0
-        for s, lp in zip(mb, O.sequence_logprobs(m, mb, 1.0, 1024)):
+        for s, lp in zip(mb, O.sequence_logprobs(m, mb, cfg.temperature, 1024)):
             l_t, _ = O.grpo_token_loss(lp, lp.detach(), None, s.advantage, 0.2, 0.0)
-            loss = loss + s.weight * l_t.sum()
+            loss = loss + s.weight * (l_t * torch.tensor(s.mask, dtype=l_t.dtype)).sum()
         loss.backward()
     return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
 
