@@ -270,6 +270,8 @@ def main(argv: Optional[list] = None) -> dict:
     # every check that needs no model comes first: a typo should not cost a model load
     if args.max_new_tokens is None:  # the tiny model answers in a few dozen tokens, or rambles on
         args.max_new_tokens = opensir.TINY_DEFAULTS["student_max_new_tokens"] if args.model == "tiny" else 4096
+    if opensir.model_name_error(model_path(args.model)):
+        sys.exit(f"eval.py: {opensir.model_name_error(model_path(args.model))}")
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:

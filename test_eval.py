@@ -228,6 +228,8 @@ def test_cli_errors_before_any_model_loads(tmp_path, capsys):
     msg, _ = run_main(["--model", "no/such-model", "--benchmarks", "minerva_math", "--data-dir", str(d),
                        "--cache-dir", str(tmp_path / "c"), "--no-download"], capsys)
     assert str(d / "minerva_math.jsonl") in msg and "downloads are off" in msg
+    msg, _ = run_main(["--model", "gemma2b", "--benchmarks", "gsm8k", "--data-dir", str(d)], capsys)
+    assert "unknown model 'gemma2b'" in msg and "gemma-2-2b-it" in msg
 
 
 # ------------------------------------------------------------------------------------------------
