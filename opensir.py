@@ -79,7 +79,7 @@ class Config:
     clip_eps: float = 0.2  # PPO clip range
     beta: float = 1e-4  # k3 KL weight against the frozen initial model (0: no reference model)
     adv_eps: float = 1e-4  # A = (R - mean) / (std + adv_eps)
-    loss_agg: str = "token"  # "token" (authors) | "sequence" | "role" | "constant" (Dr. GRPO)
+    loss_agg: str = "token"  # "token" (authors), "sequence", "role" or "constant" (Dr. GRPO); see set_loss_weights
     lr: float = 3e-7  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 25  # linear warm-up, then constant
