@@ -394,6 +394,20 @@ def _grad_vector(model, rounds, cfg):
     return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
 
 
+def test_several_updates_per_rollout_use_the_rollout_log_probs(small):
+    """With mu = 2 the second update's ratio is against the rollout's log-probs, so it leaves 1 and
+    the clip engages; with mu = 1 the ratio is exactly 1 and nothing is clipped."""
+    import copy
+    model, tok = small
+    for mu, clipped in ((1, False), (2, True)):
+        m = copy.deepcopy(model).float()
+        opt = torch.optim.SGD(m.parameters(), lr=50.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        stats = O.optimise(m, None, opt, sched, [_seqs(tok)], O.Config(beta=0.0, updates_per_rollout=mu,
+                                                                     max_grad_norm=1e9), None)
+        assert (stats["clip_frac"] > 0) == clipped and math.isfinite(stats["loss"])
+
+
 def test_default_lr_update_moves_fp32_master_weights(small):
     """At lr 3e-7 a bf16 weight cannot move (spacing ~0.4% of its value); fp32 master weights do."""
     import copy
