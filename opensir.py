@@ -786,7 +786,7 @@ def diversity_rewards(cand: torch.Tensor, pool: torch.Tensor, topk: int, center:
     self_idx = torch.arange(n) + pool.shape[0]
     sim[torch.arange(n), self_idx] = -float("inf")  # a candidate is not its own neighbour
     k = min(topk, sim.shape[1] - 1)
-    if k <= 0:  # nothing to compare with (empty pool, one candidate): maximally new
+    if k <= 0:  # nothing to compare with (empty pool, one candidate): similarity taken as 0
         return torch.full((n,), 0.5)
     top = sim.topk(k, dim=1).values  # (n, k)
     return (1.0 - top.mean(dim=1)) / 2.0
@@ -952,7 +952,8 @@ def select_student_problem(cands: list) -> Optional[int]:
 def group_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     """A_i = (R_i - mean(R)) / (std(R) + eps) within each group (rows); std unbiased, as TRL computes it.
 
-    rewards: (n_groups, group_size). A group whose rewards are all equal gets A = 0 exactly (0 / eps).
+    rewards: (n_groups, group_size). A group whose rewards are all equal gets A = 0 (a zero numerator,
+    up to rounding, over eps), never NaN.
     """
     mean = rewards.mean(dim=1, keepdim=True)  # (n, 1)
     std = rewards.std(dim=1, keepdim=True)  # (n, 1), needs group_size >= 2 (Config.validate)
