@@ -834,6 +834,20 @@ def cut_at_eos(ids: list, eos_ids: list) -> tuple:
     return ids, True
 
 
+def pad_batch(seqs: list, pad_id: int, left: bool = False) -> tuple:
+    """(ids, attention mask), both (B, L), the mask built from lengths (a pad id can be a real token).
+    Left padding for generation: every prompt ends where sampling starts. Right padding for forward
+    passes: real tokens keep positions 0..n-1 whatever else is in the batch."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, span] = torch.tensor(s, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -853,12 +867,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     pos = 0
     while pos < len(order):
         idx = order[pos: pos + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attn[row, width - len(encoded[i]):] = 1
+        input_ids, attn = pad_batch([encoded[i] for i in idx], pad_id, left=True)
+        width = input_ids.shape[1]
         try:
             gen = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attn.to(device), do_sample=True,
@@ -1052,13 +1062,7 @@ def sequence_logprobs(model, seqs: list, temperature: float, chunk: int, autocas
     recomputed in backward (checkpoint): a (tokens x 256k) logit tensor is never held whole.
     """
     device = next(model.parameters()).device
-    full = [s.prompt_ids + s.ids for s in seqs]
-    width = max(len(f) for f in full)
-    input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, f in enumerate(full):
-        input_ids[row, : len(f)] = torch.tensor(f)
-        attn[row, : len(f)] = 1
+    input_ids, attn = pad_batch([s.prompt_ids + s.ids for s in seqs], pad_id=0)  # (B, L) each
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         hidden = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attn.to(device)).last_hidden_state  # (B, L, H)
     # the token at position t is predicted from the hidden state at t - 1
@@ -1232,12 +1236,7 @@ def embed_texts(model, tokenizer, texts: list, batch_size: int = 64) -> torch.Te
     for i in range(0, len(texts), batch_size):
         enc = [tokenizer(t, add_special_tokens=True)["input_ids"] or [tokenizer.pad_token_id]
                for t in texts[i: i + batch_size]]
-        width = max(len(e) for e in enc)
-        ids = torch.zeros((len(enc), width), dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for row, e in enumerate(enc):  # right padding: real tokens keep positions 0..n-1
-            ids[row, : len(e)] = torch.tensor(e)
-            mask[row, : len(e)] = 1
+        ids, mask = pad_batch(enc, tokenizer.pad_token_id)  # (b, L) each
         h = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (b, L, d)
         m = mask.to(device).unsqueeze(-1).to(h.dtype)  # (b, L, 1)
         out.append(((h * m).sum(1) / m.sum(1)).float().cpu())  # (b, d)
@@ -1292,31 +1291,31 @@ def checkpoint_dir(out: str, step: int) -> str:
 
 
 def latest_checkpoint(out: str) -> Optional[str]:
-    """The newest complete checkpoint (state.pt is written last, so its presence means complete)."""
+    """The newest checkpoint that can be resumed: complete (state.pt is written last) and holding
+    optimizer.pt."""
     if not os.path.isdir(out):
         return None
-    done = sorted(d for d in os.listdir(out)
-                  if re.fullmatch(r"ckpt-\d{5}", d) and os.path.exists(os.path.join(out, d, "state.pt")))
+    done = sorted(d for d in os.listdir(out) if re.fullmatch(r"ckpt-\d{5}", d) and all(
+        os.path.exists(os.path.join(out, d, f)) for f in ("state.pt", "optimizer.pt")))
     return os.path.join(out, done[-1]) if done else None
 
 
 def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler, pool: Pool,
                     rng: dict, cfg: Config) -> str:
-    """Model and tokenizer by save_pretrained (loadable by transformers and eval.py) plus state.pt
-    with what an exact resume needs. Older checkpoints keep their weights but drop optimizer state."""
+    """Model and tokenizer by save_pretrained (loadable by transformers and eval.py), optimizer.pt, and
+    state.pt with the rest an exact resume needs. Older checkpoints keep their weights and state but
+    drop optimizer.pt: AdamW state is twice the fp32 weights, and only the newest is resumed from."""
     path = checkpoint_dir(out, step)
     policy.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng, "pool": pool.state(), "config": dataclasses.asdict(cfg)}
+    torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+    state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
+             "config": dataclasses.asdict(cfg)}
     torch.save(state, os.path.join(path, "state.tmp"))
-    os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))
-    for d in os.listdir(out):  # optimizer state is 2x the fp32 weights: keep it only in the newest
-        old = os.path.join(out, d, "state.pt")
+    os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
+    for d in os.listdir(out):
+        old = os.path.join(out, d, "optimizer.pt")
         if re.fullmatch(r"ckpt-\d{5}", d) and os.path.join(out, d) != path and os.path.exists(old):
-            lite = torch.load(old, weights_only=False)
-            lite.pop("optimizer", None)
-            torch.save(lite, os.path.join(out, d, "state_no_optimizer.pt"))
             os.remove(old)
     return path
 
@@ -1406,13 +1405,9 @@ def _tiny_tokenizer(texts: list):
 
 def _tiny_batch(seqs: list, pad_id: int) -> tuple:
     """Right-padded (input_ids, attention_mask, labels); labels are -100 except on completion tokens."""
-    width = max(len(p) + len(c) for p, c in seqs)
-    ids = torch.full((len(seqs), width), pad_id)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100)
+    ids, mask = pad_batch([p + c for p, c in seqs], pad_id)
+    labels = torch.full_like(ids, -100)
     for i, (p, c) in enumerate(seqs):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, : len(p) + len(c)] = 1  # from lengths: a pad id may also appear as a real token
         labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
     return ids, mask, labels
 
@@ -1724,13 +1719,12 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def problem_rows(step: int, rnd: int, refs: list, pool_before: list, cands: list, group: int,
-                 best: Optional[int]) -> list:
+def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, group: int, best: Optional[int]) -> list:
     """problems.jsonl rows: every teacher output of the round with its reference and scores."""
     rows = []
     for i, c in enumerate(cands):
         rows.append({
-            "step": step, "round": rnd, "reference": pool_before[refs[c.group]], "problem": c.parsed.problem,
+            "step": step, "round": rnd, "reference": ref_texts[c.group], "problem": c.parsed.problem,
             "legal": c.parsed.legal, "concepts": c.parsed.concepts, "solve_rate": c.solve_rate,
             "n_parsed": c.n_parsed, "majority": c.majority, "answers": c.answers,
             "rewards": {"total": c.reward, "solvability": c.solv, "diversity": c.div, "length": c.length,
@@ -1814,7 +1808,7 @@ def train(cfg: Config) -> str:
     metrics_path, problems_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
     if resume_from:
         state = torch.load(os.path.join(resume_from, "state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=False))
         scheduler.load_state_dict(state["scheduler"])
         pool = Pool(**state["pool"])
         set_rng_state(state["rng"])
@@ -1839,13 +1833,12 @@ def train(cfg: Config) -> str:
             rounds, rounds_cands, rows = [], [], []
             for rnd in range(cfg.rounds_per_step):
                 refs = [random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)]
-                pool_before = list(pool.problems)
                 cands = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers)
                 seqs, group, best = training_batch(cands, tokenizer, cfg)
                 add_to_pool(pool, cands, cfg)
                 rounds.append(seqs)
                 rounds_cands.append(cands)
-                rows += problem_rows(step, rnd, refs, pool_before, cands, group, best)
+                rows += problem_rows(step, rnd, [pool.problems[r] for r in refs], cands, group, best)
             t0 = time.perf_counter()
             opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard)
             if sampler is not policy:

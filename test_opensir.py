@@ -638,6 +638,9 @@ def test_tiny_two_step_run(tmp_path):
     assert all(r["pool"] > 1 for r in m) and m[1]["pool"] >= m[0]["pool"]
     assert os.path.exists(os.path.join(out, "init_pool.jsonl"))
     ckpt = os.path.join(out, "ckpt-00002")
+    assert os.path.exists(os.path.join(ckpt, "optimizer.pt"))  # only the newest keeps optimizer state
+    assert not os.path.exists(os.path.join(out, "ckpt-00001", "optimizer.pt"))
+    assert os.path.exists(os.path.join(out, "ckpt-00001", "model.safetensors"))
     before, after = _params(O.ensure_tiny_model()), _params(ckpt)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     AutoModelForCausalLM.from_pretrained(ckpt)
