@@ -537,21 +537,44 @@ def test_out_with_a_different_config_is_refused(small_dir, tmp_path):
     assert open(os.path.join(out, "config.json")).read() == before
 
 
-def test_random_init_builds_architecture_without_download(monkeypatch, tmp_path):
-    monkeypatch.setitem(O.ARCHITECTURES, "toy-llama", dict(
-        model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    model, tok = O.load_model("toy-llama", device="cpu", random_init=True, seed=3)
-    again, _ = O.load_model("toy-llama", device="cpu", random_init=True, seed=3)
+TOYS = {
+    "toy-llama": dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "toy-gemma2": dict(model_type="gemma2", vocab_size=300, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("toy", sorted(TOYS))
+def test_random_init_builds_architecture_without_download(monkeypatch, tmp_path, toy):
+    monkeypatch.setitem(O.ARCHITECTURES, toy, TOYS[toy])
+    model, tok = O.load_model(toy, device="cpu", random_init=True, seed=3)
+    again, _ = O.load_model(toy, device="cpu", random_init=True, seed=3)
     assert len(tok) == model.config.vocab_size == 300
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    if toy == "toy-gemma2":
+        assert model.config._attn_implementation == "eager"  # keeps the attention soft-capping
     # every teacher output counts as legal, so a round reaches the student phase at full size
     out = str(tmp_path / "run")
-    O.main(["--model", "toy-llama", "--random_init", "--out", out, "--steps", "1", *FAST])
+    O.main(["--model", toy, "--random_init", "--out", out, "--steps", "1", *FAST])
     m = _rows(os.path.join(out, "metrics.jsonl"))[0]
     assert m["teacher/legal_rate"] == 1.0 and m["train/student_seqs"] == 4
     with pytest.raises(ValueError, match="gemma-2-2b-it"):
         O.load_model("nope", random_init=True)
+
+
+def test_written_down_architectures_are_the_published_models():
+    """Parameter counts of the real checkpoints (meta device: nothing is allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    published = {"gemma-2-2b-it": 2_614_341_888, "llama-3.2-3b-instruct": 3_212_749_824,
+                 "qwen2.5-1.5b-instruct": 1_543_714_304}
+    assert set(published) == set(O.ARCHITECTURES) == set(O.MODELS)
+    for name, arch in O.ARCHITECTURES.items():
+        arch = dict(arch)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch))
+        assert sum(p.numel() for p in model.parameters()) == published[name], name
 
 
 def test_real_gemma_llama_qwen_architectures_are_valid():
