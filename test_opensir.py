@@ -735,3 +735,17 @@ def test_readme_flags_table_matches_config():
     readme = open(os.path.join(os.path.dirname(os.path.abspath(O.__file__)), "README.md")).read()
     for f in dataclasses.fields(O.Config):
         assert f"| `--{f.name}` | `{f.default!r}` |" in readme, f.name
+
+
+def test_tiny_bf16_path_keeps_fp32_master_weights(tmp_path):
+    """--dtype bf16 runs the GPU code path on CPU: bf16 autocast over fp32 master weights, a bf16
+    sampler copy refreshed after each update, a bf16 frozen model. Checkpoints hold the fp32 weights."""
+    from safetensors.torch import load_file
+    out = str(tmp_path / "run")
+    O.main(["--model", "tiny", "--steps", "1", "--dtype", "bf16", "--out", out, *TINY_FAST])
+    m = _rows(os.path.join(out, "metrics.jsonl"))[0]
+    assert m["train/teacher_seqs"] > 0 and math.isfinite(m["loss"])
+    weights = load_file(os.path.join(out, "ckpt-00001", "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    before = load_file(os.path.join(O.ensure_tiny_model(), "model.safetensors"))
+    assert any(not torch.equal(before[k], weights[k]) for k in before)
