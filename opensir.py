@@ -1775,15 +1775,15 @@ def train(cfg: Config) -> str:
     device = pick_device(cfg.device)
     cdtype = compute_dtype(device, cfg.dtype)
     autocast_dtype = cdtype if cdtype != torch.float32 else None
-    load = dict(device=cfg.device, attn=cfg.attn, random_init=cfg.random_init, seed=cfg.seed)
+    load = dict(device=cfg.device, attn=cfg.attn, seed=cfg.seed)
 
     # policy: fp32 master weights (at lr 3e-7 a bf16 weight cannot move); frozen: the initial weights,
     # for the KL term and the diversity embedding, in the compute dtype and never trained.
     policy, tokenizer = load_model(resume_from or cfg.model, dtype="fp32",
-                                   **{**load, "random_init": cfg.random_init and not resume_from})
+                                   random_init=cfg.random_init and not resume_from, **load)
     frozen = None
     if cfg.beta > 0 or cfg.w_div > 0:
-        frozen, _ = load_model(cfg.model, dtype=cfg.dtype, **load)
+        frozen, _ = load_model(cfg.model, dtype=cfg.dtype, random_init=cfg.random_init, **load)
         frozen.requires_grad_(False)
     # sampler: the policy itself in fp32, else a compute-dtype copy refreshed after every update
     sampler = policy
