@@ -741,8 +741,13 @@ def band_y_min(group: int, lo: float, hi: float) -> float:
 
     With G = 8 and [0.5, 0.9] the reachable rates are 4/8..7/8, so y_min = 1/4.
     """
-    n = sum(1 for k in range(1, group + 1) if lo - 1e-9 <= k / group <= hi + 1e-9)
+    n = sum(1 for k in range(1, group + 1) if in_band(k / group, lo, hi))
     return 1.0 / max(n, 1)
+
+
+def in_band(s: float, lo: float, hi: float) -> bool:
+    """lo <= s <= hi, with a little slack so rates like 9/10 are not lost to rounding."""
+    return lo - 1e-9 <= s <= hi + 1e-9
 
 
 def solvability_reward(s: float, group: int, lo: float, hi: float) -> float:
@@ -751,7 +756,7 @@ def solvability_reward(s: float, group: int, lo: float, hi: float) -> float:
     A tent on the difficulty band: problems the student solves about m of the time score 1, ones it
     always or rarely agrees on score 0, so the teacher is pushed to the edge of the student's ability.
     """
-    if not lo - 1e-9 <= s <= hi + 1e-9:
+    if not in_band(s, lo, hi):
         return 0.0
     m = (lo + hi) / 2
     if m - lo < 1e-12:  # a zero-width band: any rate in it is the peak
@@ -1561,7 +1566,7 @@ def starting_pool_filter(c: Candidate, cfg: Config) -> bool:
     """The authors' filter for the starting pool: in the band, a majority answer with a digit, a problem
     of 30+ characters with no tags that does not state its own answer."""
     return (c.parsed.legal and c.majority is not None
-            and cfg.band_lo - 1e-9 <= c.solve_rate <= cfg.band_hi + 1e-9
+            and in_band(c.solve_rate, cfg.band_lo, cfg.band_hi)
             and any(ch.isdigit() for ch in c.majority)
             and len(c.parsed.problem) >= cfg.init_pool_min_chars
             and re.search(r"</?[A-Za-z][\w-]*(\s[^<>]*)?/?>", c.parsed.problem) is None
