@@ -74,8 +74,7 @@ class Problem:
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "opensir", "benchmarks")
+    return os.path.join(opensir.cache_root(), "benchmarks")  # beside the tiny model: one cache root
 
 
 def download(url: str, dest: str, timeout: float = 60.0) -> None:

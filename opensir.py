@@ -1465,10 +1465,14 @@ def build_tiny_model(path: str, seed: int = 0) -> None:
     tok.save_pretrained(path)
 
 
+def cache_root() -> str:
+    """Where the project keeps what it builds or downloads: $OPENSIR_CACHE, else ~/.cache/opensir."""
+    return os.environ.get("OPENSIR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "opensir")
+
+
 def tiny_model_path(seed: int = 0) -> str:
-    """The tiny model's cache directory: <$OPENSIR_CACHE or ~/.cache/opensir>/tiny-v<VERSION>-seed<seed>."""
-    root = os.environ.get("OPENSIR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "opensir")
-    return os.path.join(root, f"tiny-v{TINY_VERSION}-seed{seed}")
+    """The tiny model's cache directory: <cache_root()>/tiny-v<VERSION>-seed<seed>."""
+    return os.path.join(cache_root(), f"tiny-v{TINY_VERSION}-seed{seed}")
 
 
 def ensure_tiny_model(seed: int = 0) -> str:
