@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import checker
 import opensir
 
 # ================================================================================================
@@ -322,7 +323,7 @@ def main(argv: Optional[list] = None) -> dict:
                     ans = opensir.extract_boxed(c.text)
                     f.write(json.dumps({
                         "benchmark": p.benchmark, "id": p.id, "sample": k, "completion": c.text,
-                        "extracted": ans, "gold": p.gold, "correct": opensir.answers_equal(ans, p.gold),
+                        "extracted": ans, "gold": p.gold, "correct": checker.answers_equal(ans, p.gold),
                         "truncated": c.truncated, "tokens": len(c.ids)}) + "\n")
                 f.flush()
                 bar.update(len(chunk))

@@ -8,8 +8,9 @@ import time
 import pytest
 
 import eval as ev
-import opensir
-from opensir import answers_equal, extract_boxed, normalize_answer
+import checker
+from checker import answers_equal
+from opensir import extract_boxed, normalize_answer
 
 # ------------------------------------------------------------------------------------------------
 # Fixture rows, one benchmark layout each (fields as in the public copies)
@@ -169,8 +170,8 @@ def test_run_with_budget_stops_a_hang(in_thread):
 
     def attempt():
         t = time.time()
-        with pytest.raises(opensir._Timeout):
-            opensir._run_with_budget(spin, 0.2)
+        with pytest.raises(checker._Timeout):
+            checker._run_with_budget(spin, 0.2)
         result["took"] = time.time() - t
     if in_thread:
         th = threading.Thread(target=attempt)
@@ -180,7 +181,7 @@ def test_run_with_budget_stops_a_hang(in_thread):
         attempt()
     stop.set()
     assert result["took"] < 2
-    assert opensir._run_with_budget(lambda: 42, 1.0) == 42
+    assert checker._run_with_budget(lambda: 42, 1.0) == 42
 
 
 # ------------------------------------------------------------------------------------------------

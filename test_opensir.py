@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import opensir as O
+import tiny as T
 
 # ------------------------------------------------------------------------------------------------
 # fixtures: a byte-level BPE tokenizer trained in-process and a small random Llama, saved to disk
@@ -664,7 +665,7 @@ def test_tiny_two_step_run(tmp_path):
     assert os.path.exists(os.path.join(ckpt, "optimizer.pt"))  # only the newest keeps optimizer state
     assert not os.path.exists(os.path.join(out, "ckpt-00001", "optimizer.pt"))
     assert os.path.exists(os.path.join(out, "ckpt-00001", "model.safetensors"))
-    before, after = _params(O.ensure_tiny_model()), _params(ckpt)
+    before, after = _params(T.ensure_tiny_model()), _params(ckpt)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     AutoModelForCausalLM.from_pretrained(ckpt)
     AutoTokenizer.from_pretrained(ckpt)
@@ -747,5 +748,5 @@ def test_tiny_bf16_path_keeps_fp32_master_weights(tmp_path):
     assert m["train/teacher_seqs"] > 0 and math.isfinite(m["loss"])
     weights = load_file(os.path.join(out, "ckpt-00001", "model.safetensors"))
     assert all(w.dtype == torch.float32 for w in weights.values())
-    before = load_file(os.path.join(O.ensure_tiny_model(), "model.safetensors"))
+    before = load_file(os.path.join(T.ensure_tiny_model(), "model.safetensors"))
     assert any(not torch.equal(before[k], weights[k]) for k in before)

@@ -8,21 +8,22 @@ import pytest
 import torch
 
 import opensir as O
+import tiny as T
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """The real tiny model from the shared cache (built once; the loop's tests use the same one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = O.ensure_tiny_model()
+    path = T.ensure_tiny_model()
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture
 def quick_recipe(monkeypatch):
     """A few-second recipe for tests of the build's plumbing (not of what the model learns)."""
-    monkeypatch.setitem(O.TINY_TRAIN, "examples", 300)
-    monkeypatch.setitem(O.TINY_TRAIN, "steps", 3)
+    monkeypatch.setitem(T.TINY_TRAIN, "examples", 300)
+    monkeypatch.setitem(T.TINY_TRAIN, "steps", 3)
 
 
 def _sample(model, tok, users, max_new_tokens, seed):
@@ -51,7 +52,7 @@ def test_tokenizer_round_trips_and_chat_template(tiny):
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert tok.eos_token == "<|eot|>" and len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
-    for tag in O.TINY_TAGS:  # whole tokens, and decoding without special tokens keeps them
+    for tag in T.TINY_TAGS:  # whole tokens, and decoding without special tokens keeps them
         assert len(tok(tag, add_special_tokens=False)["input_ids"]) == 1
         assert tok.decode(tok(tag)["input_ids"], skip_special_tokens=True) == tag
     gc = model.generation_config
@@ -73,7 +74,7 @@ def test_teacher_outputs_mostly_legal(tiny):
 
 def test_student_answers_parse_and_votes_spread(tiny):
     model, tok = tiny
-    problems = [O._tiny_problem(random.Random(i))[0] for i in range(10)]
+    problems = [T._tiny_problem(random.Random(i))[0] for i in range(10)]
     sols = _sample(model, tok, [O.student_prompt(p) for p in problems for _ in range(8)], 48, seed=2)
     answers = [O.normalize_answer(O.extract_boxed(s)) for s in sols]
     assert sum(a is not None for a in answers) >= 0.7 * len(answers), sols
@@ -90,11 +91,11 @@ def test_student_answers_parse_and_votes_spread(tiny):
 def test_build_is_deterministic_and_leaves_global_state(tmp_path, quick_recipe):
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     py = random.getstate()
-    O.build_tiny_model(str(tmp_path / "a"), seed=3)
+    T.build_tiny_model(str(tmp_path / "a"), seed=3)
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
     assert random.getstate() == py
-    O.build_tiny_model(str(tmp_path / "b"), seed=3)
-    O.build_tiny_model(str(tmp_path / "c"), seed=4)
+    T.build_tiny_model(str(tmp_path / "b"), seed=3)
+    T.build_tiny_model(str(tmp_path / "c"), seed=4)
     read = lambda d, f: (tmp_path / d / f).read_bytes()  # noqa: E731
     for f in ("model.safetensors", "tokenizer.json", "config.json"):
         assert read("a", f) == read("b", f), f
@@ -103,8 +104,8 @@ def test_build_is_deterministic_and_leaves_global_state(tmp_path, quick_recipe):
 
 def test_ensure_tiny_model_caches_and_never_leaves_half_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENSIR_CACHE", str(tmp_path))
-    path = O.tiny_model_path(seed=5)
-    assert path.startswith(str(tmp_path)) and f"v{O.TINY_VERSION}" in os.path.basename(path)
+    path = T.tiny_model_path(seed=5)
+    assert path.startswith(str(tmp_path)) and f"v{T.TINY_VERSION}" in os.path.basename(path)
     calls = []
 
     def broken(p, seed=0):
@@ -112,9 +113,9 @@ def test_ensure_tiny_model_caches_and_never_leaves_half_builds(tmp_path, monkeyp
         open(os.path.join(p, "config.json"), "w").close()  # half-written, then it crashes
         raise RuntimeError("crash mid-build")
 
-    monkeypatch.setattr(O, "build_tiny_model", broken)
+    monkeypatch.setattr(T, "build_tiny_model", broken)
     with pytest.raises(RuntimeError):
-        O.ensure_tiny_model(seed=5)
+        T.ensure_tiny_model(seed=5)
     assert not os.path.exists(path) and os.listdir(tmp_path) == []  # no half build, no temp dir left
 
     def fake(p, seed=0):
@@ -122,7 +123,7 @@ def test_ensure_tiny_model_caches_and_never_leaves_half_builds(tmp_path, monkeyp
         with open(os.path.join(p, "config.json"), "w") as f:
             f.write(str(seed))
 
-    monkeypatch.setattr(O, "build_tiny_model", fake)
-    assert O.ensure_tiny_model(seed=5) == path and open(os.path.join(path, "config.json")).read() == "5"
-    assert O.ensure_tiny_model(seed=5) == path and len(calls) == 2  # second call: cached, no rebuild
+    monkeypatch.setattr(T, "build_tiny_model", fake)
+    assert T.ensure_tiny_model(seed=5) == path and open(os.path.join(path, "config.json")).read() == "5"
+    assert T.ensure_tiny_model(seed=5) == path and len(calls) == 2  # second call: cached, no rebuild
     assert os.listdir(tmp_path) == [os.path.basename(path)]

@@ -1,0 +1,374 @@
+"""The evaluation answer checker: is a predicted final answer the gold one?
+
+eval.py scores benchmarks with answers_equal. Training never calls it: its vote key is
+opensir.normalize_answer (string work only). This module shares that clean-up and adds structure
+(tuples, intervals, sets, matrices), exact numbers, and sympy for what is left, under a time budget.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import time
+from fractions import Fraction
+from typing import Optional
+
+from opensir import _clean, _clean_parts, _parse_number
+
+def _split_top(s: str, seps: tuple[str, ...] = (",",)) -> list[str]:
+    """Split at separators outside any brackets."""
+    out, depth, cur, i = [], 0, "", 0
+    while i < len(s):
+        if s.startswith("\\{", i) or s.startswith("\\}", i):
+            depth += 1 if s[i + 1] == "{" else -1
+            cur += s[i:i + 2]
+            i += 2
+            continue
+        c = s[i]
+        depth += (c in "([{") - (c in ")]}")
+        sep = next((p for p in seps if depth == 0 and s.startswith(p, i)), None)
+        if sep:
+            out.append(cur)
+            cur, i = "", i + len(sep)
+            continue
+        cur += c
+        i += 1
+    return out + [cur]
+
+
+def _enclosed(s: str, o: str, c: str) -> bool:
+    """s is one bracket pair o...c around the rest (not `(a)+(b)`)."""
+    if not (s.startswith(o) and s.endswith(c)) or len(s) < len(o) + len(c):
+        return False
+    depth = 0
+    for ch in s[len(o):-len(c)]:
+        depth += (ch in "([{") - (ch in ")]}")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _structure(s: str) -> tuple[str, list[str]]:
+    """(kind, items): 'set' (unordered: `\\{...\\}`, bare `a, b`, unions of intervals), a bracket pair
+    like '(]' for tuples, points and intervals (ordered), 'matrix', or 'atom'."""
+    m = re.fullmatch(r"\\begin\{[pbvB]?matrix\}(.*)\\end\{[pbvB]?matrix\}", s)
+    if m:
+        rows = [r.split("&") for r in m.group(1).split("\\\\") if r]
+        return f"matrix{len(rows)}", [x for r in rows for x in r]
+    if _enclosed(s, "{", "}"):  # bare TeX grouping braces
+        return _structure(s[1:-1])
+    if len(_split_top(s, ("\\cup",))) > 1:
+        return "set", _split_top(s, ("\\cup",))
+    if _enclosed(s, "\\{", "\\}"):
+        return "set", [y for x in _split_top(s[2:-2]) for y in _expand_pm(x)]
+    items = _split_top(s)
+    if len(items) > 1:  # a bare list means a set of answers; `1\pm\sqrt5` stands for two
+        return "set", [y for x in items for y in _expand_pm(x)]
+    if s[:1] in "([" and s[-1:] in ")]" and _enclosed("(" + s[1:-1] + ")", "(", ")"):
+        inner = _split_top(s[1:-1])
+        if len(inner) > 1:
+            return s[0] + s[-1], inner
+    if "\\pm" in s and len(_expand_pm(s)) == 2:
+        return "set", _expand_pm(s)
+    return "atom", [s]
+
+
+def _expand_pm(s: str) -> list[str]:
+    parts = s.split("\\pm")
+    if len(parts) != 2:
+        return [s]
+    a, b = parts
+    return [f"{a}+{b}", f"{a}-{b}"] if a else [b, f"-{b}"]
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _run_with_budget(fn, seconds: float):
+    """fn() or _Timeout after `seconds`. SIGALRM in the main thread (interrupts pure-Python sympy);
+    elsewhere fn runs in a daemon thread that is abandoned on timeout."""
+    import signal
+    import threading
+    if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+        def on_alarm(signum, frame):
+            raise _Timeout()
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+        start = time.monotonic()
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+            if old_delay:  # someone else's alarm (e.g. a test timeout) was pending: re-arm it
+                left = max(1e-3, old_delay - (time.monotonic() - start))
+                signal.setitimer(signal.ITIMER_REAL, left, old_interval)
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    if not box:
+        raise _Timeout()
+    return box[0]
+
+
+def answers_equal(pred: Optional[str], gold: Optional[str], *, timeout: float = 5.0) -> bool:
+    """Full checker used by eval.py: is the predicted answer the gold one? Understands numbers in
+    their usual spellings, units and text, tuples/intervals (ordered), sets and bare lists
+    (unordered), matrices, and simple symbolic expressions (sympy, at most `timeout` seconds)."""
+    (pn, p), (gn, g) = _clean_parts(pred), _clean_parts(gold)
+    if not p or not g or (pn and gn and pn != gn):  # `y_2 = x` is not `y_3 = x`
+        return False
+    if p == g or _equal_budgeted(p, g, timeout):
+        return True
+    # units kept, as written: `\\frac{37}{4} m` and `\\frac{37}{4}m` (a product with m) then meet
+    p2, g2 = _clean(pred, units=False), _clean(gold, units=False)
+    return (p2, g2) != (p, g) and (p2 == g2 or _equal_budgeted(p2, g2, timeout))
+
+
+@functools.lru_cache(maxsize=65536)  # 16 samples of a problem often repeat an answer
+def _equal_budgeted(p: str, g: str, timeout: float) -> bool:
+    import sympy  # noqa: F401  (imported outside the budget: the first import takes a second)
+    try:
+        return _run_with_budget(lambda: _equal(p, g), timeout)
+    except _Timeout:
+        return False
+
+
+def _equal(p: str, g: str) -> bool:
+    if p == g:
+        return True
+    a, b = _parse_number(p), _parse_number(g)  # before structure: `1,000` is a number, not a list
+    if a is not None and b is not None:
+        return _numbers_equal(a, b)
+    (pk, pi), (gk, gi) = _structure(p), _structure(g)
+    if pk == "atom" and gk == "atom":
+        return _atom_equal(p, g)
+    if pk != gk or len(pi) != len(gi):
+        return False
+    if gk != "set":  # ordered: tuples, points, intervals, matrices
+        return all(_equal(_clean(a), _clean(b)) for a, b in zip(pi, gi))
+    left = [_clean(b) for b in gi]  # unordered: match each predicted item to a distinct gold item
+    for a in map(_clean, pi):
+        j = next((j for j, b in enumerate(left) if _equal(a, b)), None)
+        if j is None:
+            return False
+        left.pop(j)
+    return True
+
+
+def _atom_equal(p: str, g: str) -> bool:
+    if re.fullmatch(r"[a-zA-Z]{2,}", p) and re.fullmatch(r"[a-zA-Z]{2,}", g):
+        return p.lower() == g.lower()  # words: `Yes` / `yes`
+    if p.count("=") == 1 and g.count("=") == 1:  # equations: same sides, or one a multiple of the other
+        (pl, pr), (gl, gr) = p.split("="), g.split("=")
+        if pl == gl:
+            return _atom_equal(pr, gr)
+        return _sympy_equal(f"({pl})-({pr})", f"({gl})-({gr})", up_to_factor=True)
+    if "=" in p or "=" in g:
+        return False
+    return _sympy_equal(p, g)
+
+
+def _numbers_equal(a: tuple[Fraction, bool, bool, int], b: tuple[Fraction, bool, bool, int]) -> bool:
+    """Exact values must match, except that a decimal may be a rounding of a value it cannot write
+    in as many places (0.333333 for 1/3, 0.035156 for 9/256): then, as math-verify does, both are
+    compared rounded to 6 places. 0.5 vs 0.05 or 1.0000001 vs 1 stay different numbers."""
+    for x in ([a[0], a[0] / 100] if a[2] else [a[0]]):  # 50% may mean 50 or 0.5
+        for y in ([b[0], b[0] / 100] if b[2] else [b[0]]):
+            if x == y:
+                return True
+            rounded = (a[1] and not b[1] and (y * 10 ** a[3]).denominator != 1) or \
+                      (b[1] and not a[1] and (x * 10 ** b[3]).denominator != 1)
+            if rounded and round(x, 6) == round(y, 6):
+                return True
+    return False
+
+
+_FUNCS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh",
+          "tanh", "ln", "log", "exp", "sqrt"}
+_CONSTS = {"pi": "pi", "infty": "oo", "infinity": "oo"}
+_LATEX_TOKEN = re.compile(r"\\(?:" + "|".join(sorted(_FUNCS | set(_CONSTS) | {
+    "frac", "binom", "cdot", "times", "div", "lfloor", "rfloor", "lceil", "rceil", "{", "}"},
+    key=len, reverse=True)) + r")|\d+\.?\d*|\.\d+|[a-zA-Z]|[-+*/^_()\[\]{}!|]")
+
+
+def _latex_to_code(s: str) -> Optional[str]:
+    """A small LaTeX -> Python-expression translation for sympy. Only whitelisted tokens get through
+    (the result is eval'd by sympy's parser), so anything unusual yields None."""
+    toks = _LATEX_TOKEN.findall(s)
+    if "".join(toks) != s:
+        return None
+    pos = 0
+
+    def group() -> str:  # a {...} group or a single token, as code
+        nonlocal pos
+        if pos < len(toks) and toks[pos] == "{":
+            depth, start = 0, pos
+            while pos < len(toks):
+                depth += (toks[pos] == "{") - (toks[pos] == "}")
+                pos += 1
+                if depth == 0:
+                    return "(" + seq(toks[start + 1:pos - 1]) + ")"
+            raise ValueError("unbalanced")
+        if pos >= len(toks):
+            raise ValueError("missing argument")
+        pos += 1
+        return seq([toks[pos - 1]])
+
+    def seq(ts: list[str]) -> str:
+        nonlocal toks, pos
+        saved, toks, pos = (toks, pos), ts, 0
+        out, prev_operand, abs_open = [], False, False
+        while pos < len(toks):
+            t = toks[pos]
+            pos += 1
+            if t == "\\frac":
+                piece = f"(({group()})/({group()}))"
+            elif t == "\\binom":
+                piece = f"binomial({group()},{group()})"
+            elif t == "\\sqrt" and toks[pos:pos + 1] == ["["]:  # \sqrt[n]{x}
+                end = _match_paren(toks, pos)
+                n = seq_sub(pos + 1, end)
+                pos = end + 1
+                piece = f"(({group()})**(1/({n})))"
+            elif t == "\\sqrt":
+                piece = f"sqrt({group()})"
+            elif t in ("\\lfloor", "\\lceil"):
+                close = "\\rfloor" if t == "\\lfloor" else "\\rceil"
+                end = toks.index(close, pos)
+                piece = ("floor(" if t == "\\lfloor" else "ceiling(") + seq_sub(pos, end) + ")"
+                pos = end + 1
+            elif t[1:] in _FUNCS:
+                name = {"ln": "log", "arcsin": "asin", "arccos": "acos", "arctan": "atan"}.get(t[1:], t[1:])
+                power = ""
+                if toks[pos:pos + 1] == ["^"]:  # \sin^2 x
+                    pos += 1
+                    power = "**" + group()
+                if toks[pos:pos + 1] == ["("]:
+                    end = _match_paren(toks, pos)
+                    arg = seq_sub(pos + 1, end)
+                    pos = end + 1
+                else:  # \sin x, \cos 4t: the argument runs to the next + - or end
+                    end = pos
+                    while end < len(toks) and toks[end] not in "+-=)":
+                        end += 1
+                    arg = seq_sub(pos, end)
+                    pos = end
+                piece = f"({name}({arg}){power})"
+            elif t[1:] in _CONSTS:
+                piece = _CONSTS[t[1:]]
+            elif t in ("\\cdot", "\\times", "*"):
+                out.append("*")
+                prev_operand = False
+                continue
+            elif t in ("\\div", "/"):
+                out.append("/")
+                prev_operand = False
+                continue
+            elif t in "+-":
+                out.append(t)
+                prev_operand = False
+                continue
+            elif t == "^":
+                out.append("**" + group())
+                prev_operand = True
+                continue
+            elif t == "!":
+                out.append("!")
+                continue
+            elif t == "_":
+                if not out or not out[-1].startswith("v_"):
+                    raise ValueError("subscript")
+                sub = group().strip("()")
+                if not re.fullmatch(r"\w+", sub):
+                    raise ValueError("subscript")
+                out[-1] += "_" + sub
+                continue
+            elif t == "|":
+                if abs_open:
+                    out.append(")")
+                    abs_open, prev_operand = False, True
+                    continue
+                piece, abs_open = "Abs(", True
+                if prev_operand:
+                    out.append("*")
+                out.append(piece)
+                prev_operand = False
+                continue
+            elif t in ("(", "[", "{"):
+                end = _match_paren(toks, pos - 1)
+                piece = "(" + seq_sub(pos, end) + ")"
+                pos = end + 1
+            elif t[0].isdigit() or t[0] == ".":
+                piece = t
+            elif t.isalpha():
+                piece = {"e": "E", "i": "I"}.get(t, "v_" + t)
+            else:
+                raise ValueError(f"token {t}")
+            if prev_operand:
+                out.append("*")
+            out.append(piece)
+            prev_operand = True
+        toks, pos = saved
+        return "".join(out)
+
+    def seq_sub(a: int, b: int) -> str:
+        return seq(toks[a:b])
+
+    try:
+        return seq(toks)
+    except (ValueError, IndexError):
+        return None
+
+
+def _match_paren(toks: list[str], i: int) -> int:
+    depth = 0
+    for j in range(i, len(toks)):
+        depth += (toks[j] in ("(", "[", "{")) - (toks[j] in (")", "]", "}"))
+        if depth == 0:
+            return j
+    raise ValueError("unbalanced")
+
+
+def _to_sympy(s: str):
+    import sympy
+    from sympy.parsing.sympy_parser import parse_expr, rationalize, standard_transformations
+    code = _latex_to_code(s)
+    # refuse towers and huge literals: big-integer arithmetic runs in C, where no alarm reaches it
+    if code is None or re.search(r"\*\*\(*[^)]*\*\*|\d{6,}\)*!|\*\*\(*\d{5,}", code):
+        return None
+    names = {n: sympy.Symbol(n[2:]) for n in re.findall(r"\bv_\w+", code)}
+    return parse_expr(code, local_dict=names, transformations=standard_transformations + (rationalize,))
+
+
+def _sympy_equal(p: str, g: str, up_to_factor: bool = False) -> bool:
+    """Symbolic equality; constants are also compared numerically at high precision."""
+    import sympy
+    if max(len(p), len(g)) > 400:  # not a short answer; parsing alone could eat the budget
+        return False
+    try:
+        a, b = _to_sympy(p), _to_sympy(g)
+        if a is None or b is None:
+            return False
+        if up_to_factor:  # equations: a = c*b for a nonzero constant c
+            if b == 0 or a == 0:
+                return a == b
+            r = sympy.simplify(a / b)
+            return bool(r.is_number and r != 0)
+        if not a.free_symbols and not b.free_symbols:
+            if a.is_Rational and b.is_Rational:
+                return a == b  # exact: 2**100 + 1 is not 2**100
+            x, y = sympy.N(a, 50), sympy.N(b, 50)
+            if not (x.is_number and y.is_number) or not (x.is_finite and y.is_finite):
+                return x == y  # oo, -oo, zoo: only themselves
+            if "." in p or "." in g:  # a decimal stands for a rounded value: math-verify's 6 places
+                cx, cy = complex(x), complex(y)
+                return all(round(u, 6) == round(v, 6) for u, v in ((cx.real, cy.real), (cx.imag, cy.imag)))
+            return bool(abs(x - y) <= 1e-40 * max(1, abs(y)))
+        d = sympy.simplify(a - b)
+        return bool(d == 0 or d.is_zero)
+    except _Timeout:
+        raise
+    except Exception:  # sympy raises many things on odd input
+        return False

@@ -1,0 +1,178 @@
+"""The built-in tiny model behind `--model tiny`: a toy Llama and its tokenizer, built in-process.
+
+opensir.py imports this module only when `--model tiny` is asked for; nothing here is part of the method.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+
+import torch
+
+from opensir import cache_root, chat, pad_batch, student_prompt, teacher_prompt
+
+# `--model tiny` runs the real loop on a laptop with no download. A randomly initialised model would
+# never write a legal problem or a \boxed{} answer, so every round would be empty; instead we build a
+# ~0.6M-parameter Llama and its tokenizer in-process and teach both output formats for ~30 s of CPU
+# on procedurally generated arithmetic. It learns the formats well and the arithmetic only in part,
+# so at temperature 1.0 its rounds hold legal and illegal problems, votes that partly agree
+# (solve rates spread over [0, 1]) and therefore non-zero advantages.
+
+TINY_VERSION = "1"  # part of the cache directory name: bump it whenever the recipe below changes
+TINY_SPECIALS = dict(bos_token="<|bos|>", eos_token="<|eot|>", pad_token="<|pad|>")
+TINY_TAGS = ["<think>", "</think>", "<problem>", "</problem>", "<concepts>", "</concepts>"]
+# Every message is "<|role|>\n...<|eot|>\n"; <|eot|> ends a turn and is the EOS generation stops at.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eot|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TINY_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
+TINY_TRAIN = dict(examples=3000, steps=250, student_batch=48, teacher_batch=8, lr=3e-3, warmup=20)
+_TINY_NAMES = ["Ana", "Ben", "Mia", "Sam", "Zoe", "Leo"]
+_TINY_ITEMS = ["apples", "books", "coins", "pens", "stickers", "marbles"]
+
+
+def _tiny_problem(rng: random.Random) -> tuple:
+    """A random arithmetic problem: (text, worked steps, answer, concepts). Small operands keep the
+    facts few enough to half-learn in seconds; concepts come first-is-main, one of them >= 10 chars."""
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
+    n, it = rng.choice(_TINY_NAMES), rng.choice(_TINY_ITEMS)
+    return rng.choice([
+        (f"What is {a} + {b}?", [f"{a} + {b} = {a + b}."], a + b, ["addition", "mental arithmetic"]),
+        (f"What is {a} - {b}?", [f"{a} - {b} = {a - b}."], a - b, ["subtraction", "negative numbers"]),
+        (f"What is {b} * {c}?", [f"{b} * {c} = {b * c}."], b * c, ["multiplication"]),
+        (f"What is {b * c} / {c}?", [f"{b * c} / {c} = {b}."], b, ["division", "multiplication"]),
+        (f"What is {a} + {b} * {c}?", [f"{b} * {c} = {b * c}.", f"{a} + {b * c} = {a + b * c}."],
+         a + b * c, ["order of operations", "multiplication"]),
+        (f"{n} has {a} {it} and gets {b} more. How many {it} does {n} have now?",
+         [f"{a} + {b} = {a + b}."], a + b, ["word problems", "addition"]),
+        (f"{n} has {b} bags with {c} {it} in each. How many {it} are there?", [f"{b} * {c} = {b * c}."],
+         b * c, ["word problems", "multiplication"]),
+        (f"What is the remainder when {a * c + b % c} is divided by {c}?",
+         [f"{a * c + b % c} = {c} * {a} + {b % c}."], b % c, ["remainders", "division"]),
+        (f"What is {b} squared?", [f"{b} * {b} = {b * b}."], b * b, ["exponents", "perfect squares"]),
+        (f"What is {c * 10}% of {b * 10}?", [f"{c * 10}% of {b * 10} = {c} * {b} = {c * b}."], c * b,
+         ["percentages", "multiplication"]),
+    ])
+
+
+def _tiny_examples(rng: random.Random) -> list:
+    """One teacher and one student example, as (user text, assistant completion) pairs."""
+    ref = ("What is 1+1?", None, None, ["addition"]) if rng.random() < 0.2 else _tiny_problem(rng)
+    new = _tiny_problem(rng)
+    while new[3][0] == ref[3][0]:  # "conceptually different": another main concept than the reference
+        new = _tiny_problem(rng)
+    think = f"<think>That problem uses {ref[3][0]}. Mine needs {new[3][0]} instead.</think>\n"
+    concepts = f"\n<concepts>{', '.join(new[3])}</concepts>"
+    style = rng.random()  # ~10% without <think> (legal, no format reward), ~10% illegal concepts
+    teacher = ((think if style >= 0.1 else "") + f"<problem>{new[0]}</problem>"
+               + (concepts if style < 0.9 else f"\n<concepts>{new[3][0][:4]}</concepts>"))
+    student = "\n".join(new[1]) + f"\nTherefore, the final answer is: $\\boxed{{{new[2]}}}$"
+    return [(teacher_prompt(ref[0]), teacher), (student_prompt(new[0]), student)]
+
+
+def _tiny_tokenizer(texts: list):
+    """Byte-level BPE, so any text round-trips (unicode, LaTeX). Merges may cross word boundaries, so
+    each fixed instruction shrinks to a few tokens (cheap on CPU); a run of digits is split from its
+    neighbours, so small numbers become single tokens (one fact = one token to learn); the tags are
+    whole tokens, so no token straddles a tag boundary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    specials = [*TINY_SPECIALS.values(), "<|system|>", "<|user|>", "<|assistant|>"]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in TINY_TAGS])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, chat_template=TINY_CHAT_TEMPLATE,
+                                   clean_up_tokenization_spaces=False, **TINY_SPECIALS)
+
+
+def _tiny_batch(seqs: list, pad_id: int) -> tuple:
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 except on completion tokens."""
+    ids, mask = pad_batch([p + c for p, c in seqs], pad_id)
+    labels = torch.full_like(ids, -100)
+    for i, (p, c) in enumerate(seqs):
+        labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
+    return ids, mask, labels
+
+
+def build_tiny_model(path: str, seed: int = 0) -> None:
+    """Build a tiny model + tokenizer, teach it the two output formats, save_pretrained to path.
+    Deterministic given the seed; leaves the caller's RNG and thread settings as they were."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    hp = TINY_TRAIN
+    rng = random.Random(seed)
+    pairs = [p for _ in range(hp["examples"]) for p in _tiny_examples(rng)]
+    # the corpus is the training text itself, chat-formatted as TINY_CHAT_TEMPLATE renders it
+    tok = _tiny_tokenizer([f"<|bos|><|user|>\n{p}<|eot|>\n<|assistant|>\n{c}<|eot|>\n"
+                           for p, c in pairs[:2000]])
+    prompts = tok([chat(tok, p) for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    seqs = [(p, c + [tok.eos_token_id]) for p, c in zip(prompts, completions)]  # learn to stop
+    roles = [seqs[0::2], seqs[1::2]]  # teacher, student: one-role batches pad less (lengths differ)
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        # One thread: deterministic whatever the caller set, and immune to the collapse a 2-thread
+        # team suffers when another process holds a core; these matmuls gain little from more.
+        torch.set_num_threads(1)
+        torch.manual_seed(seed)
+        try:
+            model = LlamaForCausalLM(LlamaConfig(
+                vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, **TINY_ARCH))
+            opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp["warmup"]) * (
+                0.1 + 0.45 * (1 + math.cos(math.pi * s / hp["steps"]))))  # warm-up, cosine to 10%
+            model.train()
+            for _ in range(hp["steps"]):
+                loss = 0.0
+                for role, n in zip(roles, (hp["teacher_batch"], hp["student_batch"])):
+                    ids, mask, labels = _tiny_batch([role[rng.randrange(len(role))] for _ in range(n)],
+                                                    tok.pad_token_id)
+                    loss = loss + model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+        finally:
+            torch.set_num_threads(threads)
+    model.eval()
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def tiny_model_path(seed: int = 0) -> str:
+    """The tiny model's cache directory: <cache_root()>/tiny-v<VERSION>-seed<seed>."""
+    return os.path.join(cache_root(), f"tiny-v{TINY_VERSION}-seed{seed}")
+
+
+def ensure_tiny_model(seed: int = 0) -> str:
+    """The tiny model's directory, built on first use. Built in a temporary directory and renamed
+    into place, so a crash never leaves a half-built model that later runs would load."""
+    import shutil
+    import tempfile
+    path = tiny_model_path(seed)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        print(f"building the tiny model in {path} (once, ~30 s)", file=sys.stderr)
+        tmp = tempfile.mkdtemp(prefix=".tiny-building-", dir=os.path.dirname(path))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished cache need not be
+        try:
+            build_tiny_model(tmp, seed)
+            os.replace(tmp, path)
+        except OSError:  # another process renamed its copy into place first: use that one
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
