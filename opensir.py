@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
 import os
 import random
 import re
@@ -45,6 +47,7 @@ class Config:
     model: str = "tiny"  # short name (see MODELS), hub id, local path, or "tiny" (built in-process)
     out: str = "runs/opensir"  # output directory: checkpoints, metrics.jsonl, problems.jsonl
     resume: bool = False  # continue from the latest checkpoint in --out
+    resume_from: str = ""  # continue from this checkpoint of --out (an older one, when the newest is damaged)
     seed: int = 0  # seeds python, numpy and torch
     steps: int = 200  # optimisation steps
     save_every: int = 25  # checkpoint every N steps (and at the end)
@@ -100,7 +103,7 @@ class Config:
 
     def validate(self) -> None:
         """Reject contradictory settings before any model loads."""
-        errors = []
+        errors = input_errors(self)
         if not 0.0 <= self.band_lo <= self.band_hi <= 1.0:
             errors.append(f"need 0 <= band_lo <= band_hi <= 1, got {self.band_lo}, {self.band_hi}")
         for name in ("teacher_group", "student_group"):
@@ -127,8 +130,6 @@ class Config:
             errors.append(f"--dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             errors.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
-        if self.init_pool and not os.path.exists(self.init_pool):
-            errors.append(f"--init_pool {self.init_pool} does not exist")
         if model_name_error(self.model, self.random_init):
             errors.append(model_name_error(self.model, self.random_init))
         if errors:
@@ -136,6 +137,27 @@ class Config:
 
 
 LOSS_AGGS = ("token", "sequence", "role", "constant")
+
+
+def input_errors(cfg: Config) -> list:
+    """What no setting may be, whatever the recipe: a float that is NaN or infinite (every comparison
+    with NaN is false, so range checks alone let it through), a seed numpy refuses, a blank seed
+    problem, a starting-pool file that does not parse."""
+    errors = [f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+              if f.type == "float" and not math.isfinite(getattr(cfg, f.name))]
+    if not 0 <= cfg.seed < 2**32:
+        errors.append(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    for name, lo in (("top_k", 0), ("init_pool_max_rounds", 1), ("init_pool_min_chars", 0)):
+        if getattr(cfg, name) < lo:
+            errors.append(f"--{name} must be >= {lo}, got {getattr(cfg, name)}")
+    if not cfg.seed_problem.strip():
+        errors.append("--seed_problem is blank: the pool needs one problem to grow from")
+    if cfg.init_pool:
+        try:
+            read_init_pool(cfg.init_pool)
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
 
 # The tiny model is for reading the code run on a laptop: same loop, smaller numbers. Applied only
 # to fields the user did not set on the command line; printed at start.
@@ -800,6 +822,30 @@ def model_name_error(name: str, random_init: bool = False) -> Optional[str]:
             "Or pass a hub id (org/name) or the path of a local directory holding a saved model.")
 
 
+def hub_error(path: str) -> Optional[str]:
+    """For a hub id not in the local cache, why it cannot be fetched now (offline mode, or no route to
+    the hub), in one sentence: transformers would spend ~30 s retrying and end in a long traceback."""
+    if os.path.isdir(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return None
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return None
+    fix = (f"download it on a machine with access (`hf download {path} --local-dir DIR`), copy DIR here "
+           "and pass DIR instead of the hub id")
+    if constants.HF_HUB_OFFLINE:
+        return f"{path} is not in the local hub cache and HF_HUB_OFFLINE is set: {fix}"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # a proxy decides what is reachable; let transformers try
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=10).close()
+    except OSError as err:
+        return f"{path} is not in the local hub cache and {url.hostname} cannot be reached ({err}): {fix}"
+    return None
+
+
 def resolve_model(name: str) -> str:
     """Short name -> hub id; "tiny" -> its cache directory (built on first use); else as given."""
     if model_name_error(name):
@@ -852,14 +898,17 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", att
             config, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
     else:
         path = resolve_model(name_or_path)
+        unreachable = hub_error(path)
+        if unreachable:
+            raise OSError(unreachable)
         try:
             config = AutoConfig.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
         except (OSError, ValueError) as err:  # missing files, no network, not a model directory
-            raise OSError(f"could not load {path!r}: {err}\nIf this machine is offline, download the model "
-                          "elsewhere and pass its local directory.") from err
+            raise OSError(f"could not load {path!r}: {str(err).strip().splitlines()[0]}\nIf this machine is "
+                          "offline, download the model elsewhere and pass its local directory.") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(dev).eval(), tokenizer
@@ -903,6 +952,34 @@ class Pool:
         return {"problems": self.problems, "concepts": self.concepts, "embeddings": self.embeddings}
 
 
+def read_init_pool(path: str) -> list:
+    """--init_pool rows: one JSON object a line with a non-blank "problem" and optional "concepts" (a
+    list of strings), as init_pool.jsonl is written. Anything else is an error naming file and line."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"--init_pool {path}, line {lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or not row["problem"].strip():
+                    raise ValueError(f'{where}: expected a JSON object with a non-blank "problem" string')
+                concepts = row.get("concepts", [])
+                if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
+                    raise ValueError(f'{where}: "concepts" must be a list of strings')
+                rows.append({"problem": row["problem"], "concepts": concepts})
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--init_pool {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    if not rows:
+        raise ValueError(f"--init_pool {path} holds no problems; pass a JSONL of problems or leave "
+                         "--init_pool out to grow the starting pool")
+    return rows
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -928,32 +1005,61 @@ def checkpoint_dir(out: str, step: int) -> str:
     return os.path.join(out, f"ckpt-{step:05d}")
 
 
+def checkpoints(out: str) -> list:
+    """Every ckpt-NNNNN directory in out, oldest first (complete or not)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(os.path.join(out, d) for d in os.listdir(out)
+                  if re.fullmatch(r"ckpt-\d{5}", d) and os.path.isdir(os.path.join(out, d)))
+
+
+def checkpoint_step(path: str) -> int:
+    return int(os.path.basename(os.path.normpath(path))[5:])
+
+
 def latest_checkpoint(out: str) -> Optional[str]:
     """The newest checkpoint that can be resumed: complete (state.pt is written last) and holding
     optimizer.pt."""
-    if not os.path.isdir(out):
-        return None
-    done = sorted(d for d in os.listdir(out) if re.fullmatch(r"ckpt-\d{5}", d) and all(
-        os.path.exists(os.path.join(out, d, f)) for f in ("state.pt", "optimizer.pt")))
-    return os.path.join(out, done[-1]) if done else None
+    done = [d for d in checkpoints(out) if all(os.path.exists(os.path.join(d, f)) for f in ("state.pt", "optimizer.pt"))]
+    return done[-1] if done else None
+
+
+def load_pt(path: str):
+    """torch.load with an error that names the file and what to do, instead of a pickle traceback."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as err:  # truncated zip, unpickling errors, I/O errors: all mean a damaged file
+        raise SystemExit(f"{path} is damaged or unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                         f"Continue from an older checkpoint with --resume_from {os.path.dirname(os.path.dirname(path))}/ckpt-NNNNN, "
+                         "or start a new --out.") from None
 
 
 def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler, pool: Pool,
                     rng: dict, cfg: Config) -> str:
     """Model and tokenizer by save_pretrained (loadable by transformers and eval.py), optimizer.pt, and
     state.pt with the rest an exact resume needs. Older checkpoints keep their weights and state but
-    drop optimizer.pt: AdamW state is twice the fp32 weights, and only the newest is resumed from."""
+    drop optimizer.pt: AdamW state is twice the fp32 weights, and only the newest is resumed from.
+    A save that fails (a full disk) removes its half-written directory, so --resume finds the last good one."""
+    import shutil
     path = checkpoint_dir(out, step)
-    policy.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
-    state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
-             "config": dataclasses.asdict(cfg)}
-    torch.save(state, os.path.join(path, "state.tmp"))
-    os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
-    for d in os.listdir(out):
-        old = os.path.join(out, d, "optimizer.pt")
-        if re.fullmatch(r"ckpt-\d{5}", d) and os.path.join(out, d) != path and os.path.exists(old):
+    if os.path.exists(os.path.join(path, "state.pt")):
+        os.remove(os.path.join(path, "state.pt"))  # overwriting: incomplete until the new state.pt lands
+    try:
+        policy.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+        state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
+                 "config": dataclasses.asdict(cfg)}
+        torch.save(state, os.path.join(path, "state.tmp"))
+        os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(path, ignore_errors=True)
+        full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2**26
+        raise OSError(errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
+                      f"could not save checkpoint {path}" + (" (disk full)" if full else f" ({err})")) from err
+    for d in checkpoints(out):
+        old = os.path.join(d, "optimizer.pt")
+        if d != path and os.path.exists(old):
             os.remove(old)
     return path
 
@@ -1048,7 +1154,7 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
     seed_emb = embed_texts(frozen, tokenizer, [cfg.seed_problem]) if cfg.w_div > 0 else None
     pool.add([cfg.seed_problem], [[]], seed_emb)
     if cfg.init_pool:  # a saved pool: one JSON object with a "problem" (and "concepts") per line
-        rows = [json.loads(line) for line in open(cfg.init_pool) if line.strip()]
+        rows = read_init_pool(cfg.init_pool)  # already checked by Config.validate
         emb = embed_texts(frozen, tokenizer, [r["problem"] for r in rows]) if cfg.w_div > 0 and rows else None
         pool.add([r["problem"] for r in rows], [r.get("concepts", []) for r in rows], emb)
         log(f"starting pool: {len(rows)} problems from {cfg.init_pool}")
@@ -1208,40 +1314,151 @@ def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, group: int, 
     return rows
 
 
-CONFIG_RUN_ONLY = {"out", "resume", "steps", "save_every", "device", "gen_batch", "train_micro_batch",
-                   "logprob_chunk", "grad_ckpt"}  # may change between a run and its resume
+CONFIG_RUN_ONLY = {"out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
+                   "train_micro_batch", "logprob_chunk", "grad_ckpt"}  # may change between a run and its resume
+
+_OUT_LOCKS: dict = {}  # real path of --out -> its open .lock file, held for the life of the process
+
+
+def lock_out(out: str) -> None:
+    """Create --out and hold an exclusive flock on OUT/.lock: a second run into the same --out refuses at
+    once. The kernel drops the lock when the process ends, however it ends, so none is ever stale."""
+    import fcntl
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out} is a file, not a directory; choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        if os.path.realpath(out) in _OUT_LOCKS:
+            return
+        f = open(os.path.join(out, ".lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise SystemExit(f"another run is writing to {out} (it holds {os.path.join(out, '.lock')}). Wait "
+                             "for it to end or stop it, or choose another --out.") from None
+    except OSError as err:
+        raise SystemExit(f"--out {out} cannot be written ({err.strerror or err}); choose a writable directory") from None
+    _OUT_LOCKS[os.path.realpath(out)] = f
+
+
+def _scan_log(path: str, keep_to: Optional[int] = None) -> int:
+    """The last step logged in a metrics/problems JSONL (0 if none). A torn last line (a run killed
+    mid-append, or a full disk) is dropped with a warning; a bad line elsewhere is an error naming file
+    and line. With keep_to, the file is rewritten without the torn line and lines of later steps."""
+    if not os.path.exists(path):
+        return 0
+    last, torn, changed, tmp = 0, None, False, path + ".tmp"
+    dst = open(tmp, "w", encoding="utf-8") if keep_to is not None else None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as src:
+            for lineno, line in enumerate(src, 1):
+                if not line.strip():
+                    continue
+                if torn is not None:
+                    raise SystemExit(f"{path}, line {torn}: not a valid log line, and lines follow it. Fix or "
+                                     "delete that line, then resume again.")
+                try:
+                    step = json.loads(line)["step"]
+                    assert isinstance(step, int)
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    torn = lineno
+                    continue
+                last = max(last, step)
+                if dst and step <= keep_to:
+                    dst.write(line if line.endswith("\n") else line + "\n")
+                else:
+                    changed = True
+        if torn is not None and dst:
+            print(f"warning: {path}, line {torn}: torn last line (a run killed mid-write or a full disk); "
+                  "dropped")
+        if dst:
+            dst.close()
+            if changed or torn is not None:
+                os.replace(tmp, path)
+    finally:
+        if dst and not dst.closed:
+            dst.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return last
 
 
 def prepare_out(cfg: Config) -> Optional[str]:
-    """Check --out before any model loads. Returns the checkpoint to resume from, if any.
+    """Check --out before any model loads and return the checkpoint to resume from, if any. Refuses
+    whenever going on would drop or overwrite what an earlier run left without the user asking.
     config.json is written only once the models have loaded, so a failed start blocks nothing."""
+    lock_out(cfg.out)
+    metrics, problems = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
+    ckpts, logged = checkpoints(cfg.out), _scan_log(metrics)
+    grown = os.path.exists(os.path.join(cfg.out, "init_pool.jsonl"))
+    names = [os.path.basename(d) for d in ckpts]
+    found = ", ".join(([f"checkpoints {names[0]} to {names[-1]}" if len(names) > 1 else f"checkpoint {names[0]}"] if names else [])
+                      + [f"steps logged up to {logged}"] * bool(logged) + ["a grown init_pool.jsonl"] * grown)
+    resume = cfg.resume or bool(cfg.resume_from)
     cfg_path = os.path.join(cfg.out, "config.json")
+    if not found:  # nothing a run finished is here: a failed or interrupted start blocks nothing
+        if os.path.exists(cfg_path):
+            print(f"{cfg.out} holds a run that stopped before its first step; starting it afresh")
+        return None
+    if not resume:
+        raise SystemExit(f"{cfg.out} already holds a run ({found}). Pass --resume to continue it, or choose "
+                         "another --out.")
     if os.path.exists(cfg_path):
-        saved = json.load(open(cfg_path))
-        if not cfg.resume:
-            raise SystemExit(f"{cfg.out} already holds a run. Pass --resume to continue it, or choose "
-                             "another --out.")
+        try:
+            saved = json.load(open(cfg_path))
+        except ValueError as err:
+            raise SystemExit(f"{cfg_path} is damaged ({err}); restore it or choose another --out") from None
         diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
                 if k not in CONFIG_RUN_ONLY and saved.get(k) != v}
         if diff:
             raise SystemExit(f"{cfg.out} holds a run with a different config; refusing to touch it. "
                              "Differences (saved, now): " + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items()))
-    return latest_checkpoint(cfg.out) if cfg.resume else None
-
-
-def _truncate_log(path: str, last_step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
-    if not os.path.exists(path):
-        return
-    keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+    if cfg.resume_from:
+        path = cfg.resume_from if os.path.isdir(cfg.resume_from) else os.path.join(cfg.out, cfg.resume_from)
+        if not (os.path.isdir(path) and os.path.samefile(os.path.dirname(os.path.abspath(path)), cfg.out)
+                and re.fullmatch(r"ckpt-\d{5}", os.path.basename(os.path.normpath(path)))):
+            raise SystemExit(f"--resume_from {cfg.resume_from}: not a checkpoint directory of --out {cfg.out} "
+                             f"(found: {found})")
+        if not os.path.exists(os.path.join(path, "state.pt")):
+            raise SystemExit(f"--resume_from {path}: no state.pt, so it cannot be resumed; pick an older checkpoint")
+        step = checkpoint_step(path)
+        import shutil
+        for d in checkpoints(cfg.out):  # kept under another name: nothing is overwritten or lost
+            if checkpoint_step(d) > step:
+                aside = d + f".before-resume-from-{step:05d}"
+                shutil.move(d, aside)
+                print(f"moved {d} aside to {aside}")
+        resume_from = path
+    else:
+        if not ckpts:
+            raise SystemExit(f"--resume: {cfg.out} holds {found} but no checkpoint to resume from. To start "
+                             "over, choose another --out (to reuse a grown starting pool, pass --init_pool "
+                             f"{os.path.join(cfg.out, 'init_pool.jsonl')}).")
+        newest, older = ckpts[-1], [d for d in ckpts if os.path.exists(os.path.join(d, "state.pt"))]
+        missing = [f for f in ("state.pt", "optimizer.pt") if not os.path.exists(os.path.join(newest, f))]
+        if missing:
+            why = ("only the newest checkpoint keeps optimizer.pt, so a newer one was deleted or its save was cut off"
+                   if missing == ["optimizer.pt"] else "deleted, or a save that was cut off")
+            offer = (f"To continue from the newest checkpoint with state.pt, pass --resume_from {older[-1]} (steps after "
+                     f"{checkpoint_step(older[-1])} are dropped from the logs and redone; newer checkpoint "
+                     "directories are moved aside, not deleted" + ("" if os.path.exists(os.path.join(
+                         older[-1], "optimizer.pt")) else "; AdamW restarts from zero moments: only the newest "
+                         "checkpoint keeps optimizer state") + ").") if older else "No checkpoint has state.pt."
+            raise SystemExit(f"--resume: the newest checkpoint {newest} has no {' and no '.join(missing)} "
+                             f"({why}), so the run cannot be resumed exactly. Found: "
+                             f"{found}. {offer}")
+        resume_from = newest
+    for p in (metrics, problems):  # steps after the checkpoint are redone
+        _scan_log(p, keep_to=checkpoint_step(resume_from))
+    return resume_from
 
 
 def train(cfg: Config) -> str:
     """The whole method. Returns the path of the final checkpoint."""
     cfg.validate()
     resume_from = prepare_out(cfg)
+    state = load_pt(os.path.join(resume_from, "state.pt")) if resume_from else None  # damage shows before loading
     log = print
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -1280,14 +1497,14 @@ def train(cfg: Config) -> str:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     metrics_path, problems_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "state.pt"), weights_only=False)
-        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=False))
+        if os.path.exists(os.path.join(resume_from, "optimizer.pt")):
+            optimizer.load_state_dict(load_pt(os.path.join(resume_from, "optimizer.pt")))
+        else:  # only an explicit --resume_from of an older checkpoint gets here
+            log(f"{resume_from} keeps no optimizer state: AdamW restarts from zero moments")
         scheduler.load_state_dict(state["scheduler"])
         pool = Pool(**state["pool"])
         set_rng_state(state["rng"])
         start = state["step"]
-        for p in (metrics_path, problems_path):
-            _truncate_log(p, start)
         log(f"resumed from {resume_from} at step {start}, pool of {len(pool.problems)}")
     else:
         for p in (metrics_path, problems_path):
@@ -1338,6 +1555,9 @@ def train(cfg: Config) -> str:
         if latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, completed):
             path = save_checkpoint(cfg.out, completed, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
             log(f"\ninterrupted: saved {path}; continue with --resume")
+        else:
+            log(f"\ninterrupted: step {completed} is already saved in {checkpoint_dir(cfg.out, completed)}; "
+                "continue with --resume")
         raise SystemExit(130)
     finally:
         signal.signal(signal.SIGINT, old_handler)
@@ -1386,7 +1606,17 @@ def main(argv: Optional[list] = None) -> None:
         cfg.validate()
     except ValueError as err:
         raise SystemExit(str(err))
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:  # before the first step (loading, starting pool): there is nothing to save
+        raise SystemExit(f"\ninterrupted before step 1 ended: nothing saved; rerun the same command to "
+                         f"start {cfg.out} again") from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise SystemExit(f"disk full while writing {err.filename or cfg.out} ({err.strerror}). Free some space, "
+                         f"then continue with --resume (the newest complete checkpoint: "
+                         f"{latest_checkpoint(cfg.out)}).") from None
 
 
 if __name__ == "__main__":
