@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -136,6 +137,9 @@ def load_benchmark(name: str, path: str, limit: Optional[int] = None) -> list[Pr
             problems.append(Problem(name, len(problems), text, gold))
             if limit is not None and len(problems) >= limit:
                 break
+    if not problems:  # an error, not a 0 averaged into the headline
+        raise ValueError(f"{path} holds no problems; put {name}'s rows there (one JSON object a line), "
+                         f"or leave {name} out of --benchmarks")
     return problems
 
 
@@ -200,6 +204,26 @@ def format_compare(a: dict, b: dict, name_a: str, name_b: str) -> str:
     return "\n".join(rows)
 
 
+def compare_warnings(a: dict, b: dict) -> list[str]:
+    """Why two summaries may not be comparable: other benchmarks, other problem counts, other settings
+    (the model aside: that is what is being compared)."""
+    out = []
+    ba, bb = set(a["benchmarks"]), set(b["benchmarks"])
+    if ba != bb:
+        out.append(f"the benchmark sets differ (only in A: {sorted(ba - bb)}, only in B: {sorted(bb - ba)}); "
+                   "the averages are over different benchmarks, so their delta means little")
+    counts = sorted(n for n in ba & bb if a["benchmarks"][n].get("problems") != b["benchmarks"][n].get("problems"))
+    if counts:
+        out.append("different numbers of problems in " + ", ".join(
+            f"{n} ({a['benchmarks'][n].get('problems')} vs {b['benchmarks'][n].get('problems')})" for n in counts))
+    sa, sb = a.get("settings") or {}, b.get("settings") or {}
+    diff = [k if k == "prompt" else f"{k} {sa.get(k)!r} vs {sb.get(k)!r}"
+            for k in sorted(set(sa) | set(sb)) if k != "model" and sa.get(k) != sb.get(k)]
+    if diff:
+        out.append("different settings: " + ", ".join(diff))
+    return out
+
+
 # ================================================================================================
 # Running
 # ================================================================================================
@@ -224,12 +248,30 @@ def read_samples(path: str) -> list[dict]:
 
 
 def model_path(name: str) -> str:
-    """An opensir.py run directory stands for its newest checkpoint."""
-    if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
-        ckpt = opensir.latest_checkpoint(name)
-        if ckpt:
-            return ckpt
-    return name
+    """An opensir.py run directory (one holding ckpt-NNNNN directories) stands for its newest complete
+    checkpoint (state.pt is written last); anything else is passed on as given."""
+    ckpts = opensir.checkpoints(name) if os.path.isdir(name) else []
+    if not ckpts:
+        return name
+    done = [d for d in ckpts if os.path.exists(os.path.join(d, "state.pt"))]
+    if not done:
+        raise ValueError(f"{name} is an opensir.py run with no complete checkpoint (no ckpt-NNNNN/state.pt "
+                         "yet); wait for its first save, or pass a checkpoint directory")
+    return done[-1]
+
+
+def run_config(path: str) -> dict:
+    """The opensir.py config a checkpoint was trained with (its run's config.json), else {}."""
+    path = os.path.normpath(path)
+    run_cfg = os.path.join(os.path.dirname(path), "config.json")
+    if not re.fullmatch(r"ckpt-\d{5}", os.path.basename(path)) or not os.path.isfile(run_cfg):
+        return {}
+    try:
+        with open(run_cfg, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,42 +306,62 @@ def main(argv: Optional[list] = None) -> dict:
         labels = [os.path.basename(os.path.normpath(x if os.path.isdir(x) else os.path.dirname(x) or x))
                   for x in args.compare]  # the --out directory names
         print(format_compare(a, b, *labels))
+        for w in compare_warnings(a, b):
+            print(f"warning: {w}", file=sys.stderr)
         return {}
     if not args.model:
         sys.exit("eval.py: --model is required (or --compare A B)")
     # every check that needs no model comes first: a typo should not cost a model load
+    try:
+        path = model_path(args.model)
+    except ValueError as err:
+        sys.exit(f"eval.py: {err}")
+    if path != args.model:
+        print(f"{args.model}: evaluating its newest checkpoint, {path}")
+    trained = run_config(path)
     if args.max_new_tokens is None:  # the tiny model answers in a few dozen tokens, or rambles on
-        args.max_new_tokens = opensir.TINY_DEFAULTS["student_max_new_tokens"] if args.model == "tiny" else 4096
-    if opensir.model_name_error(model_path(args.model)):
-        sys.exit(f"eval.py: {opensir.model_name_error(model_path(args.model))}")
+        args.max_new_tokens = (trained.get("student_max_new_tokens", opensir.TINY_DEFAULTS["student_max_new_tokens"])
+                               if "tiny" in (args.model, trained.get("model")) else 4096)
+    if opensir.model_name_error(path):
+        sys.exit(f"eval.py: {opensir.model_name_error(path)}")
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:
         sys.exit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
-    for flag in ("n", "max_new_tokens", "batch_size"):
-        if getattr(args, flag) < 1:
-            sys.exit(f"eval.py: --{flag.replace('_', '-')} must be >= 1")
+    for flag in ("n", "max_new_tokens", "batch_size", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            sys.exit(f"eval.py: --{flag.replace('_', '-')} must be >= 1" + " (leave it out for every problem)" * (flag == "limit"))
+    if not (math.isfinite(args.temperature) and args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
+        sys.exit("eval.py: need a finite --temperature > 0, --top-p in (0, 1] and --top-k >= 0 (0: off); got "
+                 f"{args.temperature}, {args.top_p}, {args.top_k}")
     try:
         problems = [p for n in names for p in load_benchmark(
             n, benchmark_file(n, args.data_dir, args.cache_dir, not args.no_download), args.limit)]
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"eval.py: {err}")
+    unreachable = opensir.hub_error(opensir.MODELS.get(path, path))
+    if unreachable:  # before transformers spends ~30 s retrying a hub it cannot reach
+        sys.exit(f"eval.py: {unreachable}")
 
     out = args.out or os.path.join("eval_results", args.model.strip("/").replace("/", "_"))
     samples_path, summary_path = os.path.join(out, "samples.jsonl"), os.path.join(out, "summary.json")
     settings_path = os.path.join(out, "settings.json")
-    # what makes samples comparable (--n and --limit may grow on resume: samples are keyed by index)
+    # what makes samples comparable (--n and --limit may grow on resume: samples are keyed by index);
+    # the model is the checkpoint itself, so a run directory that gained a newer one is a new model
     settings = {k: getattr(args, k) for k in ("model", "temperature", "top_p", "top_k", "max_new_tokens")}
+    settings["model"] = path
     settings["prompt"] = opensir.STUDENT_PROMPT
-    if os.path.exists(samples_path) and not args.resume:
+    if os.path.isfile(out) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+        sys.exit(f"eval.py: --out {out} is a file or cannot be written; choose another --out")
+    done = read_samples(samples_path)  # an eval stopped before its first sample left nothing to protect
+    if done and not args.resume:
         sys.exit(f"eval.py: {samples_path} exists; pass --resume to continue it, or another --out")
-    if args.resume and os.path.exists(settings_path):
+    if done and os.path.exists(settings_path):
         with open(settings_path, encoding="utf-8") as f:
             old = json.load(f)
         changed = [k for k in settings if old.get(k) != settings[k]]
         if changed:
             sys.exit(f"eval.py: --resume with settings other than {out} was run with: {changed}")
-    done = read_samples(samples_path)
     have = {(s["benchmark"], s["id"], s["sample"]) for s in done}
     todo = [(p, k) for p in problems for k in range(args.n) if (p.benchmark, p.id, k) not in have]
     print(f"{len(problems)} problems x {args.n} samples: {len(todo)} to generate, {len(have)} already in {out}")
@@ -309,7 +371,10 @@ def main(argv: Optional[list] = None) -> dict:
         json.dump(settings, f, indent=2)
     if todo:
         opensir.set_seed(args.seed)
-        model, tok = opensir.load_model(model_path(args.model), device=args.device, dtype=args.dtype)
+        try:
+            model, tok = opensir.load_model(path, device=args.device, dtype=args.dtype)
+        except OSError as err:  # one clear line, not the loader's traceback
+            sys.exit(f"eval.py: {err}")
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc="eval", dynamic_ncols=True)
         with open(samples_path, "a", encoding="utf-8") as f:
