@@ -883,6 +883,7 @@ def synthetic_tokenizer(vocab_size: int):
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", attn: str = "auto",
                random_init: bool = False, seed: int = 0):
     """(model, tokenizer) on the device, in eval mode. dtype "fp32" for trained (master) weights."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     dev = pick_device(device)
     torch_dtype = compute_dtype(dev, dtype)
@@ -906,9 +907,10 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", att
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
-        except (OSError, ValueError) as err:  # missing files, no network, not a model directory
-            raise OSError(f"could not load {path!r}: {str(err).strip().splitlines()[0]}\nIf this machine is "
-                          "offline, download the model elsewhere and pass its local directory.") from err
+        except (OSError, ValueError, SafetensorError) as err:  # missing or damaged files, no network, not a model
+            hint = ("Its files may be damaged or incomplete (for a checkpoint, use an older one)." if os.path.isdir(path)
+                    else "If this machine is offline, download the model elsewhere and pass its local directory.")
+            raise OSError(f"could not load {path!r}: {(str(err).strip().splitlines() or [''])[0]}\n{hint}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(dev).eval(), tokenizer
@@ -1029,8 +1031,9 @@ def load_pt(path: str):
     try:
         return torch.load(path, weights_only=False)
     except Exception as err:  # truncated zip, unpickling errors, I/O errors: all mean a damaged file
-        raise SystemExit(f"{path} is damaged or unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                         f"Continue from an older checkpoint with --resume_from {os.path.dirname(os.path.dirname(path))}/ckpt-NNNNN, "
+        why = (str(err).splitlines() or [""])[0][:160]
+        raise SystemExit(f"{path} is damaged or unreadable ({type(err).__name__}: {why}). Continue from an older "
+                         f"checkpoint with --resume_from {os.path.join(os.path.dirname(os.path.dirname(path)) or '.', 'ckpt-NNNNN')}, "
                          "or start a new --out.") from None
 
 
