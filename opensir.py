@@ -1050,12 +1050,13 @@ def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler
     try:
         policy.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
         state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
                  "config": dataclasses.asdict(cfg)}
-        torch.save(state, os.path.join(path, "state.tmp"))
+        for obj, name in ((optimizer.state_dict(), "optimizer.pt"), (state, "state.tmp")):
+            with open(os.path.join(path, name), "wb") as f:  # a Python file: a full disk is ENOSPC, not basic_ios
+                torch.save(obj, f)
         os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as err:
         shutil.rmtree(path, ignore_errors=True)
         full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2**26
         raise OSError(errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
