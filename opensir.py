@@ -835,14 +835,14 @@ def hub_error(path: str) -> Optional[str]:
     fix = (f"download it on a machine with access (`hf download {path} --local-dir DIR`), copy DIR here "
            "and pass DIR instead of the hub id")
     if constants.HF_HUB_OFFLINE:
-        return f"{path} is not in the local hub cache and HF_HUB_OFFLINE is set: {fix}"
+        return f"{path} is neither a local directory nor in the local hub cache, and HF_HUB_OFFLINE is set: {fix}"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # a proxy decides what is reachable; let transformers try
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=10).close()
     except OSError as err:
-        return f"{path} is not in the local hub cache and {url.hostname} cannot be reached ({err}): {fix}"
+        return f"{path} is neither a local directory nor in the local hub cache, and {url.hostname} cannot be reached ({err}): {fix}"
     return None
 
 
