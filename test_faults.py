@@ -334,7 +334,7 @@ def test_offline_hub_id_fails_fast_in_one_line(tmp_path, monkeypatch):
     t0 = time.time()
     msg = eval_exit(["--model", "no-org/no-such-model", "--data-dir", data_dir(tmp_path), "--benchmarks", "gsm8k",
                      "--out", str(tmp_path / "o")])
-    assert "not in the local hub cache, and HF_HUB_OFFLINE is set" in msg and "\n" not in msg
+    assert "nor in the local hub cache, and HF_HUB_OFFLINE is set" in msg and "\n" not in msg
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         O.load_model("no-org/no-such-model", device="cpu")
     assert time.time() - t0 < 5
