@@ -1613,8 +1613,8 @@ def main(argv: Optional[list] = None) -> None:
     try:
         train(cfg)
     except KeyboardInterrupt:  # before the first step (loading, starting pool): there is nothing to save
-        raise SystemExit(f"\ninterrupted before step 1 ended: nothing saved; rerun the same command to "
-                         f"start {cfg.out} again") from None
+        raise SystemExit("\ninterrupted before the first step ended: nothing new was saved; the same command "
+                         "starts again from where the last run left off") from None
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise

@@ -119,10 +119,11 @@ def test_out_that_is_a_file_or_unwritable_fails_before_loading(tmp_path):
 # D9: one run per --out
 # ------------------------------------------------------------------------------------------------
 
-def test_second_run_into_the_same_out_refuses_and_a_killed_run_leaves_no_stale_lock(tmp_path):
+def test_second_run_into_the_same_out_refuses_and_the_lock_ends_with_the_run(tmp_path):
+    """D9, and Ctrl-C once the newest step is already saved says so."""
     out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "opensir.py", "--model", "tiny", "--steps", "50", "--out", out, *FAST],
-                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-u", "opensir.py", "--model", "tiny", "--steps", "50", "--out", out,
+                             *FAST], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.time() + 120
         while True:  # wait until the other run holds the lock
@@ -134,16 +135,24 @@ def test_second_run_into_the_same_out_refuses_and_a_killed_run_leaves_no_stale_l
                         fcntl.flock(f, fcntl.LOCK_UN)
                     except BlockingIOError:
                         break
-            time.sleep(0.1)
+            time.sleep(0.05)
         before = files(out)
         t0 = time.time()
         with pytest.raises(SystemExit, match="another run is writing to"):
             O.main(["--model", "tiny", "--steps", "50", "--out", out, *FAST])
         assert time.time() - t0 < 5 and files(out) == before
+        while not os.path.exists(os.path.join(out, "ckpt-00001", "state.pt")):  # step 1 saved (save_every 1)
+            assert proc.poll() is None and time.time() < deadline, "step 1 was never saved"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # in step 2's rollouts: nothing new to save
+        printed = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 130, printed
+        assert f"interrupted: step 1 is already saved in {os.path.join(out, 'ckpt-00001')}" in printed
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    O.lock_out(out)  # the killed run's lock went with it
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    O.lock_out(out)  # the lock went with the process: none is left stale
 
 
 # ------------------------------------------------------------------------------------------------
