@@ -353,7 +353,10 @@ def main(argv: Optional[list] = None) -> dict:
     settings["prompt"] = opensir.STUDENT_PROMPT
     if os.path.isfile(out) or (os.path.exists(out) and not os.access(out, os.W_OK)):
         sys.exit(f"eval.py: --out {out} is a file or cannot be written; choose another --out")
-    done = read_samples(samples_path)  # an eval stopped before its first sample left nothing to protect
+    try:
+        done = read_samples(samples_path)  # an eval stopped before its first sample left nothing to protect
+    except ValueError as err:
+        sys.exit(f"eval.py: {err}")
     if done and not args.resume:
         sys.exit(f"eval.py: {samples_path} exists; pass --resume to continue it, or another --out")
     if done and os.path.exists(settings_path):
