@@ -1405,6 +1405,10 @@ def prepare_out(cfg: Config) -> Optional[str]:
         if os.path.exists(cfg_path):
             print(f"{cfg.out} holds a run that stopped before its first step; starting it afresh")
         return None
+    if not ckpts and not cfg.resume_from:
+        raise SystemExit(f"{cfg.out} holds {found} but no checkpoint to resume from. To start over, choose "
+                         "another --out" + (f" (to reuse the grown starting pool, pass --init_pool "
+                                            f"{os.path.join(cfg.out, 'init_pool.jsonl')})" if grown else "") + ".")
     if not resume:
         raise SystemExit(f"{cfg.out} already holds a run ({found}). Pass --resume to continue it, or choose "
                          "another --out.")
@@ -1435,10 +1439,6 @@ def prepare_out(cfg: Config) -> Optional[str]:
                 print(f"moved {d} aside to {aside}")
         resume_from = path
     else:
-        if not ckpts:
-            raise SystemExit(f"--resume: {cfg.out} holds {found} but no checkpoint to resume from. To start "
-                             "over, choose another --out (to reuse a grown starting pool, pass --init_pool "
-                             f"{os.path.join(cfg.out, 'init_pool.jsonl')}).")
         newest, older = ckpts[-1], [d for d in ckpts if os.path.exists(os.path.join(d, "state.pt"))]
         missing = [f for f in ("state.pt", "optimizer.pt") if not os.path.exists(os.path.join(newest, f))]
         if missing:

@@ -211,6 +211,19 @@ def test_resume_from_an_older_checkpoint_when_asked(copy, capsys):
     assert O.latest_checkpoint(copy) == os.path.join(copy, "ckpt-00002")
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_logs_without_any_checkpoint_are_never_truncated(copy, resume):
+    """Steps logged (and a grown pool) but every checkpoint gone: no silent start from step 0."""
+    for d in O.checkpoints(copy):
+        shutil.rmtree(d)
+    with open(os.path.join(copy, "init_pool.jsonl"), "w") as f:
+        f.write(json.dumps({"problem": "What is 2+2?", "concepts": []}) + "\n")
+    before = files(copy)
+    with pytest.raises(SystemExit, match="no checkpoint to resume from.*choose another --out.*--init_pool"):
+        O.main(["--model", "tiny", "--steps", "2", "--out", copy, *FAST, *resume])
+    assert files(copy) == before
+
+
 def test_fresh_start_into_a_run_without_config_json_refuses(copy):
     os.remove(os.path.join(copy, "config.json"))
     before = files(copy)
