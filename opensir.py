@@ -1349,42 +1349,36 @@ def lock_out(out: str) -> None:
 def _scan_log(path: str, keep_to: Optional[int] = None) -> int:
     """The last step logged in a metrics/problems JSONL (0 if none). A torn last line (a run killed
     mid-append, or a full disk) is dropped with a warning; a bad line elsewhere is an error naming file
-    and line. With keep_to, the file is rewritten without the torn line and lines of later steps."""
+    and line. With keep_to, the file is cut (in place: logs are appended in step order) before the torn
+    line or the first line of a later step."""
     if not os.path.exists(path):
         return 0
-    last, torn, changed, tmp = 0, None, False, path + ".tmp"
-    dst = open(tmp, "w", encoding="utf-8") if keep_to is not None else None
-    try:
-        with open(path, encoding="utf-8", errors="replace") as src:
-            for lineno, line in enumerate(src, 1):
-                if not line.strip():
-                    continue
-                if torn is not None:
-                    raise SystemExit(f"{path}, line {torn}: not a valid log line, and lines follow it. Fix or "
-                                     "delete that line, then resume again.")
-                try:
-                    step = json.loads(line)["step"]
-                    assert isinstance(step, int)
-                except (ValueError, KeyError, TypeError, AssertionError):
-                    torn = lineno
-                    continue
-                last = max(last, step)
-                if dst and step <= keep_to:
-                    dst.write(line if line.endswith("\n") else line + "\n")
-                else:
-                    changed = True
-        if torn is not None and dst:
-            print(f"warning: {path}, line {torn}: torn last line (a run killed mid-write or a full disk); "
-                  "dropped")
-        if dst:
-            dst.close()
-            if changed or torn is not None:
-                os.replace(tmp, path)
-    finally:
-        if dst and not dst.closed:
-            dst.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    last, torn, cut, offset = 0, None, None, 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            if torn is not None:
+                raise SystemExit(f"{path}, line {torn}: not a valid log line, and lines follow it. Fix or "
+                                 "delete that line, then resume again.")
+            try:
+                step = json.loads(line)["step"]
+                assert isinstance(step, int)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                torn, cut = lineno, start if cut is None else cut
+                continue
+            last = max(last, step)
+            if keep_to is not None and step > keep_to and cut is None:
+                cut = start
+    if keep_to is not None:
+        if torn is not None:
+            print(f"warning: {path}, line {torn}: torn last line (a run killed mid-write or a full disk); dropped")
+        if cut is not None:
+            os.truncate(path, cut)
+        with open(path, "rb+") as f:  # a last line cut just before its newline: the next append needs one
+            if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                f.write(b"\n")
     return last
 
 

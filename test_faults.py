@@ -173,6 +173,18 @@ def test_torn_last_log_lines_are_dropped_on_resume(copy, capsys):
     assert open(metrics).read() == good_m and open(problems).read() == good_p
 
 
+@pytest.mark.parametrize("text, kept", [
+    ('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st', '{"step": 1}\n{"step": 2}\n'),  # torn, and a later step
+    ('{"step": 1}\n{"step": 2}', '{"step": 1}\n{"step": 2}\n'),  # cut just before the newline
+    ('', ''),
+])
+def test_log_cut_on_resume(tmp_path, text, kept):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text)
+    O._scan_log(str(path), keep_to=2)
+    assert path.read_text() == kept
+
+
 def test_torn_line_in_the_middle_is_an_error_naming_file_and_line(copy):
     metrics = os.path.join(copy, "metrics.jsonl")
     lines = open(metrics).readlines()
