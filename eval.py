@@ -319,21 +319,23 @@ def main(argv: Optional[list] = None) -> dict:
     if path != args.model:
         print(f"{args.model}: evaluating its newest checkpoint, {path}")
     trained = run_config(path)
-    if args.max_new_tokens is None:  # the tiny model answers in a few dozen tokens, or rambles on
+    if args.max_new_tokens is None:  # the tiny model (or a run of it) answers in a few dozen tokens, or rambles on
         args.max_new_tokens = (trained.get("student_max_new_tokens", opensir.TINY_DEFAULTS["student_max_new_tokens"])
                                if "tiny" in (args.model, trained.get("model")) else 4096)
-    if opensir.model_name_error(path):
-        sys.exit(f"eval.py: {opensir.model_name_error(path)}")
+    if args.limit is not None and args.limit < 1:
+        sys.exit("eval.py: --limit must be >= 1 (leave it out for every problem)")
+    if not (math.isfinite(args.temperature) and args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
+        sys.exit("eval.py: need a finite --temperature > 0, --top-p in (0, 1] and --top-k >= 0 (0: off); got "
+                 f"{args.temperature}, {args.top_p}, {args.top_k}")
+    if opensir.model_name_error(model_path(args.model)):
+        sys.exit(f"eval.py: {opensir.model_name_error(model_path(args.model))}")
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:
         sys.exit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
-    for flag in ("n", "max_new_tokens", "batch_size", "limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            sys.exit(f"eval.py: --{flag.replace('_', '-')} must be >= 1" + " (leave it out for every problem)" * (flag == "limit"))
-    if not (math.isfinite(args.temperature) and args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
-        sys.exit("eval.py: need a finite --temperature > 0, --top-p in (0, 1] and --top-k >= 0 (0: off); got "
-                 f"{args.temperature}, {args.top_p}, {args.top_k}")
+    for flag in ("n", "max_new_tokens", "batch_size"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"eval.py: --{flag.replace('_', '-')} must be >= 1")
     try:
         problems = [p for n in names for p in load_benchmark(
             n, benchmark_file(n, args.data_dir, args.cache_dir, not args.no_download), args.limit)]

@@ -103,7 +103,7 @@ class Config:
 
     def validate(self) -> None:
         """Reject contradictory settings before any model loads."""
-        errors = input_errors(self)
+        errors = []
         if not 0.0 <= self.band_lo <= self.band_hi <= 1.0:
             errors.append(f"need 0 <= band_lo <= band_hi <= 1, got {self.band_lo}, {self.band_hi}")
         for name in ("teacher_group", "student_group"):
@@ -130,6 +130,7 @@ class Config:
             errors.append(f"--dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             errors.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
+        errors += input_errors(self)  # NaN and infinity in any float field, --seed, --seed_problem, --init_pool
         if model_name_error(self.model, self.random_init):
             errors.append(model_name_error(self.model, self.random_init))
         if errors:
