@@ -376,10 +376,7 @@ def main(argv: Optional[list] = None) -> dict:
         json.dump(settings, f, indent=2)
     if todo:
         opensir.set_seed(args.seed)
-        try:
-            model, tok = opensir.load_model(path, device=args.device, dtype=args.dtype)
-        except OSError as err:  # one clear line, not the loader's traceback
-            sys.exit(f"eval.py: {err}")
+        model, tok = opensir.load_model(model_path(args.model), device=args.device, dtype=args.dtype)
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc="eval", dynamic_ncols=True)
         with open(samples_path, "a", encoding="utf-8") as f:
@@ -410,4 +407,7 @@ def main(argv: Optional[list] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as err:  # a model that cannot load, a full disk: one clear line, not a traceback
+        sys.exit(f"eval.py: {err}")
