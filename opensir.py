@@ -1619,4 +1619,7 @@ def main(argv: Optional[list] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as err:  # a model that cannot load: one clear line, not a traceback
+        raise SystemExit(f"opensir.py: {err}") from None
