@@ -1,13 +1,16 @@
-"""Evaluate a model on the five maths benchmarks of the OpenSIR paper.
+"""Evaluate a model on the maths benchmarks of the OpenSIR paper.
 
-    python eval.py --model gemma-2-2b-it                   # all five, the paper's settings
+    python eval.py --model gemma-2-2b-it                   # the first version's five, the paper's settings
+    python eval.py --model gemma-2-2b-it --benchmarks paper  # the later version's seven (adds AIME 2024, 2025)
     python eval.py --model runs/opensir --benchmarks gsm8k --limit 50
     python eval.py --compare eval_results/a eval_results/b
 
 The paper's protocol: the student prompt of opensir.py, 16 samples per problem at temperature 0.6,
 top-p 0.95, up to 4096 new tokens; a benchmark's score is the mean accuracy over all samples x 100
 (an estimate of pass@1), reported with its standard error, and the headline is the unweighted mean
-over benchmarks. Prompt, answer extraction and the answer checker are imported from opensir.py, so
+over benchmarks. The paper's first version (v1, the authors' released code: `--recipe code`) averages
+five benchmarks; its later text (v3/v4: `--recipe paper`) seven, adding AIME 2024 and 2025, and gives
+reasoning models (DeepSeek-R1-Distill, Qwen3) up to 38,912 new tokens (`--max-new-tokens 38912`). Prompt, answer extraction and the answer checker are imported from opensir.py, so
 what training rewards and what evaluation counts cannot drift apart.
 
 Data: `--data-dir/NAME.jsonl` in the layout of the public copies, else a cached download.
@@ -63,7 +66,25 @@ BENCHMARKS = {b.name: b for b in [
               f"{QWEN}/minerva_math/test.jsonl"),
     Benchmark("olympiadbench", "question", "final_answer", _olympiad_gold, f"{QWEN}/olympiadbench/test.jsonl"),
     Benchmark("college_math", "question", "answer", lambda r: r["answer"], f"{QWEN}/college_math/test.jsonl"),
+    # AIME: 30 problems a year (I and II), integer answers 0-999 (some copies store numbers, some strings)
+    Benchmark("aime24", "problem", "answer", lambda r: str(r["answer"]).strip(), f"{QWEN}/aime24/test.jsonl"),
+    Benchmark("aime25", "problem", "answer", lambda r: str(r["answer"]).strip(),
+              "https://huggingface.co/datasets/math-ai/aime25/resolve/main/test.jsonl"),
 ]}
+
+# Named sets for --benchmarks: the paper's first version (the authors' released code, recipe `code`)
+# reports five benchmarks; its later text (recipe `paper`) seven.
+BENCHMARK_SETS = {
+    "code": ["gsm8k", "math500", "minerva_math", "olympiadbench", "college_math"],
+    "paper": ["gsm8k", "math500", "minerva_math", "olympiadbench", "college_math", "aime24", "aime25"],
+}
+
+
+def benchmark_names(spec: str) -> list[str]:
+    """`code`, `paper` (a named set) or a comma-separated list of benchmark names."""
+    if spec.strip() in BENCHMARK_SETS:
+        return list(BENCHMARK_SETS[spec.strip()])
+    return [n.strip() for n in spec.split(",") if n.strip()]
 
 
 @dataclass
@@ -236,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="short name (tiny, gemma-2-2b-it, ...), hub id, local path, or an "
                                    "opensir.py run/checkpoint directory")
-    p.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated subset")
+    p.add_argument("--benchmarks", default="code", help="'code': the first version's five (default); 'paper': the "
+                   "later version's seven, adding aime24 and aime25; or a comma-separated list of: " + ", ".join(BENCHMARKS))
     p.add_argument("--data-dir", help="directory holding NAME.jsonl files (default: download)")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="where downloads are kept")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
@@ -248,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--max-new-tokens", type=int, help="default 4096 (the paper); for --model tiny, the "
-                                                          "student budget of opensir.TINY_DEFAULTS")
+                   "student budget of opensir.TINY_DEFAULTS. Reasoning models (DeepSeek-R1-Distill, Qwen3) think "
+                   "at length: the paper's later version gives them 38912")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -272,10 +295,14 @@ def main(argv: Optional[list] = None) -> dict:
         args.max_new_tokens = opensir.TINY_DEFAULTS["student_max_new_tokens"] if args.model == "tiny" else 4096
     if opensir.model_name_error(model_path(args.model)):
         sys.exit(f"eval.py: {opensir.model_name_error(model_path(args.model))}")
-    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    names = benchmark_names(args.benchmarks)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:
-        sys.exit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+        sys.exit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}, or the sets "
+                 f"{', '.join(BENCHMARK_SETS)}")
+    named = {"code": "the paper's first version's 5 (recipe code)", "paper": "the paper's later version's 7 (recipe paper)"}
+    print(f"benchmarks: {', '.join(names)}" + (f": {named[args.benchmarks.strip()]}" if args.benchmarks.strip() in named else "")
+          + ("; --benchmarks paper runs the later version's 7" if args.benchmarks.strip() == "code" else ""))
     for flag in ("n", "max_new_tokens", "batch_size"):
         if getattr(args, flag) < 1:
             sys.exit(f"eval.py: --{flag.replace('_', '-')} must be >= 1")
