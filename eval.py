@@ -301,7 +301,7 @@ def main(argv: Optional[list] = None) -> dict:
         sys.exit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}, or the sets "
                  f"{', '.join(BENCHMARK_SETS)}")
     named = {"code": "the paper's first version's 5 (recipe code)", "paper": "the paper's later version's 7 (recipe paper)"}
-    print(f"benchmarks: {', '.join(names)}" + (f": {named[args.benchmarks.strip()]}" if args.benchmarks.strip() in named else "")
+    print(f"evaluating on {', '.join(names)}" + (f": {named[args.benchmarks.strip()]}" if args.benchmarks.strip() in named else "")
           + ("; --benchmarks paper runs the later version's 7" if args.benchmarks.strip() == "code" else ""))
     for flag in ("n", "max_new_tokens", "batch_size"):
         if getattr(args, flag) < 1:

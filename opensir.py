@@ -473,7 +473,7 @@ def solvability_reward(s: float, group: int, lo: float, hi: float, floor: str = 
 
 
 def length_reward(solution_lengths: list, cap: int) -> float:
-    """R_len = min(mean student completion tokens, cap) / cap: longer solutions mean harder problems."""
+    """R_len = min(mean student completion tokens, cap) / cap (both recipes): longer solutions mean harder problems."""
     if not solution_lengths:
         return 0.0
     return min(float(np.mean(solution_lengths)), cap) / cap
@@ -528,7 +528,7 @@ def nearest_distance(cand: torch.Tensor, pool: torch.Tensor, center: bool) -> to
 
 
 def teacher_total(solv: float, div: float, length: float, fmt: float, cfg: "Config") -> float:
-    """R_T = w_solv R_solv + w_div R_div + w_len R_len + w_fmt R_format (all 0 for an illegal output)."""
+    """R_T = w_solv R_solv + w_div R_div + w_len R_len + w_fmt R_format (both recipes; all 0 for an illegal output)."""
     return cfg.w_solv * solv + cfg.w_div * div + cfg.w_len * length + cfg.w_teacher_format * fmt
 
 

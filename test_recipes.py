@@ -169,8 +169,9 @@ def test_fix2_problem_with_no_parsed_answer_gets_no_length_and_is_never_selected
     cands = [rambling, fine]
     O.score_candidates(cands, emb[2:], _cfg(select_key="total"))
     assert rambling.length == 0.0 and not rambling.scored  # it was 1.0 before the fix
-    assert rambling.div > fine.div - 1  # it still has the largest diversity available...
-    assert O.select_student_problem(cands) == 1  # ...but is out of both selections
+    assert rambling.reward == pytest.approx(rambling.div + 0.1)  # diversity and format only
+    rambling.combined = fine.combined + 1.0  # even with the best ranking key...
+    assert O.select_student_problem(cands) == 1  # ...it is out of both selections
     chosen = O.select_step([cands], 1, 1.0, 1.0)
     assert chosen == [([0, 1], [1])]  # its group is kept as a group (it ranks last), never as a problem
 
@@ -278,8 +279,8 @@ def _rows(path):
 @pytest.mark.parametrize("recipe", ["code", "paper"])
 def test_tiny_two_step_run_of_each_recipe(tmp_path, recipe):
     out = str(tmp_path / recipe)
-    O.main(["--model", "tiny", "--steps", "2", "--recipe", recipe, "--out", out, "--init_pool_size", "2",
-            "--init_pool_max_rounds", "2"] if recipe == "code" else
+    O.main(["--model", "tiny", "--steps", "2", "--recipe", recipe, "--out", out, "--init_pool_size", "1",
+            "--init_pool_max_rounds", "1"] if recipe == "code" else
            ["--model", "tiny", "--steps", "2", "--recipe", recipe, "--out", out])
     saved = json.load(open(os.path.join(out, "config.json")))
     assert saved["recipe"] == recipe and all(saved[k] == v for k, v in O.RECIPES[recipe].items() if k != "warmup_steps")
@@ -292,7 +293,7 @@ def test_tiny_two_step_run_of_each_recipe(tmp_path, recipe):
     assert all(p["rewards"]["length"] == 0.0 for p in legal if p["n_parsed"] == 0)  # fix 2, in a real run
     assert not any(p["trained_as_student"] and p["n_parsed"] == 0 for p in probs)
     if recipe == "code":  # 2 rounds a step: one group of 8 and one problem per round
-        assert teach == [16, 16] and stud == [1, 1] or stud == [2, 2]
+        assert teach == [16, 16] and all(1 <= n <= 2 for n in stud)
         assert [r["train/teacher_seqs"] for r in m] == [16, 16]
         assert os.path.exists(os.path.join(out, "init_pool.jsonl"))
     else:  # 8 reference groups a step: the top half (4 groups, 32 sequences) and 4 problems (32)
@@ -334,7 +335,7 @@ def test_eval_scores_aime_from_local_copies(tmp_path, capsys):
                        "--limit", "2", "--n", "1", "--out", str(tmp_path / "out")])
     assert [(b, r["problems"], r["samples"]) for b, r in summary["benchmarks"].items()] == \
         [("aime24", 2, 2), ("aime25", 2, 2)]
-    assert "benchmarks: aime24, aime25" in capsys.readouterr().out
+    assert "evaluating on aime24, aime25" in capsys.readouterr().out
     (d / "aime25.jsonl").unlink()  # offline and no local copy: the error says where to get one
     with pytest.raises(SystemExit, match="aime25.jsonl; the public copy is https://huggingface.co/datasets/math-ai"):
         ev.main(["--model", "tiny", "--data-dir", str(d), "--cache-dir", str(tmp_path / "c"), "--no-download",
