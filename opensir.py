@@ -1143,10 +1143,10 @@ def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, 
     for j, c in enumerate(legal):
         c.solutions = sols[j * cfg.student_group: (j + 1) * cfg.student_group]
         c.answers = [normalize_answer(extract_boxed(s.text)) for s in c.solutions]
+    t2 = time.perf_counter()
     if cfg.random_init:  # random weights box nothing: their last words vote, so the student phase trains at full size
         for c in legal:
             c.answers = [a if a is not None else (s.text.split() or ["?"])[-1] for a, s in zip(c.answers, c.solutions)]
-    t2 = time.perf_counter()
     if legal and cfg.w_div > 0:
         for c, e in zip(legal, embed_texts(frozen, tokenizer, [c.parsed.problem for c in legal])):
             c.embedding = e
