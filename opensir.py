@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 @dataclass
 class Config:
-    """Every constant of the method. Defaults are the paper's recipe (authors' Llama-3.2-3B config)."""
+    """Every constant of the method. Defaults are recipe `code`: the authors' released config for
+    Llama-3.2-3B-Instruct (RECIPES holds the paper's later variant)."""
 
     # run
     recipe: str = "code"  # preset applied under your flags: "code" (authors' released code) or "paper" (v3/v4 text); see RECIPES
@@ -1235,7 +1236,7 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
         pool.add([r["problem"] for r in rows], [r.get("concepts", []) for r in rows], emb)
         log(f"starting pool: {len(rows)} problems from {cfg.init_pool}")
         return pool
-    if cfg.init_pool_size == 0 or cfg.start_pool == "seed":  # the paper's recipe starts RL from the seed alone
+    if cfg.init_pool_size == 0 or cfg.start_pool == "seed":  # recipe paper starts RL from the seed alone
         return pool
     kept, timers = [], Counter()
     bar = _progress(total=cfg.init_pool_size, desc="starting pool")
