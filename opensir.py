@@ -6,6 +6,8 @@ One model plays two roles. As *teacher* it reads a problem from a growing pool a
 conceptually different one. As *student* it solves each new problem G times; the most common final
 answer is the pseudo-label and the share of answers that agree with it is the problem's solve rate.
 Both roles are trained together with GRPO on rewards the model computes itself: no labels.
+Two variants, one flag apart (`--recipe`, see RECIPES): `code`, the authors' released code (default),
+and `paper`, the equations of the paper's later text (v3/v4).
 
 Read top to bottom; the sections follow one round of the algorithm:
   1. config                      6. scoring a round (rewards -> selection -> pool)
