@@ -82,9 +82,21 @@ BENCHMARK_SETS = {
 
 def benchmark_names(spec: str) -> list[str]:
     """`code`, `paper` (a named set) or a comma-separated list of benchmark names."""
-    if spec.strip() in BENCHMARK_SETS:
-        return list(BENCHMARK_SETS[spec.strip()])
-    return [n.strip() for n in spec.split(",") if n.strip()]
+    return [n.strip() for n in expand_benchmark_set(spec).split(",") if n.strip()]
+
+
+def expand_benchmark_set(spec: str) -> str:
+    """--benchmarks as given -> a comma-separated list: a set's name becomes its members."""
+    return ",".join(BENCHMARK_SETS[spec.strip()]) if spec.strip() in BENCHMARK_SETS else spec
+
+
+def set_description(names: list[str]) -> str:
+    """Which of the paper's benchmark sets `names` is, in words (printed before a run)."""
+    if names == BENCHMARK_SETS["code"]:
+        return "the paper's first version's 5 (recipe code; --benchmarks paper runs the later version's 7)"
+    if names == BENCHMARK_SETS["paper"]:
+        return "the paper's later version's 7 (recipe paper)"
+    return "a subset you chose (--benchmarks code: the first version's 5; paper: the later version's 7)"
 
 
 @dataclass
@@ -257,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="short name (tiny, gemma-2-2b-it, ...), hub id, local path, or an "
                                    "opensir.py run/checkpoint directory")
-    p.add_argument("--benchmarks", default="code", help="'code': the first version's five (default); 'paper': the "
+    p.add_argument("--benchmarks", default="code", type=expand_benchmark_set, help="'code': the first version's five (default); 'paper': the "
                    "later version's seven, adding aime24 and aime25; or a comma-separated list of: " + ", ".join(BENCHMARKS))
     p.add_argument("--data-dir", help="directory holding NAME.jsonl files (default: download)")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="where downloads are kept")
@@ -295,14 +307,10 @@ def main(argv: Optional[list] = None) -> dict:
         args.max_new_tokens = opensir.TINY_DEFAULTS["student_max_new_tokens"] if args.model == "tiny" else 4096
     if opensir.model_name_error(model_path(args.model)):
         sys.exit(f"eval.py: {opensir.model_name_error(model_path(args.model))}")
-    names = benchmark_names(args.benchmarks)
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:
-        sys.exit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}, or the sets "
-                 f"{', '.join(BENCHMARK_SETS)}")
-    named = {"code": "the paper's first version's 5 (recipe code)", "paper": "the paper's later version's 7 (recipe paper)"}
-    print(f"evaluating on {', '.join(names)}" + (f": {named[args.benchmarks.strip()]}" if args.benchmarks.strip() in named else "")
-          + ("; --benchmarks paper runs the later version's 7" if args.benchmarks.strip() == "code" else ""))
+        sys.exit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
     for flag in ("n", "max_new_tokens", "batch_size"):
         if getattr(args, flag) < 1:
             sys.exit(f"eval.py: --{flag.replace('_', '-')} must be >= 1")
@@ -330,6 +338,7 @@ def main(argv: Optional[list] = None) -> dict:
     have = {(s["benchmark"], s["id"], s["sample"]) for s in done}
     todo = [(p, k) for p in problems for k in range(args.n) if (p.benchmark, p.id, k) not in have]
     print(f"{len(problems)} problems x {args.n} samples: {len(todo)} to generate, {len(have)} already in {out}")
+    print(f"benchmarks {', '.join(names)}: {set_description(names)}")
 
     os.makedirs(out, exist_ok=True)
     with open(settings_path, "w", encoding="utf-8") as f:

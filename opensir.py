@@ -116,7 +116,6 @@ class Config:
     def validate(self) -> None:
         """Reject contradictory settings before any model loads."""
         errors = []
-        errors += recipe_errors(self)  # the recipe fields: RECIPES, below
         if not 0.0 <= self.band_lo <= self.band_hi <= 1.0:
             errors.append(f"need 0 <= band_lo <= band_hi <= 1, got {self.band_lo}, {self.band_hi}")
         for name in ("teacher_group", "student_group"):
@@ -137,6 +136,7 @@ class Config:
             errors.append(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.loss_agg not in LOSS_AGGS:
             errors.append(f"--loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
+        errors += recipe_errors(vars(self))  # the recipe fields: RECIPES, below
         if self.div_embed not in ("center", "raw"):
             errors.append(f"--div_embed must be 'center' or 'raw', got {self.div_embed!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -178,29 +178,47 @@ RECIPE_CHOICES = dict(solve_rate_over=("parsed", "group"), tent_floor=("band", "
                       select_key=("combined", "total"), select_scope=("round", "step"), start_pool=("grow", "seed"))
 
 
-def recipe_errors(cfg: Config, given: Optional[dict] = None) -> list:
-    """What is wrong with the recipe fields, one message per flag. `given` (the flags the user typed)
-    also catches flags that the chosen settings would silently ignore."""
-    errors = []
-    if cfg.recipe not in RECIPES:
-        errors.append(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+def recipe_errors(values: dict, given: Optional[dict] = None) -> list:
+    """What is wrong with the recipe fields of a config (`values`: field -> value), one message per flag.
+    `given` (the flags the user typed) also catches flags that the chosen settings would ignore."""
+    errors, recipe = [], values["recipe"]
+    if recipe not in RECIPES:
+        errors.append(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     for name, choices in RECIPE_CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            errors.append(f"--{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+        if values[name] not in choices:
+            errors.append(f"--{name} must be one of {', '.join(choices)}, got {values[name]!r}")
     for name in ("select_teacher_frac", "select_student_frac"):
-        if not 0 < getattr(cfg, name) <= 1:
-            errors.append(f"--{name} must be in (0, 1], got {getattr(cfg, name)}")
-    if cfg.start_pool == "seed" and cfg.init_pool:
-        errors.append(f"--init_pool {cfg.init_pool} loads a starting pool, but --start_pool is 'seed' "
-                      f"(recipe {cfg.recipe!r}): pass --start_pool grow to use the file")
+        if not 0 < values[name] <= 1:  # also false for NaN
+            errors.append(f"--{name} must be in (0, 1], got {values[name]}")
+    if values["start_pool"] == "seed" and values["init_pool"]:
+        errors.append(f"--init_pool {values['init_pool']} loads a starting pool, but --start_pool is 'seed' "
+                      f"(recipe {recipe!r}): pass --start_pool grow to use the file")
     ignored = {"select_teacher_frac": ("select_scope", "step"), "select_student_frac": ("select_scope", "step"),
                "div_topk": ("div_mode", "topk"), "init_pool_size": ("start_pool", "grow"),
                "init_pool_max_rounds": ("start_pool", "grow"), "init_pool_min_chars": ("start_pool", "grow")}
     for name, (field_name, needed) in ignored.items():
-        if given and name in given and getattr(cfg, field_name) != needed:
-            errors.append(f"--{name} has no effect with --{field_name} {getattr(cfg, field_name)} "
-                          f"(recipe {cfg.recipe!r}); pass --{field_name} {needed} as well, or drop --{name}")
+        if given and name in given and values[field_name] != needed:
+            errors.append(f"--{name} has no effect with --{field_name} {values[field_name]} "
+                          f"(recipe {recipe!r}); pass --{field_name} {needed} as well, or drop --{name}")
     return errors
+
+
+def recipe_preset(given: dict) -> dict:
+    """The --recipe preset's values for the fields that neither your flags nor the tiny model's smaller
+    defaults set (so a tiny run keeps no warm-up). Prints the recipe; a bad recipe flag stops here
+    (SystemExit naming the flag), before any model loads."""
+    recipe = given.get("recipe", Config.recipe)
+    if recipe not in RECIPES:
+        raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    small = TINY_DEFAULTS if given.get("model", Config.model) == "tiny" else {}
+    preset = {k: v for k, v in RECIPES[recipe].items() if k not in given and k not in small}
+    values = {**{f.name: f.default for f in dataclasses.fields(Config)}, **small, **preset, **given}
+    errors = recipe_errors(values, given)
+    if errors:
+        raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
+    print(f"recipe {recipe}: " + ", ".join(f"{k}={values[k]}" for k in RECIPE_FIELDS)
+          + (f" (your flags: {', '.join(k for k in RECIPE_FIELDS if k in given)})" if set(given) & set(RECIPE_FIELDS) else ""))
+    return preset
 
 
 # ================================================================================================
@@ -1130,10 +1148,9 @@ def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
 
 
 def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, timers: Counter,
-               step_pool: Optional[torch.Tensor] = None) -> list:
+               step_pool: Optional[torch.Tensor] = None) -> list:  # step_pool: the pool before the step (div_mode nearest)
     """One round of self-play: teacher writes problems, student solves them, rewards are computed.
-    Returns the n_refs * g Candidates, grouped by reference (group = index into refs).
-    step_pool: embeddings of the pool before this step, for div_mode nearest (default: the pool now)."""
+    Returns the n_refs * g Candidates, grouped by reference (group = index into refs)."""
     sample = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.gen_batch)
     t0 = time.perf_counter()
     prompts = [chat(tokenizer, teacher_prompt(pool.problems[r])) for r in refs for _ in range(cfg.teacher_group)]
@@ -1557,25 +1574,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: Optional[list] = None) -> Config:
     """Flags the user set win; then, for --model tiny, TINY_DEFAULTS (smaller numbers); then the --recipe
-    preset (RECIPES); then Config's defaults. A bad recipe flag stops here, before any model loads."""
+    preset (RECIPES, see recipe_preset); then Config's defaults."""
     args = vars(build_parser().parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None}
+    given = {**recipe_preset(given), **given}  # the preset fills what you and the tiny defaults leave open
     model = given.get("model", Config.model)
-    recipe = given.get("recipe", Config.recipe)
-    if recipe not in RECIPES:
-        raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     tiny = {k: v for k, v in TINY_DEFAULTS.items() if k not in given} if model == "tiny" else {}
     if tiny:
         print("tiny model defaults (override with flags): " + ", ".join(f"{k}={v}" for k, v in tiny.items()))
-    preset = {k: v for k, v in RECIPES[recipe].items() if k not in given and k not in tiny}
-    cfg = Config(**{**preset, **tiny, **given})
-    errors = recipe_errors(cfg, given)
-    if errors:
-        raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
-    print(f"recipe {recipe}: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in RECIPE_FIELDS)
-          + (f" (your flags: {', '.join(k for k in RECIPE_FIELDS if k in given)})"
-             if any(k in given for k in RECIPE_FIELDS) else ""))
-    return cfg
+    return Config(**{**tiny, **given})
 
 
 def main(argv: Optional[list] = None) -> None:

@@ -314,6 +314,11 @@ def test_eval_benchmark_sets():
     assert ev.benchmark_names("paper") == ev.benchmark_names("code") + ["aime24", "aime25"]
     assert ev.benchmark_names("gsm8k, aime24") == ["gsm8k", "aime24"]
     assert set(ev.benchmark_names("paper")) == set(ev.BENCHMARKS)
+    default = ev.build_parser().parse_args(["--model", "x/y"]).benchmarks  # the default is the first version's 5
+    assert default.split(",") == ev.BENCHMARK_SETS["code"]
+    assert ev.build_parser().parse_args(["--benchmarks", "paper"]).benchmarks.split(",") == ev.BENCHMARK_SETS["paper"]
+    assert "first version's 5" in ev.set_description(ev.BENCHMARK_SETS["code"])
+    assert "later version's 7" in ev.set_description(ev.BENCHMARK_SETS["paper"])
 
 
 def test_eval_scores_aime_from_local_copies(tmp_path, capsys):
@@ -335,7 +340,7 @@ def test_eval_scores_aime_from_local_copies(tmp_path, capsys):
                        "--limit", "2", "--n", "1", "--out", str(tmp_path / "out")])
     assert [(b, r["problems"], r["samples"]) for b, r in summary["benchmarks"].items()] == \
         [("aime24", 2, 2), ("aime25", 2, 2)]
-    assert "evaluating on aime24, aime25" in capsys.readouterr().out
+    assert "benchmarks aime24, aime25: a subset you chose" in capsys.readouterr().out
     (d / "aime25.jsonl").unlink()  # offline and no local copy: the error says where to get one
     with pytest.raises(SystemExit, match="aime25.jsonl; the public copy is https://huggingface.co/datasets/math-ai"):
         ev.main(["--model", "tiny", "--data-dir", str(d), "--cache-dir", str(tmp_path / "c"), "--no-download",
