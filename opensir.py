@@ -136,7 +136,7 @@ class Config:
             errors.append(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.loss_agg not in LOSS_AGGS:
             errors.append(f"--loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
-        errors += recipe_errors(vars(self))  # the recipe fields: RECIPES, below
+        errors += recipe_errors(self)  # the recipe fields: RECIPES, below
         if self.div_embed not in ("center", "raw"):
             errors.append(f"--div_embed must be 'center' or 'raw', got {self.div_embed!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -178,9 +178,10 @@ RECIPE_CHOICES = dict(solve_rate_over=("parsed", "group"), tent_floor=("band", "
                       select_key=("combined", "total"), select_scope=("round", "step"), start_pool=("grow", "seed"))
 
 
-def recipe_errors(values: dict, given: Optional[dict] = None) -> list:
-    """What is wrong with the recipe fields of a config (`values`: field -> value), one message per flag.
-    `given` (the flags the user typed) also catches flags that the chosen settings would ignore."""
+def recipe_errors(values, given: Optional[dict] = None) -> list:
+    """What is wrong with the recipe fields of a config (a Config, or a dict field -> value), one message
+    per flag. `given` (the flags the user typed) also catches flags that the chosen settings would ignore."""
+    values = values if isinstance(values, dict) else vars(values)
     errors, recipe = [], values["recipe"]
     if recipe not in RECIPES:
         errors.append(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
