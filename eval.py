@@ -10,8 +10,9 @@ top-p 0.95, up to 4096 new tokens; a benchmark's score is the mean accuracy over
 (an estimate of pass@1), reported with its standard error, and the headline is the unweighted mean
 over benchmarks. The paper's first version (v1, the authors' released code: `--recipe code`) averages
 five benchmarks; its later text (v3/v4: `--recipe paper`) seven, adding AIME 2024 and 2025, and gives
-reasoning models (DeepSeek-R1-Distill, Qwen3) up to 38,912 new tokens (`--max-new-tokens 38912`). Prompt, answer extraction and the answer checker are imported from opensir.py, so
-what training rewards and what evaluation counts cannot drift apart.
+reasoning models (DeepSeek-R1-Distill, Qwen3) up to 38,912 new tokens (`--max-new-tokens 38912`).
+Prompt, answer extraction and the answer checker are imported from opensir.py, so what training
+rewards and what evaluation counts cannot drift apart.
 
 Data: `--data-dir/NAME.jsonl` in the layout of the public copies, else a cached download.
 Output in --out: samples.jsonl (one line per sample; `--resume` continues it), summary.json.
