@@ -339,7 +339,7 @@ def main(argv: Optional[list] = None) -> dict:
     have = {(s["benchmark"], s["id"], s["sample"]) for s in done}
     todo = [(p, k) for p in problems for k in range(args.n) if (p.benchmark, p.id, k) not in have]
     print(f"{len(problems)} problems x {args.n} samples: {len(todo)} to generate, {len(have)} already in {out}")
-    print(f"benchmarks {', '.join(names)}: {set_description(names)}")
+    print(f"evaluating {', '.join(names)}: {set_description(names)}")
 
     os.makedirs(out, exist_ok=True)
     with open(settings_path, "w", encoding="utf-8") as f:

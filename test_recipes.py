@@ -340,7 +340,7 @@ def test_eval_scores_aime_from_local_copies(tmp_path, capsys):
                        "--limit", "2", "--n", "1", "--out", str(tmp_path / "out")])
     assert [(b, r["problems"], r["samples"]) for b, r in summary["benchmarks"].items()] == \
         [("aime24", 2, 2), ("aime25", 2, 2)]
-    assert "benchmarks aime24, aime25: a subset you chose" in capsys.readouterr().out
+    assert "evaluating aime24, aime25: a subset you chose" in capsys.readouterr().out
     (d / "aime25.jsonl").unlink()  # offline and no local copy: the error says where to get one
     with pytest.raises(SystemExit, match="aime25.jsonl; the public copy is https://huggingface.co/datasets/math-ai"):
         ev.main(["--model", "tiny", "--data-dir", str(d), "--cache-dir", str(tmp_path / "c"), "--no-download",
