@@ -212,7 +212,8 @@ def recipe_preset(given: dict) -> dict:
     if recipe not in RECIPES:
         raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     small = TINY_DEFAULTS if given.get("model", Config.model) == "tiny" else {}
-    preset = {k: v for k, v in RECIPES[recipe].items() if k not in given and k not in small}
+    preset = {k: v for k, v in RECIPES[recipe].items()  # only what differs from Config's defaults
+              if k not in given and k not in small and v != getattr(Config, k)}
     values = {**{f.name: f.default for f in dataclasses.fields(Config)}, **small, **preset, **given}
     errors = recipe_errors(values, given)
     if errors:
