@@ -123,26 +123,19 @@ def generate_continuous(model, prompts: list, eos_ids: list, max_new_tokens: int
 
 
 def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc) -> list:
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
     batch_tokens = CPU_BATCH_TOKENS if model.device.type == "cpu" else None
     max_req = CPU_MAX_REQUESTS if model.device.type == "cpu" else None
     out: list = [None] * len(prompts)
     todo = list(range(len(prompts)))
     while todo:
-        cb_cfg = ContinuousBatchingConfig(
-            page_size=PAGE_TOKENS, num_blocks=blocks, max_batch_tokens=batch_tokens, max_requests_per_batch=max_req,
-            max_memory_percent=0.95, cpu_offload_space=0.0)
         errors = []
         try:
-            results = model.generate_batch([prompts[i] for i in todo], generation_config=gen_cfg,
-                                           continuous_batching_config=cb_cfg, progress_bar=bool(desc))
-            # generate_batch names requests req_0.. in the order given and logs (not raises) failures
-            for j, i in enumerate(todo):
-                r = results.get(f"req_{j}")
-                if r is not None and r.error is None:
-                    out[i] = list(r.generated_tokens)[:max_new_tokens]
+            got = _one_pass(model, [prompts[i] for i in todo], gen_cfg, blocks, batch_tokens, max_req, desc)
+            for i, (ids, err) in zip(todo, got):
+                if err is None:
+                    out[i] = ids[:max_new_tokens]
                 else:
-                    errors.append("missing result" if r is None else str(r.error))
+                    errors.append(err)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
             errors.append(f"{type(err).__name__}: {err}")
         todo = [i for i in todo if out[i] is None]
@@ -151,13 +144,53 @@ def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc) -> list:
         oom = any(_is_oom_text(e) for e in errors)
         if not oom or blocks * PAGE_TOKENS * kv_bytes_per_token(model) < MIN_KV_BYTES:
             raise RuntimeError(f"continuous engine failed on {len(todo)} prompts: {errors[0]}. "
-                               "Try --kv_cache_gib smaller, or --engine generate.")
+                               "Try a smaller --kv_cache_gib, or --engine generate.")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         blocks = max(1, blocks // 2)
-        if batch_tokens is not None:
-            batch_tokens = max(64, batch_tokens // 2)
+        batch_tokens = max(64, (batch_tokens or 8192) // 2)
         gib = blocks * PAGE_TOKENS * kv_bytes_per_token(model) / 2**30
         log(f"[{desc or 'generate'}] out of memory: retrying {len(todo)} prompts with a KV cache of "
             f"{gib:.2f} GiB (set --kv_cache_gib to start there)")
     return out
+
+
+def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> list:
+    """[(generated ids, None) or (None, error text)] per prompt, from one continuous-batching manager.
+    Like model.generate_batch, except that every request is queued before the loop starts (the same
+    batches, hence the same samples, on every run with the same seed), failures come back per request
+    rather than only in a log, and the model's attention implementation is restored whatever happens."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+    from tqdm.auto import tqdm
+    cb_cfg = ContinuousBatchingConfig(
+        page_size=PAGE_TOKENS, num_blocks=blocks, max_batch_tokens=batch_tokens, max_requests_per_batch=max_req,
+        max_memory_percent=0.95, cpu_offload_space=0.0)
+    hints = WorkloadHints(max_prompt_length=max(len(p) for p in prompts),
+                          max_generated_length=gen_cfg.max_new_tokens, num_requests=len(prompts))
+    attn = model.config._attn_implementation
+    manager = model.init_continuous_batching(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
+                                             workload_hints=hints)
+    results = {}
+    try:
+        manager.warmup()  # builds the paged cache here, so running out of memory raises here
+        ids = manager.add_requests(inputs=prompts, max_new_tokens=gen_cfg.max_new_tokens)
+        manager.start()
+        with tqdm(total=len(prompts), desc=desc, leave=False, dynamic_ncols=True, disable=not desc) as bar:
+            while len(results) < len(ids):
+                r = manager.get_result(timeout=1)
+                if r is None:
+                    if not manager.is_running():
+                        break
+                elif r.is_finished():
+                    results[r.request_id] = r
+                    bar.update(1)
+    finally:
+        if manager.is_running():
+            manager.stop(block=True, timeout=60)
+        manager.destroy()
+        if model.config._attn_implementation != attn:
+            model.set_attn_implementation(attn)
+    fatal = manager.background_thread_status.fatal_error
+    return [(list(results[i].generated_tokens), None) if i in results and results[i].error is None
+            else (None, str(results[i].error) if i in results else f"no result ({fatal})") for i in ids]
