@@ -26,7 +26,6 @@ CPU_BATCH_TOKENS = 512  # tokens per forward on CPU (prefill chunks + decodes); 
 # square of the concurrency, so on CPU a few sequences at a time beat many. GPU: transformers' default.
 CPU_MAX_REQUESTS = 32
 FREE_SHARE = {"cuda": 0.85, "cpu": 0.5}  # share of free memory the KV cache may take (CPU RAM is shared)
-MIN_KV_BYTES = 1 << 20  # below this, out-of-memory is not a budget problem: give up with the error
 
 
 def softcap_refusal(model) -> Optional[str]:
@@ -79,8 +78,12 @@ def kv_budget_blocks(model, prompt_lens: list, max_new_tokens: int, cap_gib: flo
     budget = FREE_SHARE.get(model.device.type, 0.5) * free_memory_bytes(model.device)
     if cap_gib > 0:
         budget = min(budget, cap_gib * 2**30)
-    one = math.ceil((max(prompt_lens) + max_new_tokens) / PAGE_TOKENS) + 1
-    return max(one, min(need, int(budget // per_block)))
+    return max(min_blocks(prompt_lens, max_new_tokens), min(need, int(budget // per_block)))
+
+
+def min_blocks(prompt_lens: list, max_new_tokens: int) -> int:
+    """The smallest cache that holds the longest request whole."""
+    return math.ceil((max(prompt_lens) + max_new_tokens) / PAGE_TOKENS) + 1
 
 
 def _is_oom_text(text: str) -> bool:
@@ -116,13 +119,14 @@ def generate_continuous(model, prompts: list, eos_ids: list, max_new_tokens: int
     # Freezing moves the objects alive now out of the collector's sight until unfreeze puts them back.
     gc.freeze()
     try:
-        return _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc)
+        return _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc,
+                    floor=min_blocks([len(p) for p in prompts], max_new_tokens))
     finally:
         gc.unfreeze()
         cb_logger.setLevel(level)
 
 
-def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc) -> list:
+def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int) -> list:
     batch_tokens = CPU_BATCH_TOKENS if model.device.type == "cpu" else None
     max_req = CPU_MAX_REQUESTS if model.device.type == "cpu" else None
     out: list = [None] * len(prompts)
@@ -142,12 +146,12 @@ def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc) -> list:
         if not todo:
             break
         oom = any(_is_oom_text(e) for e in errors)
-        if not oom or blocks * PAGE_TOKENS * kv_bytes_per_token(model) < MIN_KV_BYTES:
+        if not oom or blocks <= floor:  # not a budget problem, or no smaller budget fits one request
             raise RuntimeError(f"continuous engine failed on {len(todo)} prompts: {errors[0]}. "
                                "Try a smaller --kv_cache_gib, or --engine generate.")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        blocks = max(1, blocks // 2)
+        blocks = max(floor, blocks // 2)
         batch_tokens = max(64, (batch_tokens or 8192) // 2)
         gib = blocks * PAGE_TOKENS * kv_bytes_per_token(model) / 2**30
         log(f"[{desc or 'generate'}] out of memory: retrying {len(todo)} prompts with a KV cache of "
