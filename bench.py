@@ -206,7 +206,7 @@ def main(argv=None) -> list:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device cuda, but torch sees no GPU (use --device cpu)")
     sizes = {  # rounds, teacher prompts, student problems, teacher/student budgets, mean length
-        "smoke": (1, 4, 2, 16, 24, 8), "cpu": (3, 8, 4, 128, 256, 80), "cuda": (2, 32, 16, 256, 768, 200)}
+        "smoke": (1, 4, 2, 16, 24, 8), "cpu": (3, 8, 4, 128, 256, 80), "cuda": (2, 32, 8, 256, 768, 200)}
     d = dict(zip(("rounds", "teacher_prompts", "student_problems", "teacher_max_new", "student_max_new",
                   "mean_len"), sizes["smoke" if args.smoke else args.device]))
     for k, v in d.items():

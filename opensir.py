@@ -97,7 +97,7 @@ class Config:
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no full-vocab tensor for the batch)
     grad_ckpt: bool = True  # gradient checkpointing (on cuda)
     random_init: bool = False  # random weights from the architecture in MODELS (no download)
-    engine: str = "auto"  # generation: "generate" (HF, padded batches), "continuous" (paged KV, continuous batching); "auto": see ENGINES
+    engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache); "auto": AUTO_ENGINE by device
     kv_cache_gib: float = 0.0  # cap on the continuous engine's KV cache in GiB (0: sized from free memory)
 
     def validate(self) -> None:

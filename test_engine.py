@@ -225,6 +225,20 @@ def test_gpu_gemma2_continuous_keeps_softcapping_or_is_refused():
     assert sum(x.ids == y.ids for x, y in zip(a, b)) >= 12
 
 
+@gpu
+def test_gpu_llama_engines_agree_and_bench_smoke():
+    """On CUDA (fp32, so kernels' rounding cannot flip random weights' near-ties): the same greedy
+    completions from both engines at the llama-3.2-3b shape; then the benchmark's smoke sizes."""
+    model, tok = O.load_model("llama-3.2-3b-instruct", device="cuda", dtype="fp32", random_init=True)
+    prompts = [O.chat(tok, " ".join(f"w{i + j}" for j in range(10 + 3 * i))) for i in range(10, 26)]
+    a, b = (_greedy(model, tok, prompts, 32, e) for e in ENGINES)
+    assert sum(x.ids == y.ids for x, y in zip(a, b)) >= 14
+    del model
+    torch.cuda.empty_cache()
+    rows = bench.main(["--device", "cuda", "--smoke"])
+    assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows if "phase" in r)
+
+
 def test_out_of_memory_shrinks_the_kv_cache_and_finishes(tiny, monkeypatch, capsys):
     """Out of memory while building the cache, and out of memory failing requests mid-run: the engine
     halves its KV budget, says so, reruns only what failed, and returns every completion."""
