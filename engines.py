@@ -147,7 +147,9 @@ def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int)
             break
         oom = any(_is_oom_text(e) for e in errors)
         if not oom or blocks <= floor:  # not a budget problem, or no smaller budget fits one request
-            raise RuntimeError(f"continuous engine failed on {len(todo)} prompts: {errors[0]}. "
+            hint = (" transformers saw no memory at all: on CPU it reads it with psutil (pip install psutil)."
+                    if "available memory 0" in " ".join(errors) else "")
+            raise RuntimeError(f"continuous engine failed on {len(todo)} prompts: {errors[0]}.{hint} "
                                "Try a smaller --kv_cache_gib, or --engine generate.")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -173,10 +175,10 @@ def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> l
     hints = WorkloadHints(max_prompt_length=max(len(p) for p in prompts),
                           max_generated_length=gen_cfg.max_new_tokens, num_requests=len(prompts))
     attn = model.config._attn_implementation
-    manager = model.init_continuous_batching(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
-                                             workload_hints=hints)
-    results = {}
+    manager, results = None, {}
     try:
+        manager = model.init_continuous_batching(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
+                                                 workload_hints=hints)
         manager.warmup()  # builds the paged cache here, so running out of memory raises here
         ids = manager.add_requests(inputs=prompts, max_new_tokens=gen_cfg.max_new_tokens)
         manager.start()
@@ -186,13 +188,14 @@ def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> l
                 if r is None:
                     if not manager.is_running():
                         break
-                elif r.is_finished():
+                elif r.is_finished():  # finished or failed
                     results[r.request_id] = r
                     bar.update(1)
     finally:
-        if manager.is_running():
-            manager.stop(block=True, timeout=60)
-        manager.destroy()
+        if manager is not None:
+            if manager.is_running():
+                manager.stop(block=True, timeout=60)
+            manager.destroy()
         if model.config._attn_implementation != attn:
             model.set_attn_implementation(attn)
     fatal = manager.background_thread_status.fatal_error
