@@ -152,7 +152,8 @@ def bench_model(name: str, args) -> list:
             row = dict(model=name, engine=engine, phase=phase, sequences=len(prompts), max_new_tokens=max_new,
                        seconds=statistics.mean(s for _, s, _, _ in runs[engine]), tokens=statistics.mean(toks),
                        tokens_per_s=statistics.mean(tps), tokens_per_s_se=se, tokens_per_cpu_s=statistics.mean(cps),
-                       peak_gib=peak, mean_len=statistics.mean(toks) / len(prompts), rounds=args.rounds)
+                       peak_gib=peak, mean_len=statistics.mean(toks) / len(prompts), rounds=args.rounds,
+                       per_round_tps=tps, per_round_cps=cps)
             if bw:
                 row["roofline_tps"] = roofline_tps(model, runs[engine][-1][0], bw)
                 row["roofline_frac"] = row["tokens_per_s"] / row["roofline_tps"]
@@ -170,12 +171,16 @@ def bench_model(name: str, args) -> list:
         print(f"  {engine:10s} extrapolated: {PAPER_STEPS} paper steps ({PAPER_TEACHER_SAMPLES} teacher x "
               f"{args.paper_teacher_len} + {PAPER_STUDENT_SAMPLES} student x {args.paper_student_len} tokens each) "
               f"~ {hours:.1f} h of generation at the tokens/s above (training time not included)")
-    engines_done = [e for e in args.engines if any(r.get("engine") == e and "phase" in r for r in rows)]
-    if len(engines_done) == 2:
+    if len(ok) == 2:  # paired by round: both engines ran it back to back on the same machine load
         for phase in phases:
-            a, b = ([r for r in rows if r.get("engine") == e and r.get("phase") == phase][0] for e in engines_done)
-            print(f"  {phase}: {engines_done[1]} / {engines_done[0]} tokens/s = "
-                  f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}")
+            a, b = ([r for r in rows if r.get("engine") == e and r.get("phase") == phase][0] for e in ok)
+            for key, what in (("tps", "tokens/s"), ("cps", "tokens per CPU-second")):
+                ratio = [y / x for x, y in zip(a["per_round_" + key], b["per_round_" + key])]
+                se = statistics.stdev(ratio) / math.sqrt(len(ratio)) if len(ratio) > 1 else float("nan")
+                rows.append(dict(model=name, phase=phase, ratio=f"{ok[1]}/{ok[0]} {what}",
+                                 mean=statistics.mean(ratio), se=se, per_round=ratio))
+                print(f"  {phase}: {ok[1]} / {ok[0]} {what} = {statistics.mean(ratio):.2f} +- {se:.2f} "
+                      f"(per round: {', '.join(f'{x:.2f}' for x in ratio)})")
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()
