@@ -149,12 +149,12 @@ def test_sampling_distributions_agree(tiny):
     samples per engine must agree within sampling error: a permutation test of their total-variation
     distance, rejecting at p < 0.001. With fixed seeds the outcome is deterministic; the threshold means a
     correct engine would fail for about one seed in a thousand. The same test must see the difference a
-    wrong sampler makes (temperature 0.5), or it would prove nothing."""
+    wrong sampler makes (temperature 0.3), or it would prove nothing."""
     model, tok = tiny
     a, b = _votes(model, tok, 200, "generate"), _votes(model, tok, 200, "continuous", seed=1)
     assert len(set(a)) >= 4  # a spread, not one answer
     assert _permutation_p(a, b) > 1e-3
-    cold = _votes(model, tok, 200, "continuous", temperature=0.5, seed=2)
+    cold = _votes(model, tok, 200, "continuous", temperature=0.3, seed=2)
     assert _permutation_p(a, cold) < 1e-3
 
 
@@ -229,7 +229,8 @@ def test_gpu_gemma2_continuous_keeps_softcapping_or_is_refused():
 def test_gpu_llama_engines_agree_and_bench_smoke():
     """On CUDA (fp32, so kernels' rounding cannot flip random weights' near-ties): the same greedy
     completions from both engines at the llama-3.2-3b shape; then the benchmark's smoke sizes."""
-    model, tok = O.load_model("llama-3.2-3b-instruct", device="cuda", dtype="fp32", random_init=True)
+    with torch.device("cuda"):  # initialise on the GPU: 3B random weights on CPU take a minute
+        model, tok = O.load_model("llama-3.2-3b-instruct", device="cuda", dtype="fp32", random_init=True)
     prompts = [O.chat(tok, " ".join(f"w{i + j}" for j in range(10 + 3 * i))) for i in range(10, 26)]
     a, b = (_greedy(model, tok, prompts, 32, e) for e in ENGINES)
     assert sum(x.ids == y.ids for x, y in zip(a, b)) >= 14
