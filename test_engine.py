@@ -328,3 +328,14 @@ def test_bench_smoke_runs_both_engines():
     assert {(r["engine"], r["phase"]) for r in timed} == {(e, p) for e in ENGINES for p in ("teacher", "student")}
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in timed)
     assert all(r["paper_hours_generation"] > 0 for r in rows if "paper_hours_generation" in r)
+
+
+def test_engine_flags_are_checked_before_loading():
+    with pytest.raises(ValueError, match="--engine must be"):
+        O.Config(engine="vllm").validate()
+    with pytest.raises(ValueError, match="--kv_cache_gib"):
+        O.Config(kv_cache_gib=-1).validate()
+    cfg = O.config_from_args(["--engine", "continuous", "--kv_cache_gib", "2.5"])
+    assert (cfg.engine, cfg.kv_cache_gib) == ("continuous", 2.5)
+    with pytest.raises(SystemExit):
+        ev.build_parser().parse_args(["--model", "tiny", "--engine", "vllm"])
