@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "student budget of opensir.TINY_DEFAULTS. Reasoning models (DeepSeek-R1-Distill, Qwen3) think "
                    "at length: the paper's later version gives them 38912")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--engine", default="auto", choices=["auto", *opensir.ENGINES],
+                   help="generation engine (as opensir.py --engine); 'auto': by device")
+    p.add_argument("--kv-cache-gib", type=float, default=0.0, help="cap on the continuous engine's KV cache")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -414,6 +417,10 @@ def main(argv: Optional[list] = None) -> dict:
     if todo:
         opensir.set_seed(args.seed)
         model, tok = opensir.load_model(model_path(args.model), device=args.device, dtype=args.dtype)
+        try:
+            print(f"engine: {opensir.resolve_engine(args.engine, model)}")
+        except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
+            sys.exit(f"eval.py: {err}")
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc="eval", dynamic_ncols=True)
         with open(samples_path, "a", encoding="utf-8") as f:
@@ -422,7 +429,8 @@ def main(argv: Optional[list] = None) -> dict:
                 chunk = todo[i:i + args.batch_size]
                 prompts = [opensir.chat(tok, opensir.student_prompt(p.problem)) for p, _ in chunk]
                 comps = opensir.generate(model, tok, prompts, args.max_new_tokens, args.temperature,
-                                         args.top_k, args.top_p, args.batch_size)
+                                         args.top_k, args.top_p, args.batch_size, engine=args.engine,
+                                         kv_cache_gib=args.kv_cache_gib)
                 for (p, k), c in zip(chunk, comps):
                     ans = opensir.extract_boxed(c.text)
                     f.write(json.dumps({

@@ -115,6 +115,8 @@ class Config:
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no full-vocab tensor for the batch)
     grad_ckpt: bool = True  # gradient checkpointing (on cuda)
     random_init: bool = False  # random weights from the architecture in MODELS (no download)
+    engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache); "auto": AUTO_ENGINE by device
+    kv_cache_gib: float = 0.0  # cap on the continuous engine's KV cache in GiB (0: sized from free memory)
 
     def validate(self) -> None:
         """Reject contradictory settings before any model loads."""
@@ -144,6 +146,10 @@ class Config:
             errors.append(f"--div_embed must be 'center' or 'raw', got {self.div_embed!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             errors.append(f"--dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.engine not in ("auto", *ENGINES):
+            errors.append(f"--engine must be auto or one of {tuple(ENGINES)}, got {self.engine!r}")
+        if self.kv_cache_gib < 0:
+            errors.append(f"--kv_cache_gib must be >= 0, got {self.kv_cache_gib}")
         if self.device not in ("auto", "cuda", "cpu"):
             errors.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
         errors += input_errors(self)  # NaN and infinity in any float field, --seed, --seed_problem, --init_pool
@@ -633,28 +639,64 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+# The two generation engines (--engine). "continuous" is transformers' own continuous batching
+# (engines.py): a finished sequence's slot goes to a waiting one instead of idling until its batch's
+# longest member ends. "auto" picks per device, by measurement (README, "Generation engines"); on CUDA
+# `generate` until a GPU has measured the two side by side.
+ENGINES = {"generate": "HF model.generate, padded batches of --gen_batch",
+           "continuous": "transformers continuous batching, paged KV cache (engines.py)"}
+AUTO_ENGINE = {"cpu": "continuous", "cuda": "generate"}
+
+
+def resolve_engine(engine: str, model) -> str:
+    """The engine that runs `model`: "auto" by device, falling back to `generate` where the continuous
+    engine would change the model's distribution (Gemma-2's soft-capping); asked for, that is an error."""
+    if engine == "generate" or (engine == "auto" and AUTO_ENGINE.get(model.device.type) != "continuous"):
+        return "generate"
+    import engines  # beside this file; only the continuous engine needs it
+    refusal = engines.softcap_refusal(model)
+    if refusal and engine == "continuous":
+        raise ValueError(refusal)
+    return "generate" if refusal else "continuous"
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, top_k: int,
-             top_p: float, batch_size: int, desc: str = "", min_new_tokens: int = 0) -> list:
-    """Sample one completion per prompt with HF generate: left padding, KV cache, batches of
-    `batch_size` prompts sorted by length (less padding), halved on out-of-memory."""
+             top_p: float, batch_size: int, desc: str = "", min_new_tokens: int = 0, engine: str = "generate",
+             kv_cache_gib: float = 0.0, greedy: bool = False) -> list:
+    """Sample one completion per prompt with either engine; both return Completions cut at the first EOS
+    with the token ids sampled. `generate`: left padding, KV cache, batches of `batch_size` prompts sorted
+    by length (less padding), halved on out-of-memory. `continuous`: engines.generate_continuous, every
+    prompt at once into a paged KV cache, its budget halved on out-of-memory. `greedy`: argmax (tests)."""
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # template has BOS
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list = [None] * len(prompts)
+    if resolve_engine(engine, model) == "continuous":
+        if min_new_tokens:
+            raise ValueError("--engine continuous has no min_new_tokens (transformers drops that processor)")
+        import engines  # beside this file; only the continuous engine needs it
+        gen = engines.generate_continuous(model, encoded, eos_ids, max_new_tokens, temperature, top_k, top_p,
+                                          greedy=greedy, kv_cache_gib=kv_cache_gib, log=print, desc=desc)
+        for i, g in enumerate(gen):
+            ids, truncated = cut_at_eos(g, eos_ids)
+            out[i] = Completion(encoded[i], ids, tokenizer.decode(ids, skip_special_tokens=True), truncated)
+        return out
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     bar = _progress(total=len(prompts), desc=desc)
     pos = 0
     while pos < len(order):
         idx = order[pos: pos + batch_size]
         input_ids, attn = pad_batch([encoded[i] for i in idx], pad_id, left=True)
         width = input_ids.shape[1]
+        sample = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k,
+                                                           top_p=top_p)
         try:
             gen = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
+                input_ids=input_ids.to(device), attention_mask=attn.to(device), **sample,
+                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_ids,
+                pad_token_id=pad_id, use_cache=True)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_oom(err) or batch_size == 1:
                 raise
@@ -1264,7 +1306,8 @@ def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, 
                step_pool: Optional[torch.Tensor] = None) -> list:  # step_pool: the pool before the step (div_mode nearest)
     """One round of self-play: teacher writes problems, student solves them, rewards are computed.
     Returns the n_refs * g Candidates, grouped by reference (group = index into refs)."""
-    sample = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.gen_batch)
+    sample = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.gen_batch,
+                  engine=cfg.engine, kv_cache_gib=cfg.kv_cache_gib)
     t0 = time.perf_counter()
     prompts = [chat(tokenizer, teacher_prompt(pool.problems[r])) for r in refs for _ in range(cfg.teacher_group)]
     outs = generate(sampler, tokenizer, prompts, cfg.teacher_max_new_tokens, desc="teacher", **sample)
@@ -1691,8 +1734,12 @@ def train(cfg: Config) -> str:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     n_params = sum(p.numel() for p in policy.parameters())
+    try:
+        engine = resolve_engine(cfg.engine, sampler)
+    except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
+        raise SystemExit(str(err))
     log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters on {device}, compute {cdtype}, "
-        f"reference model {'yes' if frozen is not None else 'no'}")
+        f"reference model {'yes' if frozen is not None else 'no'}, engine {engine}")
 
     set_seed(cfg.seed)  # after loading: building the tiny model or initialising weights draws random numbers
     os.makedirs(cfg.out, exist_ok=True)
