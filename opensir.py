@@ -261,6 +261,13 @@ def extract_boxed(text: str, last: bool = False) -> Optional[str]:
     return None
 
 
+def final_answer(completion: str) -> Optional[str]:
+    """The answer a completion gives: its last \\boxed{} (the authors' math-verify `first_match`
+    takes the right-most match), so a solution that corrects itself is read at its end. Training's
+    vote and eval.py both read answers here."""
+    return extract_boxed(completion, last=True)
+
+
 _UNIT_WORD = re.compile(  # a unit or currency word, dropped after a number; one word, no repetition
     r"(?:sq|square|cubic)?(?:units?|cm|mm|km|m|meters?|metres?|inch(?:es)?|in|feet|foot|ft|"
     r"yards?|miles?|mph|kg|g|grams?|pounds?|lbs?|ounces?|oz|liters?|litres?|gallons?|ml|l|seconds?|"
@@ -1029,7 +1036,7 @@ def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, 
     sols = generate(sampler, tokenizer, prompts, cfg.student_max_new_tokens, desc="student", **sample)
     for j, c in enumerate(legal):
         c.solutions = sols[j * cfg.student_group: (j + 1) * cfg.student_group]
-        c.answers = [normalize_answer(extract_boxed(s.text)) for s in c.solutions]
+        c.answers = [normalize_answer(final_answer(s.text)) for s in c.solutions]
     t2 = time.perf_counter()
     if legal and cfg.w_div > 0:
         for c, e in zip(legal, embed_texts(frozen, tokenizer, [c.parsed.problem for c in legal])):
