@@ -343,9 +343,14 @@ def test_eval_scores_the_last_box_and_survives_a_failing_checker(tmp_path, monke
     rows = [{"question": "What is 1+1?", "answer": "#### 2", "idx": 0}, {"question": "And 1+0?", "answer": "#### 1", "idx": 1}]
     (d / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+    class Tok:  # generation is not under test here: what eval.py reads from a completion is
+        def apply_chat_template(self, messages, **kw):
+            return messages[0]["content"]
+
     def fake_generate(model, tok, prompts, max_new_tokens, *a, **kw):
         return [O.Completion([0], [1], TWO_BOXES, False) for _ in prompts]
     monkeypatch.setattr(ev.opensir, "generate", fake_generate)
+    monkeypatch.setattr(ev.opensir, "load_model", lambda *a, **kw: (None, Tok()))
     real = checker.answers_equal
 
     def flaky(pred, gold, **kw):  # the checker blowing up on one sample must not end the evaluation
