@@ -116,9 +116,14 @@ def _run_with_budget(fn, seconds: float):
         try:
             return fn()
         finally:
-            armed[0] = False  # first: an alarm that fires from here on is ignored
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
+            while True:  # an alarm landing before `armed` is cleared must not skip the clean-up
+                try:
+                    armed[0] = False  # from here on an alarm is ignored
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.signal(signal.SIGALRM, old)
+                    break
+                except _Timeout:
+                    continue
             if old_delay:  # someone else's alarm (e.g. a test timeout) was pending: re-arm it
                 left = max(1e-3, old_delay - (time.monotonic() - start))
                 signal.setitimer(signal.ITIMER_REAL, left, old_interval)

@@ -103,10 +103,11 @@ def test_checker_unequal(pred, gold):
 
 def test_checker_time_budget():
     # sympy grinds ~10 s on this pair; the budget cuts it off and the answer counts as unequal
+    import sympy  # noqa: F401  (its first import, seconds on a loaded machine, is not part of the budget)
     slow = ("\\cos(x)^{20}-\\sin(x)^{20}+\\tan(x)^{10}", "\\cos(2x)^{10}")
     t = time.time()
     assert answers_equal(*slow, timeout=0.3) is False
-    assert time.time() - t < 2.5  # generous: includes the first import of sympy
+    assert time.time() - t < 1.3  # the budget, and slack for a loaded machine
 
 
 @pytest.mark.parametrize("in_thread", [False, True])
