@@ -188,13 +188,13 @@ def _compare(pred: str, gold: str) -> bool:
         return False
 
 
-def _equal_named(pn: str, p: str, gn: str, g: str) -> bool:
+def _equal_named(pn: str, p: str, gn: str, g: str, depth: int = 0) -> bool:
     """Names (`x` of `x = 5`) are dropped when they agree or only one side has one; when they
     differ, or one side is a named value and the other an equation, whole equations are compared:
     `x = y` is `y = x`, `y_2 = x` is not `y_3 = x`, `c = a + b` is `a + b - c = 0`."""
     if (pn and gn and pn != gn) or (pn and not gn and "=" in g) or (gn and not pn and "=" in p):
         p, g = (f"{pn}={p}" if pn else p), (f"{gn}={g}" if gn else g)
-    return p == g or _equal(p, g)
+    return p == g or _equal(p, g, depth)
 
 
 _MAX_DEPTH = 8  # tuples of tuples of ...: deeper nesting is not a final answer
@@ -213,11 +213,12 @@ def _equal(p: str, g: str, depth: int = 0) -> bool:
         return _atom_equal(pi[0], gi[0])
     if pk != gk or len(pi) != len(gi):
         return False
+    # items keep their names: `C_1 = 2, C_2 = 3` is not `C_1 = 2, C_3 = 3`
     if gk != "set":  # ordered: tuples, points, intervals, matrices
-        return all(_equal(_clean(a), _clean(b), depth + 1) for a, b in zip(pi, gi))
-    left = [_clean(b) for b in gi]  # unordered: match each predicted item to a distinct gold item
-    for a in map(_clean, pi):
-        j = next((j for j, b in enumerate(left) if _equal(a, b, depth + 1)), None)
+        return all(_equal_named(*_clean_parts(a), *_clean_parts(b), depth + 1) for a, b in zip(pi, gi))
+    left = [_clean_parts(b) for b in gi]  # unordered: match each predicted item to a distinct gold item
+    for a in map(_clean_parts, pi):
+        j = next((j for j, b in enumerate(left) if _equal_named(*a, *b, depth + 1)), None)
         if j is None:
             return False
         left.pop(j)

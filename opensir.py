@@ -245,7 +245,9 @@ def extract_boxed(text: str, last: bool = False) -> Optional[str]:
     if not starts:
         return None
     closes, stack = {}, []
-    for m in re.finditer(r"[{}]", text[starts[0]:]):
+    for m in re.finditer(r"\\[\\{}]|[{}]", text[starts[0]:]):  # `\{ \}` are printed braces (`\\` a break)
+        if m.group()[0] == "\\":
+            continue
         if m.group() == "{":
             stack.append(m.start() + starts[0])
         elif stack:
