@@ -12,6 +12,7 @@ big-number arithmetic, which runs in C where no alarm reaches it, is bounded bef
 """
 from __future__ import annotations
 
+import cmath
 import functools
 import re
 import time
@@ -503,6 +504,30 @@ def _to_sympy(s: str, funcs: frozenset = frozenset()):
     return parse_expr(code, **kw)
 
 
+def _probe(e, syms: list, t: int) -> Optional[complex]:
+    """e at the t-th fixed point (positive, irregular values for the symbols), or None when that is
+    not a finite number (an unknown function, a pole)."""
+    import sympy
+    point = {s: sympy.Rational(1000 + 263 * j + 389 * t, 1373) for j, s in enumerate(syms)}
+    v = e.subs(point).evalf(30)
+    if not v.is_number:
+        return None
+    c = complex(v)
+    return c if cmath.isfinite(c) else None
+
+
+def _differ_somewhere(a, b) -> bool:
+    """True when a and b take clearly different values at one of three fixed points: most unequal
+    answers are settled here in milliseconds, before sympy.simplify (which can grind for seconds).
+    Never decides equality: values that agree go on to simplify."""
+    syms = sorted(set(a.free_symbols) | set(b.free_symbols), key=str)
+    for t in range(3):
+        x, y = _probe(a, syms, t), _probe(b, syms, t)
+        if x is not None and y is not None and abs(x - y) > 1e-9 * max(1.0, abs(x), abs(y)):
+            return True
+    return False
+
+
 def _sympy_equal(p: str, g: str) -> bool:
     """Symbolic equality; constants are also compared numerically at high precision."""
     import sympy
@@ -523,6 +548,8 @@ def _sympy_equal(p: str, g: str) -> bool:
                 cx, cy = complex(x), complex(y)
                 return all(round(u, 6) == round(v, 6) for u, v in ((cx.real, cy.real), (cx.imag, cy.imag)))
             return bool(abs(x - y) <= 1e-40 * max(1, abs(y)))
+        if _differ_somewhere(a, b):
+            return False
         d = sympy.simplify(a - b)
         return bool(d == 0 or d.is_zero)
     except Exception:  # sympy raises many things on odd input (the budget's _Timeout is no Exception)
@@ -548,6 +575,11 @@ def _equations_equal(pl: str, pr: str, gl: str, gr: str) -> bool:
             if _unknowns(da) or _unknowns(db):
                 return False
             return (_equal(pl, gl) and _equal(pr, gr)) or (_equal(pl, gr) and _equal(pr, gl))
+        syms = sorted(set(da.free_symbols) | set(db.free_symbols), key=str)
+        ratios = [_probe(da / db, syms, t) for t in range(3)]
+        ratios = [x for x in ratios if x is not None]
+        if any(abs(x - ratios[0]) > 1e-9 * max(1.0, abs(x)) for x in ratios):
+            return False  # the ratio is not a constant: different equations
         r = sympy.simplify(da / db)
         return bool(not _unknowns(r) and r.is_number and r != 0)
     except Exception:
