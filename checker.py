@@ -365,9 +365,10 @@ def _latex_to_code(s: str, funcs: frozenset = frozenset()) -> Optional[str]:
                     end = _match_paren(toks, pos)
                     arg = seq_sub(pos + 1, end)
                     pos = end + 1
-                else:  # \sin x, \cos 4t: the argument runs to the next + - ), or function
+                else:  # \sin x, \cos 4t: the argument runs to the next + - ) or (after one token) function
                     end = pos
-                    while end < len(toks) and toks[end] not in "+-=)" and toks[end][1:] not in _FUNCS:
+                    while end < len(toks) and toks[end] not in "+-=)" and (
+                            end == pos or toks[end][1:] not in _FUNCS):
                         end += 1
                     arg = seq_sub(pos, end)
                     pos = end
@@ -576,8 +577,18 @@ def _equations_equal(pl: str, pr: str, gl: str, gr: str) -> bool:
                 return False
             return (_equal(pl, gl) and _equal(pr, gr)) or (_equal(pl, gr) and _equal(pr, gl))
         syms = sorted(set(da.free_symbols) | set(db.free_symbols), key=str)
-        ratios = [_probe(da / db, syms, t) for t in range(3)]
-        ratios = [x for x in ratios if x is not None]
+        ratios = []  # of the two sides' differences at fixed points: a constant for one equation
+        for t in range(3):
+            vals = [_probe(x, syms, t) for x in sides]
+            if any(v is None for v in vals):
+                continue
+            scale = max(1.0, *map(abs, vals))
+            x, y = vals[0] - vals[1], vals[2] - vals[3]
+            zero_x, zero_y = abs(x) <= 1e-12 * scale, abs(y) <= 1e-12 * scale
+            if zero_x != zero_y:
+                return False  # one holds here and the other does not
+            if not zero_x:
+                ratios.append(x / y)
         if any(abs(x - ratios[0]) > 1e-9 * max(1.0, abs(x)) for x in ratios):
             return False  # the ratio is not a constant: different equations
         r = sympy.simplify(da / db)
