@@ -280,6 +280,7 @@ NOT_EQUAL_NOW = [
     ("0", RC), ("g(0)", RC), ("-I(0)", RC), ("I(0)", RC), ("f(1)", "f(2)"), ("f(x)", "g(x)"), ("y(0)", "0"),
     # names on either side still have to agree
     ("x=5", "y=5"), ("y_2 = x", "y_3 = x"), ("5 = x", "x = 6"), ("5 = x", "y = 5"),
+    ("C_1 = 2, C_3 = 3", "C_1 = 2, C_2 = 3"),  # items of a list keep their names
     # Greek letters, nested exponents, log bases: different values stay different
     ("\\alpha", "\\beta"), ("\\theta^2", "\\theta^3"), ("\\sin\\alpha", "\\cos\\alpha"),
     ("e^{x^2}", "e^{2x}"), ("2^{2^{3}}", "64"), ("\\log_2 8", "4"), ("\\log_2 x", "\\log_3 x"),
@@ -292,7 +293,8 @@ EQUAL_NOW = [
     ("\\alpha+\\beta", "\\beta+\\alpha"), ("2\\sin\\theta\\cos\\theta", "\\sin 2\\theta"),
     ("\\omega^2 r", "r\\omega^{2}"), ("\\frac{\\lambda}{2}", "0.5\\lambda"), ("\\Delta x", "x\\Delta"),
     ("e^{x^2}", "e^{x\\cdot x}"), ("2^{2^{3}}", "256"), ("e^{-x^2/2}", "\\frac{1}{e^{x^2/2}}"),
-    ("2^{2019}", "2\\cdot 2^{2018}"),
+    ("2^{2019}", "2\\cdot 2^{2018}"), ("\\sin\\arctan t", "\\frac{t}{\\sqrt{1+t^2}}"),
+    ("-\\sqrt{1+t^2}/t + C = \\frac{-1}{\\sin\\arctan t} + C", "\\frac{-1}{\\sin\\arctan t}+C=-\\sqrt{1+t^2}/t+C"),
     ("\\log_2 8", "3"), ("\\log_{3}(x)", "\\frac{\\ln x}{\\ln 3}"), ("\\log_{10} 1000", "3"),
     ("\\log_b x", "\\frac{\\ln x}{\\ln b}"),
 ]
@@ -319,6 +321,7 @@ def test_final_answer_is_the_last_box():
     assert final_answer(TWO_BOXES) == "2"
     assert final_answer("\\boxed{\\frac{1}{2}} then \\boxed{unclosed") == "\\frac{1}{2}"  # last that closes
     assert final_answer("no box") is None
+    assert final_answer("\\boxed{\\left\\{ x \\right.}") == "\\left\\{ x \\right."  # escaped braces do not count
 
 
 def test_training_votes_on_the_last_box(monkeypatch):
