@@ -443,8 +443,8 @@ def _clean_parts(ans: Optional[str], units: bool = True) -> tuple[str, str]:
         name, s = m.group(1), m.group(2)
     elif s.count("=") == 1:
         left, right = s.split("=")
-        if left.strip() and left.rstrip()[-1] not in "<>!:" and _NAME_RE.fullmatch(right.strip()):  # not `a <= b`
-            name, s = right, left
+        if left.strip() and left.rstrip()[-1] not in "<>!:" and _NAME_RE.fullmatch(right.strip()):
+            name, s = right, left  # (not in `a <= b`)
     name = re.sub(r"[\s{}]", "", name)
     s = re.sub(r"\s+", "", s)
     if re.fullmatch(r"\(\w\)", s):  # multiple-choice letter `(C)`
