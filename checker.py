@@ -111,6 +111,7 @@ def _run_with_budget(fn, seconds: float):
     runs in a daemon thread that is abandoned on timeout. fn's own exceptions propagate."""
     import signal
     import threading
+    seconds = seconds if seconds > 1e-3 else 1e-3  # 0 would disarm the timer (and NaN fails this too)
     if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
         armed = [True]
 
