@@ -182,6 +182,17 @@ def load_benchmark(name: str, path: str, limit: Optional[int] = None) -> list[Pr
 # ================================================================================================
 
 
+def score_answer(extracted: Optional[str], gold: str, where: str = "") -> bool:
+    """checker.answers_equal (budgeted, and meant never to raise), guarded once more at the boundary:
+    a sample the checker fails on is scored wrong and logged, and the evaluation goes on."""
+    try:
+        return bool(checker.answers_equal(extracted, gold))
+    except (Exception, checker._Timeout) as e:
+        print(f"eval.py: the checker failed on {where or 'a sample'} ({type(e).__name__}: {e}); scored wrong",
+              file=sys.stderr)
+        return False
+
+
 def score(samples: list[dict]) -> dict:
     """Mean accuracy x 100 over all samples, and its standard error. Samples of one problem are not
     independent, so the error is taken over problems: SE = sd(per-problem accuracy) / sqrt(#problems)."""
@@ -432,10 +443,11 @@ def main(argv: Optional[list] = None) -> dict:
                                          args.top_k, args.top_p, args.batch_size, engine=args.engine,
                                          kv_cache_gib=args.kv_cache_gib)
                 for (p, k), c in zip(chunk, comps):
-                    ans = opensir.extract_boxed(c.text)
+                    ans = opensir.final_answer(c.text)  # the last \boxed{}, as math-verify's first_match
+                    ok = score_answer(ans, p.gold, f"{p.benchmark} problem {p.id} sample {k}")
                     f.write(json.dumps({
                         "benchmark": p.benchmark, "id": p.id, "sample": k, "completion": c.text,
-                        "extracted": ans, "gold": p.gold, "correct": checker.answers_equal(ans, p.gold),
+                        "extracted": ans, "gold": p.gold, "correct": ok,
                         "truncated": c.truncated, "tokens": len(c.ids)}) + "\n")
                 f.flush()
                 bar.update(len(chunk))
