@@ -19,7 +19,8 @@ import time
 from fractions import Fraction
 from typing import Optional
 
-from opensir import MAX_ANSWER_CHARS, _clean, _clean_parts, _parse_number
+from opensir import MAX_ANSWER_CHARS, _clean_parts, _parse_number
+
 
 def _split_top(s: str, seps: tuple[str, ...] = (",",)) -> list[str]:
     """Split at separators outside any brackets."""
