@@ -368,7 +368,7 @@ def test_eval_scores_the_last_box_and_survives_a_failing_checker(tmp_path, monke
     monkeypatch.setattr(checker, "answers_equal", flaky)
     out = str(tmp_path / "out")
     ev.main(["--model", "tiny", "--data-dir", str(d), "--benchmarks", "gsm8k", "--out", out, "--n", "1",
-             "--max-new-tokens", "8", "--device", "cpu", "--no-download"])
+             "--max-new-tokens", "8", "--device", "cpu", "--no-download", "--engine", "generate"])
     samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
     assert [(s["extracted"], s["correct"]) for s in samples] == [("2", True), ("2", False)]
     assert "checker failed on gsm8k problem 1 sample 0 (RecursionError" in capsys.readouterr().err
