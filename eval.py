@@ -1,14 +1,18 @@
-"""Evaluate a model on the five maths benchmarks of the OpenSIR paper.
+"""Evaluate a model on the maths benchmarks of the OpenSIR paper.
 
-    python eval.py --model gemma-2-2b-it                   # all five, the paper's settings
+    python eval.py --model gemma-2-2b-it                   # the first version's five, the paper's settings
+    python eval.py --model gemma-2-2b-it --benchmarks paper  # the later version's seven (adds AIME 2024, 2025)
     python eval.py --model runs/opensir --benchmarks gsm8k --limit 50
     python eval.py --compare eval_results/a eval_results/b
 
 The paper's protocol: the student prompt of opensir.py, 16 samples per problem at temperature 0.6,
 top-p 0.95, up to 4096 new tokens; a benchmark's score is the mean accuracy over all samples x 100
 (an estimate of pass@1), reported with its standard error, and the headline is the unweighted mean
-over benchmarks. Prompt, answer extraction and the answer checker are imported from opensir.py, so
-what training rewards and what evaluation counts cannot drift apart.
+over benchmarks. The paper's first version (v1, the authors' released code: `--recipe code`) averages
+five benchmarks; its later text (v3/v4: `--recipe paper`) seven, adding AIME 2024 and 2025, and gives
+reasoning models (DeepSeek-R1-Distill, Qwen3) up to 38,912 new tokens (`--max-new-tokens 38912`).
+Prompt, answer extraction and the answer checker are imported from opensir.py, so what training
+rewards and what evaluation counts cannot drift apart.
 
 Data: `--data-dir/NAME.jsonl` in the layout of the public copies, else a cached download.
 Output in --out: samples.jsonl (one line per sample; `--resume` continues it), summary.json.
@@ -64,7 +68,37 @@ BENCHMARKS = {b.name: b for b in [
               f"{QWEN}/minerva_math/test.jsonl"),
     Benchmark("olympiadbench", "question", "final_answer", _olympiad_gold, f"{QWEN}/olympiadbench/test.jsonl"),
     Benchmark("college_math", "question", "answer", lambda r: r["answer"], f"{QWEN}/college_math/test.jsonl"),
+    # AIME: 30 problems a year (I and II), integer answers 0-999 (some copies store numbers, some strings)
+    Benchmark("aime24", "problem", "answer", lambda r: str(r["answer"]).strip(), f"{QWEN}/aime24/test.jsonl"),
+    Benchmark("aime25", "problem", "answer", lambda r: str(r["answer"]).strip(),
+              "https://huggingface.co/datasets/math-ai/aime25/resolve/main/test.jsonl"),
 ]}
+
+# Named sets for --benchmarks: the paper's first version (the authors' released code, recipe `code`)
+# reports five benchmarks; its later text (recipe `paper`) seven.
+BENCHMARK_SETS = {
+    "code": ["gsm8k", "math500", "minerva_math", "olympiadbench", "college_math"],
+    "paper": ["gsm8k", "math500", "minerva_math", "olympiadbench", "college_math", "aime24", "aime25"],
+}
+
+
+def benchmark_names(spec: str) -> list[str]:
+    """`code`, `paper` (a named set) or a comma-separated list of benchmark names."""
+    return [n.strip() for n in expand_benchmark_set(spec).split(",") if n.strip()]
+
+
+def expand_benchmark_set(spec: str) -> str:
+    """--benchmarks as given -> a comma-separated list: a set's name becomes its members."""
+    return ",".join(BENCHMARK_SETS[spec.strip()]) if spec.strip() in BENCHMARK_SETS else spec
+
+
+def set_description(names: list[str]) -> str:
+    """Which of the paper's benchmark sets `names` is, in words (printed before a run)."""
+    if names == BENCHMARK_SETS["code"]:
+        return "the paper's first version's 5 (recipe code; --benchmarks paper runs the later version's 7)"
+    if names == BENCHMARK_SETS["paper"]:
+        return "the paper's later version's 7 (recipe paper)"
+    return "a subset you chose (--benchmarks code: the first version's 5; paper: the later version's 7)"
 
 
 @dataclass
@@ -278,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="short name (tiny, gemma-2-2b-it, ...), hub id, local path, or an "
                                    "opensir.py run/checkpoint directory")
-    p.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated subset")
+    p.add_argument("--benchmarks", default="code", type=expand_benchmark_set, help="'code': the first version's five (default); 'paper': the "
+                   "later version's seven, adding aime24 and aime25; or a comma-separated list of: " + ", ".join(BENCHMARKS))
     p.add_argument("--data-dir", help="directory holding NAME.jsonl files (default: download)")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="where downloads are kept")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
@@ -290,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--max-new-tokens", type=int, help="default 4096 (the paper); for --model tiny, the "
-                                                          "student budget of opensir.TINY_DEFAULTS")
+                   "student budget of opensir.TINY_DEFAULTS. Reasoning models (DeepSeek-R1-Distill, Qwen3) think "
+                   "at length: the paper's later version gives them 38912")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -370,6 +406,7 @@ def main(argv: Optional[list] = None) -> dict:
     have = {(s["benchmark"], s["id"], s["sample"]) for s in done}
     todo = [(p, k) for p in problems for k in range(args.n) if (p.benchmark, p.id, k) not in have]
     print(f"{len(problems)} problems x {args.n} samples: {len(todo)} to generate, {len(have)} already in {out}")
+    print(f"evaluating {', '.join(names)}: {set_description(names)}")
 
     os.makedirs(out, exist_ok=True)
     with open(settings_path, "w", encoding="utf-8") as f:

@@ -6,6 +6,8 @@ One model plays two roles. As *teacher* it reads a problem from a growing pool a
 conceptually different one. As *student* it solves each new problem G times; the most common final
 answer is the pseudo-label and the share of answers that agree with it is the problem's solve rate.
 Both roles are trained together with GRPO on rewards the model computes itself: no labels.
+Two variants, one flag apart (`--recipe`, see RECIPES): `code`, the authors' released code (default),
+and `paper`, the equations of the paper's later text (v3/v4).
 
 Read top to bottom; the sections follow one round of the algorithm:
   1. config                      6. scoring a round (rewards -> selection -> pool)
@@ -41,9 +43,11 @@ import torch.nn.functional as F
 
 @dataclass
 class Config:
-    """Every constant of the method. Defaults are the paper's recipe (authors' Llama-3.2-3B config)."""
+    """Every constant of the method. Defaults are recipe `code`: the authors' released config for
+    Llama-3.2-3B-Instruct (RECIPES holds the paper's later variant)."""
 
     # run
+    recipe: str = "code"  # preset applied under your flags: "code" (authors' released code) or "paper" (v3/v4 text); see RECIPES
     model: str = "tiny"  # short name (see MODELS), hub id, local path, or "tiny" (built in-process)
     out: str = "runs/opensir"  # output directory: checkpoints, metrics.jsonl, problems.jsonl
     resume: bool = False  # continue from the latest checkpoint in --out
@@ -66,13 +70,23 @@ class Config:
     len_cap: int = 1000  # solution-length reward saturates at this many student tokens
     div_topk: int = 5  # diversity: mean of this many largest cosine similarities
     div_embed: str = "center"  # "center": subtract the pool's mean embedding (anisotropy); "raw"
+    solve_rate_over: str = "parsed"  # solve-rate denominator: "parsed" answers (code) or the whole "group" G (paper Eq. 1)
+    tent_floor: str = "band"  # tent value at the band edges: "band" 1/#{k/G in band} (code) or "group" 1/G (paper Eq. 2)
+    div_mode: str = "topk"  # "topk": (1 - mean top-k cos)/2 vs pool and round (code); "nearest": 1 - max cos vs the pool before the step (paper Eq. 4)
+    teacher_format: str = "think"  # teacher format reward: a <think> block, "think" (code), or valid problem and concepts "tags" (paper)
     w_solv: float = 1.0  # weight of the solvability reward
     w_div: float = 1.0  # weight of the diversity reward
     w_len: float = 1.0  # weight of the solution-length reward
-    w_teacher_format: float = 0.1  # weight of the teacher <think> format reward
+    w_teacher_format: float = 0.1  # weight of the teacher format reward (see teacher_format)
     # student rewards
     w_correct: float = 1.0  # weight of agreeing with the majority answer
-    w_student_format: float = 0.1  # weight of ending with the asked final-answer line
+    w_student_format: float = 0.1  # weight of the student format reward (see student_format)
+    student_format: str = "final_line"  # student format reward: the asked "final_line" last (code) or any "boxed" answer (paper)
+    # selection: which groups are trained
+    select_key: str = "combined"  # ranks candidates: "combined" = w_solv solv + w_div div (code) or "total" = R_T (paper)
+    select_scope: str = "round"  # "round": 1 teacher group and 1 problem per round (code); "step": top fractions of the step (paper)
+    select_teacher_frac: float = 0.5  # select_scope step: share of the step's reference groups kept, by variance of the key
+    select_student_frac: float = 0.5  # select_scope step: problems kept, as a share of the step's reference groups, by key
     # GRPO
     rounds_per_step: int = 16  # rounds (one teacher + one student group each) per optimiser step
     updates_per_rollout: int = 1  # optimiser steps on each batch of rollouts (mu)
@@ -86,6 +100,7 @@ class Config:
     max_grad_norm: float = 0.5  # gradient-norm clip
     # starting pool
     seed_problem: str = "What is 1+1?"  # the one problem the pool grows from
+    start_pool: str = "grow"  # "grow": grow init_pool_size in-band problems before step 1 (code); "seed": the seed problem alone (paper)
     init_pool_size: int = 512  # grow the starting pool to this many in-band problems (0: skip)
     init_pool_max_rounds: int = 2000  # give up growing the starting pool after this many rounds
     init_pool_min_chars: int = 30  # starting-pool filter: shortest problem kept
@@ -124,6 +139,7 @@ class Config:
             errors.append(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.loss_agg not in LOSS_AGGS:
             errors.append(f"--loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
+        errors += recipe_errors(self)  # the recipe fields: RECIPES, below
         if self.div_embed not in ("center", "raw"):
             errors.append(f"--div_embed must be 'center' or 'raw', got {self.div_embed!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -168,6 +184,66 @@ TINY_DEFAULTS = dict(
     train_micro_batch=16, threads=1,  # one thread: small matmuls gain nothing from two, and lose a lot on a busy machine
 )
 
+# The two OpenSIRs (SPEC "Two recipes"): the authors' released code, which produced the paper's first
+# results, and the paper's later text (arXiv 2511.00602 v3/v4). Each row of that table is a Config field,
+# so an ablation can mix them; `--recipe` applies one set under the flags you give. "code" is Config's
+# own defaults, so each value is written once.
+RECIPE_FIELDS = ("solve_rate_over", "tent_floor", "div_mode", "teacher_format", "student_format", "select_key",
+                 "select_scope", "warmup_steps", "start_pool")
+RECIPES = {
+    "code": {k: getattr(Config, k) for k in RECIPE_FIELDS},
+    "paper": dict(solve_rate_over="group", tent_floor="group", div_mode="nearest", teacher_format="tags",
+                  student_format="boxed", select_key="total", select_scope="step", warmup_steps=20,
+                  start_pool="seed"),
+}
+RECIPE_CHOICES = dict(solve_rate_over=("parsed", "group"), tent_floor=("band", "group"), div_mode=("topk", "nearest"),
+                      teacher_format=("think", "tags"), student_format=("final_line", "boxed"),
+                      select_key=("combined", "total"), select_scope=("round", "step"), start_pool=("grow", "seed"))
+
+
+def recipe_errors(values, given: Optional[dict] = None) -> list:
+    """What is wrong with the recipe fields of a config (a Config, or a dict field -> value), one message
+    per flag. `given` (the flags the user typed) also catches flags that the chosen settings would ignore."""
+    values = values if isinstance(values, dict) else vars(values)
+    errors, recipe = [], values["recipe"]
+    if recipe not in RECIPES:
+        errors.append(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    for name, choices in RECIPE_CHOICES.items():
+        if values[name] not in choices:
+            errors.append(f"--{name} must be one of {', '.join(choices)}, got {values[name]!r}")
+    for name in ("select_teacher_frac", "select_student_frac"):
+        if not 0 < values[name] <= 1:  # also false for NaN
+            errors.append(f"--{name} must be in (0, 1], got {values[name]}")
+    if values["start_pool"] == "seed" and values["init_pool"]:
+        errors.append(f"--init_pool {values['init_pool']} loads a starting pool, but --start_pool is 'seed' "
+                      f"(recipe {recipe!r}): pass --start_pool grow to use the file")
+    ignored = {"select_teacher_frac": ("select_scope", "step"), "select_student_frac": ("select_scope", "step"),
+               "div_topk": ("div_mode", "topk"), "init_pool_size": ("start_pool", "grow"),
+               "init_pool_max_rounds": ("start_pool", "grow"), "init_pool_min_chars": ("start_pool", "grow")}
+    for name, (field_name, needed) in ignored.items():
+        if given and name in given and values[field_name] != needed:
+            errors.append(f"--{name} has no effect with --{field_name} {values[field_name]} "
+                          f"(recipe {recipe!r}); pass --{field_name} {needed} as well, or drop --{name}")
+    return errors
+
+
+def recipe_preset(given: dict) -> dict:
+    """The --recipe preset's values for the fields that neither your flags nor the tiny model's smaller
+    defaults set (so a tiny run keeps no warm-up). Prints the recipe; a bad recipe flag stops here
+    (SystemExit naming the flag), before any model loads."""
+    recipe = given.get("recipe", Config.recipe)
+    if recipe not in RECIPES:
+        raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    small = TINY_DEFAULTS if given.get("model", Config.model) == "tiny" else {}
+    preset = {k: v for k, v in RECIPES[recipe].items() if k not in given and k not in small}
+    values = {**{f.name: f.default for f in dataclasses.fields(Config)}, **small, **preset, **given}
+    errors = recipe_errors(values, given)
+    if errors:
+        raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
+    print(f"recipe {recipe}: " + ", ".join(f"{k}={values[k]}" for k in RECIPE_FIELDS)
+          + (f" (your flags: {', '.join(k for k in RECIPE_FIELDS if k in given)})" if set(given) & set(RECIPE_FIELDS) else ""))
+    return preset
+
 
 # ================================================================================================
 # 2. Prompts and parsing
@@ -211,7 +287,8 @@ def chat(tokenizer, user_text: str) -> str:
 
 
 def _tag(text: str, name: str) -> Optional[str]:
-    m = re.search(rf"<{name}>(.*?)</{name}>", text, re.DOTALL)
+    """Content of the first <name>...</name>, tags in any case (`<Problem>`, `<THINK>`), as the authors match."""
+    m = re.search(rf"<{name}>(.*?)</{name}>", text, re.DOTALL | re.IGNORECASE)
     return m.group(1) if m else None
 
 
@@ -225,15 +302,18 @@ class TeacherOutput:
 
 def parse_teacher(text: str) -> TeacherOutput:
     """Legal = non-empty <problem> of >= 10 chars (not just dots) and a one-line <concepts> list of
-    1 to 3 comma-separated items, at least one of them >= 10 chars."""
+    1 to 3 comma-separated items, at least one of them >= 10 chars. As in the authors' parser, empty
+    items count towards the 3 (`a, b, c,` is four items) and a line break of any kind (\\n or \\r)
+    inside the stripped list makes it illegal."""
     problem = _tag(text, "problem")
     problem = problem.strip() if problem is not None else None
     raw_concepts = _tag(text, "concepts")
     concepts = []
     concepts_ok = False
-    if raw_concepts is not None and "\n" not in raw_concepts.strip():
-        concepts = [c.strip() for c in raw_concepts.split(",") if c.strip()]
-        concepts_ok = 1 <= len(concepts) <= 3 and any(len(c) >= 10 for c in concepts)
+    if raw_concepts is not None and len(raw_concepts.strip().splitlines()) == 1:
+        items = [c.strip() for c in raw_concepts.split(",")]  # empty items kept: they count
+        concepts = [c for c in items if c]
+        concepts_ok = len(items) <= 3 and any(len(c) >= 10 for c in items)
     problem_ok = problem is not None and len(problem) >= 10 and problem.strip(". \u2026") != ""
     return TeacherOutput(problem, concepts, _tag(text, "think") is not None, problem_ok and concepts_ok)
 
@@ -242,6 +322,18 @@ def has_final_line(solution: str) -> bool:
     """Student format: the last non-empty line is the asked 'Therefore, the final answer is' line."""
     lines = [ln.strip() for ln in solution.strip().splitlines() if ln.strip()]
     return bool(lines) and FINAL_LINE_RE.match(lines[-1]) is not None
+
+
+def teacher_format_reward(parsed: TeacherOutput, mode: str) -> float:
+    """R_fmt (teacher). code ("think"): 1 when a <think> block is present. paper ("tags"): 1 when the
+    problem and concepts tags are valid, which every legal output has (illegal ones get no reward at all)."""
+    return float(parsed.has_think if mode == "think" else parsed.legal)
+
+
+def student_format_reward(solution: str, mode: str) -> float:
+    """R_fmt (student). code ("final_line"): 1 when the last line is the asked final-answer line.
+    paper ("boxed"): 1 when the solution holds a complete \\boxed{} answer anywhere."""
+    return float(has_final_line(solution) if mode == "final_line" else extract_boxed(solution) is not None)
 
 
 # ================================================================================================
@@ -376,10 +468,11 @@ def normalize_answer(ans: Optional[str]) -> Optional[str]:
 # ================================================================================================
 
 
-def majority_vote(answers: list) -> tuple:
+def majority_vote(answers: list, over: str = "parsed") -> tuple:
     """Pseudo-label by majority: the most common parsed answer (ties: the earliest sampled).
 
-    s = count(majority) / #parsed. Unparsed answers (None) neither vote nor count.
+    code  (over="parsed"): s = count(majority) / #parsed; unparsed answers (None) neither vote nor count.
+    paper (over="group", Eq. 1): s = count(majority) / G; unparsed answers count as disagreeing.
     Returns (majority or None, solve rate s, #parsed); s = 0 when nothing parsed.
     """
     parsed = [a for a in answers if a is not None]
@@ -388,14 +481,18 @@ def majority_vote(answers: list) -> tuple:
     counts = Counter(parsed)
     best = max(counts.values())
     majority = next(a for a in parsed if counts[a] == best)  # first sampled among the tied
-    return majority, best / len(parsed), len(parsed)
+    return majority, best / len(parsed if over == "parsed" else answers), len(parsed)
 
 
-def band_y_min(group: int, lo: float, hi: float) -> float:
-    """y_min = 1 / |{k/G : k = 1..G, lo <= k/G <= hi}|: the tent's value at the band edges.
+def band_y_min(group: int, lo: float, hi: float, floor: str = "band") -> float:
+    """The tent's value at the band edges.
 
-    With G = 8 and [0.5, 0.9] the reachable rates are 4/8..7/8, so y_min = 1/4.
+    code  (floor="band"):  y_min = 1 / |{k/G : k = 1..G, lo <= k/G <= hi}|; with G = 8 and [0.5, 0.9] the
+                           reachable rates are 4/8..7/8, so y_min = 1/4.
+    paper (floor="group"): y_min = 1/G = 1/8.
     """
+    if floor == "group":
+        return 1.0 / group
     n = sum(1 for k in range(1, group + 1) if in_band(k / group, lo, hi))
     return 1.0 / max(n, 1)
 
@@ -405,9 +502,10 @@ def in_band(s: float, lo: float, hi: float) -> bool:
     return lo - 1e-9 <= s <= hi + 1e-9
 
 
-def solvability_reward(s: float, group: int, lo: float, hi: float) -> float:
+def solvability_reward(s: float, group: int, lo: float, hi: float, floor: str = "band") -> float:
     """R_solv(s) = 1 - (1 - y_min) |s - m| / (m - lo) for lo <= s <= hi, else 0;  m = (lo + hi) / 2.
 
+    y_min from band_y_min: code 1/#{k/G in band}; paper (Eq. 2, eta = (1 - 1/G)/(m - lo)) 1/G.
     A tent on the difficulty band: problems the student solves about m of the time score 1, ones it
     always or rarely agrees on score 0, so the teacher is pushed to the edge of the student's ability.
     """
@@ -416,11 +514,11 @@ def solvability_reward(s: float, group: int, lo: float, hi: float) -> float:
     m = (lo + hi) / 2
     if m - lo < 1e-12:  # a zero-width band: any rate in it is the peak
         return 1.0
-    return 1.0 - (1.0 - band_y_min(group, lo, hi)) * abs(s - m) / (m - lo)
+    return 1.0 - (1.0 - band_y_min(group, lo, hi, floor)) * abs(s - m) / (m - lo)
 
 
 def length_reward(solution_lengths: list, cap: int) -> float:
-    """R_len = min(mean student completion tokens, cap) / cap: longer solutions mean harder problems."""
+    """R_len = min(mean student completion tokens, cap) / cap (both recipes): longer solutions mean harder problems."""
     if not solution_lengths:
         return 0.0
     return min(float(np.mean(solution_lengths)), cap) / cap
@@ -428,6 +526,7 @@ def length_reward(solution_lengths: list, cap: int) -> float:
 
 def diversity_rewards(cand: torch.Tensor, pool: torch.Tensor, topk: int, center: bool) -> torch.Tensor:
     """R_div(x) = (1 - mean of the top-k cos(e_x, e_y)) / 2, y over the pool and the other candidates.
+    The released code's diversity (recipe code); range [0, 1].
 
     cand (n, d) and pool (p, d) are raw mean-pooled hidden states. Hidden states of a language model
     are anisotropic: every pair has cosine near 1, so raw cosines barely separate a copy from a new
@@ -452,13 +551,34 @@ def diversity_rewards(cand: torch.Tensor, pool: torch.Tensor, topk: int, center:
     return (1.0 - top.mean(dim=1)) / 2.0
 
 
+def nearest_distance(cand: torch.Tensor, pool: torch.Tensor, center: bool) -> torch.Tensor:
+    """R_div(x) = 1 - max_y cos(e_x, e_y), y over the pool as it was before this step: the cosine
+    distance to the single nearest earlier problem (recipe paper, Eq. 4); range [0, 2].
+
+    cand (n, d), pool (p, d): raw mean-pooled hidden states. Candidates of the same step are not compared
+    with each other. center as in diversity_rewards (the mean of pool and candidates is subtracted first).
+    An empty pool gives 1 (cosine taken as 0).
+    """
+    n = cand.shape[0]
+    if n == 0:
+        return torch.zeros(0)
+    if pool is None or pool.shape[0] == 0:
+        return torch.ones(n)
+    allv = torch.cat([pool, cand]).float()  # (p + n, d)
+    if center:
+        allv = allv - allv.mean(dim=0, keepdim=True)
+    allv = F.normalize(allv, dim=-1, eps=1e-12)
+    sim = allv[pool.shape[0]:] @ allv[: pool.shape[0]].T  # (n, p)
+    return (1.0 - sim.max(dim=1).values).clamp(0.0, 2.0)  # (n,)
+
+
 def teacher_total(solv: float, div: float, length: float, fmt: float, cfg: "Config") -> float:
-    """R_T = w_solv R_solv + w_div R_div + w_len R_len + w_fmt R_format (all 0 for an illegal output)."""
+    """R_T = w_solv R_solv + w_div R_div + w_len R_len + w_fmt R_format (both recipes; all 0 for an illegal output)."""
     return cfg.w_solv * solv + cfg.w_div * div + cfg.w_len * length + cfg.w_teacher_format * fmt
 
 
 def student_rewards(answers: list, majority: Optional[str], formats: list, cfg: "Config") -> list:
-    """R_S = w_correct [answer == majority] + w_fmt [last line is the asked final-answer line]."""
+    """R_S = w_correct [answer == majority] + w_fmt R_fmt, R_fmt from student_format_reward (both recipes)."""
     return [cfg.w_correct * float(majority is not None and a == majority) + cfg.w_student_format * float(f)
             for a, f in zip(answers, formats)]
 
@@ -577,41 +697,96 @@ class Candidate:
     fmt: float = 0.0
     reward: float = 0.0  # R_T
     student_rewards: list = field(default_factory=list)  # R_S per solution
-    combined: float = 0.0  # w_solv R_solv + w_div R_div: ranks candidates for training
+    combined: float = 0.0  # the ranking key (select_key): w_solv R_solv + w_div R_div (code) or R_T (paper)
     embedding: Optional[torch.Tensor] = None  # raw mean-pooled hidden state (d,)
+
+    @property
+    def scored(self) -> bool:
+        """Has a score: legal, and at least one solution gave a parsed answer (the authors' gating)."""
+        return self.parsed.legal and self.n_parsed > 0
 
 
 def score_candidates(cands: list, pool_emb: Optional[torch.Tensor], cfg: Config) -> None:
-    """Fill every reward of a round's candidates (in place). Illegal candidates keep all zeros."""
+    """Fill every reward of a round's candidates (in place). Illegal candidates keep all zeros.
+    pool_emb: what diversity compares with (div_mode topk: the pool now; nearest: the pool before the step).
+    A legal problem with no parsed answer gets length 0 (its solutions may ramble to the budget; that
+    must not pay the teacher) and is never selected (`scored` is False)."""
     legal = [c for c in cands if c.parsed.legal]
     for c in legal:
-        c.majority, c.solve_rate, c.n_parsed = majority_vote(c.answers)
-        c.solv = solvability_reward(c.solve_rate, cfg.student_group, cfg.band_lo, cfg.band_hi)
-        c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap)  # its own solutions
-        c.fmt = float(c.parsed.has_think)
-        c.student_rewards = student_rewards(c.answers, c.majority, [has_final_line(s.text) for s in c.solutions], cfg)
+        c.majority, c.solve_rate, c.n_parsed = majority_vote(c.answers, cfg.solve_rate_over)
+        c.solv = solvability_reward(c.solve_rate, cfg.student_group, cfg.band_lo, cfg.band_hi, cfg.tent_floor)
+        c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap) if c.n_parsed else 0.0  # its own
+        c.fmt = teacher_format_reward(c.parsed, cfg.teacher_format)
+        c.student_rewards = student_rewards(
+            c.answers, c.majority, [student_format_reward(s.text, cfg.student_format) for s in c.solutions], cfg)
     if legal and cfg.w_div > 0:
-        divs = diversity_rewards(torch.stack([c.embedding for c in legal]), pool_emb, cfg.div_topk,
-                                 cfg.div_embed == "center")
+        emb = torch.stack([c.embedding for c in legal])  # (n, d)
+        center = cfg.div_embed == "center"
+        divs = (nearest_distance(emb, pool_emb, center) if cfg.div_mode == "nearest"
+                else diversity_rewards(emb, pool_emb, cfg.div_topk, center))
         for c, d in zip(legal, divs.tolist()):
             c.div = d
     for c in legal:
         c.reward = teacher_total(c.solv, c.div, c.length, c.fmt, cfg)
-        c.combined = cfg.w_solv * c.solv + cfg.w_div * c.div
+        c.combined = c.reward if cfg.select_key == "total" else cfg.w_solv * c.solv + cfg.w_div * c.div
 
 
-def select_teacher_group(combined: np.ndarray, legal: np.ndarray) -> int:
-    """The reference group whose `combined` scores vary most: the most informative for GRPO.
-    combined, legal: (n_refs, g). Groups with no legal member rank last."""
-    var = combined.var(axis=1)  # (n_refs,)
-    var = np.where(legal.any(axis=1), var, -1.0)
-    return int(np.argmax(var))  # first among ties
+def group_spread(combined: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """Var of the ranking key within each reference group, over the members that have a score (both
+    recipes, as the authors compute it); -1 for a group with none, so it ranks last.
+    combined, scored: (n_groups, g) -> (n_groups,)."""
+    out = np.full(combined.shape[0], -1.0)
+    for i, (row, ok) in enumerate(zip(combined, scored.astype(bool))):
+        if ok.any():
+            out[i] = row[ok].var()
+    return out
+
+
+def select_teacher_group(combined: np.ndarray, scored: np.ndarray) -> int:
+    """Recipe code, per round: argmax_j Var{key_i : i in group j, i scored}, the most informative group
+    for GRPO (first among ties); groups with no scored member rank last."""
+    return int(np.argmax(group_spread(combined, scored)))
 
 
 def select_student_problem(cands: list) -> Optional[int]:
-    """Index of the legal candidate with the highest `combined` (first among ties), or None."""
-    ok = [i for i, c in enumerate(cands) if c.parsed.legal]
+    """Recipe code, per round: argmax_i key_i over the scored candidates (first among ties), or None."""
+    ok = [i for i, c in enumerate(cands) if c.scored]
     return max(ok, key=lambda i: cands[i].combined) if ok else None
+
+
+def select_step(rounds_cands: list, g: int, teacher_frac: float, student_frac: float) -> list:
+    """Recipe paper, per step: of all K reference groups of the step keep the round(teacher_frac K) with the
+    largest Var(key) (as group_spread), and the round(student_frac K) scored problems with the largest key
+    (at least one each; ties: the earliest). At the defaults K = 16 x 4 = 64: 32 + 32 groups, 512 sequences.
+    Returns, per round, (kept teacher groups, kept candidate indices)."""
+    spread, keys = [], []
+    for r, cands in enumerate(rounds_cands):
+        sp = group_spread(np.array([c.combined for c in cands]).reshape(-1, g),
+                          np.array([c.scored for c in cands]).reshape(-1, g))
+        spread += [(v, r, j) for j, v in enumerate(sp)]
+        keys += [(c.combined, r, i) for i, c in enumerate(cands) if c.scored]
+    n_groups = len(spread)
+    top_t = sorted(range(n_groups), key=lambda k: -spread[k][0])[: max(1, round(teacher_frac * n_groups))]
+    top_s = sorted(range(len(keys)), key=lambda k: -keys[k][0])[: max(1, round(student_frac * n_groups))]
+    chosen = [([], []) for _ in rounds_cands]
+    for k in sorted(top_t):
+        chosen[spread[k][1]][0].append(spread[k][2])
+    for k in sorted(top_s):
+        chosen[keys[k][1]][1].append(keys[k][2])
+    return chosen
+
+
+def select_for_training(rounds_cands: list, cfg: Config) -> list:
+    """Per round, (teacher groups to train, student candidates to train), by cfg.select_scope."""
+    if cfg.select_scope == "step":
+        return select_step(rounds_cands, cfg.teacher_group, cfg.select_teacher_frac, cfg.select_student_frac)
+    g, chosen = cfg.teacher_group, []
+    for cands in rounds_cands:
+        group = select_teacher_group(np.array([c.combined for c in cands]).reshape(-1, g),
+                                     np.array([c.scored for c in cands]).reshape(-1, g))  # (n_refs, g) each
+        best = select_student_problem(cands)
+        chosen.append(([group], [] if best is None else [best]))
+    return chosen
 
 
 # ================================================================================================
@@ -654,12 +829,10 @@ def concepts_mask(tokenizer, ids: list) -> list:
     The concepts are bookkeeping for the pool, not something the teacher is rewarded for. Token spans
     come from the character offsets of decoded prefixes (binary search), so any tokenizer works.
     """
-    text = tokenizer.decode(ids)
-    start = text.find("<concepts>")
-    end = text.find("</concepts>", start + 1) if start >= 0 else -1
-    if start < 0 or end < 0:
+    span = re.search(r"<concepts>.*?</concepts>", tokenizer.decode(ids), re.DOTALL | re.IGNORECASE)  # any case, as parse_teacher
+    if span is None:
         return [1] * len(ids)
-    end += len("</concepts>")
+    start, end = span.span()
 
     def first_token_reaching(char_pos: int) -> int:  # smallest k with len(decode(ids[:k+1])) > char_pos
         lo, hi = 0, len(ids) - 1
@@ -1086,7 +1259,8 @@ def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
     return parse_teacher(text)
 
 
-def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, timers: Counter) -> list:
+def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, timers: Counter,
+               step_pool: Optional[torch.Tensor] = None) -> list:  # step_pool: the pool before the step (div_mode nearest)
     """One round of self-play: teacher writes problems, student solves them, rewards are computed.
     Returns the n_refs * g Candidates, grouped by reference (group = index into refs)."""
     sample = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.gen_batch)
@@ -1102,10 +1276,14 @@ def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, 
         c.solutions = sols[j * cfg.student_group: (j + 1) * cfg.student_group]
         c.answers = [normalize_answer(extract_boxed(s.text)) for s in c.solutions]
     t2 = time.perf_counter()
+    if cfg.random_init:  # random weights box nothing: their last words vote, so the student phase trains at full size
+        for c in legal:
+            c.answers = [a if a is not None else (s.text.split() or ["?"])[-1] for a, s in zip(c.answers, c.solutions)]
     if legal and cfg.w_div > 0:
         for c, e in zip(legal, embed_texts(frozen, tokenizer, [c.parsed.problem for c in legal])):
             c.embedding = e
-    score_candidates(cands, pool.embeddings, cfg)
+    nearest = cfg.div_mode == "nearest" and step_pool is not None
+    score_candidates(cands, step_pool if nearest else pool.embeddings, cfg)
     timers["teacher_gen"] += t1 - t0
     timers["student_gen"] += t2 - t1
     timers["teacher_tokens"] += sum(len(o.ids) for o in outs)
@@ -1114,24 +1292,33 @@ def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, 
     return cands
 
 
-def training_batch(cands: list, tokenizer, cfg: Config) -> tuple:
-    """Selection and advantages: the teacher group with the most varied `combined`, whole, and the
-    student group of the best problem. Returns (TrainSeqs, chosen group, chosen problem index or None)."""
-    g = cfg.teacher_group
-    combined = np.array([c.combined for c in cands]).reshape(-1, g)  # (n_refs, g)
-    legal = np.array([c.parsed.legal for c in cands]).reshape(-1, g)  # (n_refs, g)
-    group = select_teacher_group(combined, legal)
-    members = cands[group * g: (group + 1) * g]
-    adv_t = group_advantages(torch.tensor([[c.reward for c in members]], dtype=torch.float64), cfg.adv_eps)[0]
-    seqs = [TrainSeq(c.completion.prompt_ids, c.completion.ids, concepts_mask(tokenizer, c.completion.ids),
-                     float(a), "teacher") for c, a in zip(members, adv_t)]
-    best = select_student_problem(cands)
-    if best is not None:
-        c = cands[best]
+def round_seqs(cands: list, groups: list, students: list, tokenizer, cfg: Config) -> list:
+    """TrainSeqs of one round's chosen groups with their advantages: each chosen teacher group whole
+    (illegal members train with reward 0), and the G solutions of each chosen problem."""
+    g, seqs = cfg.teacher_group, []
+    for group in groups:
+        members = cands[group * g: (group + 1) * g]
+        adv_t = group_advantages(torch.tensor([[c.reward for c in members]], dtype=torch.float64), cfg.adv_eps)[0]
+        seqs += [TrainSeq(c.completion.prompt_ids, c.completion.ids, concepts_mask(tokenizer, c.completion.ids),
+                          float(a), "teacher") for c, a in zip(members, adv_t)]
+    for i in students:
+        c = cands[i]
         adv_s = group_advantages(torch.tensor([c.student_rewards], dtype=torch.float64), cfg.adv_eps)[0]
         seqs += [TrainSeq(s.prompt_ids, s.ids, [1] * len(s.ids), float(a), "student")
                  for s, a in zip(c.solutions, adv_s)]
-    return seqs, group, best
+    return seqs
+
+
+def training_batch(rounds_cands: list, tokenizer, cfg: Config) -> tuple:
+    """Selection and advantages for a step. Returns (the loss's rounds: lists of TrainSeqs, and per round
+    (chosen teacher groups, chosen candidate indices)). Per-round selection keeps one loss term per
+    round (L = mean over rounds, the authors' TRL behaviour); per-step selection is one batch, one
+    token mean over all its sequences."""
+    chosen = select_for_training(rounds_cands, cfg)
+    rounds = [round_seqs(cands, groups, studs, tokenizer, cfg) for cands, (groups, studs) in zip(rounds_cands, chosen)]
+    if cfg.select_scope == "step":
+        rounds = [[s for r in rounds for s in r]]
+    return rounds, chosen
 
 
 def add_to_pool(pool: Pool, cands: list, cfg: Config) -> None:
@@ -1139,6 +1326,22 @@ def add_to_pool(pool: Pool, cands: list, cfg: Config) -> None:
     legal = [c for c in cands if c.parsed.legal]
     emb = torch.stack([c.embedding for c in legal]) if legal and cfg.w_div > 0 else None
     pool.add([c.parsed.problem for c in legal], [c.parsed.concepts for c in legal], emb)
+
+
+# a number as a problem may write it: `-4`, `1,000`, `0.5`, `.5`, `3/4`, `\frac{3}{4}`, `\dfrac34`; not part of a
+# longer number or a name (`14`, `x2`, `4.5` hold no `4`), but a sentence's full stop may follow (`equals 4.`)
+_NUMBER_IN_TEXT = re.compile(r"(?<![\w.])-?(?:\\[dt]?frac\s*(?:\{-?\d+\}|\d)\s*(?:\{-?\d+\}|\d)|\d{1,3}(?:,\d{3})+(?:\.\d+)?"
+                             r"|\d+(?:\.\d+)?(?:/\d+)?|\.\d+)(?!\d|\.\d)")
+
+
+def states_answer(problem: str, majority: str) -> bool:
+    """Does the problem already state its (normalised) majority answer? Any number written in the problem
+    whose vote key equals the majority counts (`1,000` for 1000, `\\frac12` or `0.5` for 1/2), wherever it
+    stands, also before a full stop or comma; other answers count when they appear as a whole word."""
+    for m in _NUMBER_IN_TEXT.finditer(problem):
+        if normalize_answer(m.group(0)) == majority:
+            return True
+    return re.search(rf"(?<![\w.]){re.escape(majority)}(?!\w|\.\w)", problem) is not None
 
 
 def starting_pool_filter(c: Candidate, cfg: Config) -> bool:
@@ -1149,7 +1352,7 @@ def starting_pool_filter(c: Candidate, cfg: Config) -> bool:
             and any(ch.isdigit() for ch in c.majority)
             and len(c.parsed.problem) >= cfg.init_pool_min_chars
             and re.search(r"</?[A-Za-z][\w-]*(\s[^<>]*)?/?>", c.parsed.problem) is None
-            and re.search(rf"(?<![\w.]){re.escape(c.majority)}(?![\w.])", c.parsed.problem) is None)
+            and not states_answer(c.parsed.problem, c.majority))
 
 
 def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
@@ -1164,7 +1367,7 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
         pool.add([r["problem"] for r in rows], [r.get("concepts", []) for r in rows], emb)
         log(f"starting pool: {len(rows)} problems from {cfg.init_pool}")
         return pool
-    if cfg.init_pool_size == 0:
+    if cfg.init_pool_size == 0 or cfg.start_pool == "seed":  # recipe paper starts RL from the seed alone
         return pool
     kept, timers = [], Counter()
     bar = _progress(total=cfg.init_pool_size, desc="starting pool")
@@ -1269,7 +1472,7 @@ def step_metrics(step: int, rounds_cands: list, rounds: list, pool: Pool, cfg: C
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
             else _rss_gib())
     return {
-        "step": step, **opt,
+        "step": step, "recipe": cfg.recipe, **opt,
         "teacher/legal_rate": len(legal) / max(len(cands), 1),
         "teacher/reward": mean([c.reward for c in cands]),
         "teacher/solvability": mean([c.solv for c in legal]),
@@ -1278,7 +1481,7 @@ def step_metrics(step: int, rounds_cands: list, rounds: list, pool: Pool, cfg: C
         "teacher/format": mean([c.fmt for c in legal]),
         "student/reward": mean([r for c in legal for r in c.student_rewards]),
         "student/agree": mean([float(a is not None and a == c.majority) for c in legal for a in c.answers]),
-        "student/format": mean([float(has_final_line(s.text)) for c in legal for s in c.solutions]),
+        "student/format": mean([student_format_reward(s.text, cfg.student_format) for c in legal for s in c.solutions]),
         "student/parsed_rate": mean([float(a is not None) for c in legal for a in c.answers]),
         "solve_rate/mean": mean([c.solve_rate for c in legal if c.n_parsed]),
         "solve_rate/in_band": mean([float(c.solv > 0) for c in legal]),
@@ -1303,7 +1506,7 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, group: int, best: Optional[int]) -> list:
+def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, groups: list, students: list) -> list:
     """problems.jsonl rows: every teacher output of the round with its reference and scores."""
     rows = []
     for i, c in enumerate(cands):
@@ -1313,7 +1516,7 @@ def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, group: int, 
             "n_parsed": c.n_parsed, "majority": c.majority, "answers": c.answers,
             "rewards": {"total": c.reward, "solvability": c.solv, "diversity": c.div, "length": c.length,
                         "format": c.fmt},
-            "trained_as_teacher": c.group == group, "trained_as_student": i == best,
+            "trained_as_teacher": c.group in groups, "trained_as_student": i in students,
             "teacher_output": c.completion.text,
         })
     return rows
@@ -1519,15 +1722,17 @@ def train(cfg: Config) -> str:
     try:
         for step in range(start + 1, cfg.steps + 1):
             timers, t_step = Counter(), time.perf_counter()
-            rounds, rounds_cands, rows = [], [], []
+            rounds_cands, rounds_refs = [], []
+            step_pool = pool.embeddings  # the pool before this step: what paper diversity compares with
             for rnd in range(cfg.rounds_per_step):
                 refs = [random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)]
-                cands = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers)
-                seqs, group, best = training_batch(cands, tokenizer, cfg)
+                cands = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers, step_pool)
+                rounds_refs.append([pool.problems[r] for r in refs])
                 add_to_pool(pool, cands, cfg)
-                rounds.append(seqs)
                 rounds_cands.append(cands)
-                rows += problem_rows(step, rnd, [pool.problems[r] for r in refs], cands, group, best)
+            rounds, chosen = training_batch(rounds_cands, tokenizer, cfg)
+            rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
+                    for row in problem_rows(step, rnd, refs, cands, groups, studs)]
             t0 = time.perf_counter()
             opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard)
             if sampler is not policy:
@@ -1588,9 +1793,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: Optional[list] = None) -> Config:
-    """Flags the user set win; for --model tiny, TINY_DEFAULTS fill the rest before Config's defaults."""
+    """Flags the user set win; then, for --model tiny, TINY_DEFAULTS (smaller numbers); then the --recipe
+    preset (RECIPES, see recipe_preset); then Config's defaults."""
     args = vars(build_parser().parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None}
+    given = {**recipe_preset(given), **given}  # the preset fills what you and the tiny defaults leave open
     model = given.get("model", Config.model)
     tiny = {k: v for k, v in TINY_DEFAULTS.items() if k not in given} if model == "tiny" else {}
     if tiny:
