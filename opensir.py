@@ -1989,7 +1989,7 @@ def config_from_args(argv: Optional[list] = None) -> Config:
 
 def main(argv: Optional[list] = None) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
-    if dist_env()[0]:  # under torchrun: one set of progress bars and one copy of the config lines (rank 0's)
+    if dist_env()[0]:  # under torchrun: one set of progress bars (rank 0's)
         os.environ["TQDM_DISABLE"] = "1"
     cfg = config_from_args(argv)
     try:

@@ -14,8 +14,9 @@ import eval as ev
 import opensir as O
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ARGS = ["--model", "tiny", "--rounds_per_step", "2", "--n_refs", "2", "--teacher_group", "4", "--student_group", "4",
-        "--init_pool_size", "2", "--init_pool_max_rounds", "1", "--seed", "3"]
+BASE = ["--model", "tiny", "--rounds_per_step", "2", "--n_refs", "2", "--teacher_group", "4", "--student_group", "4",
+        "--seed", "3"]
+ARGS = BASE + ["--init_pool_size", "2", "--init_pool_max_rounds", "1"]  # recipe code grows a starting pool
 NOT_COMPARED = ("sec/", "tok_per_sec/", "peak_mem", "ranks")  # timings, and the number of ranks itself
 
 
@@ -50,20 +51,21 @@ def metrics(out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """one: 1 process, 2 steps. two: 2 processes, 2 steps. half: 2 processes, 1 step, then resumed on 2
-    processes to step 2. half1: the same step-1 checkpoint resumed on 1 process."""
+    """one: 1 process, 2 steps, uninterrupted. two: 2 processes, 1 step (a checkpoint), then resumed on 2
+    processes to step 2. two1: the same step-1 checkpoint resumed on 1 process. (Each torchrun launch
+    costs ~10 s of start-up on a busy 2-core machine, so the file keeps to four.)"""
     d = tmp_path_factory.mktemp("dist")
-    out = {k: str(d / k) for k in ("one", "two", "half", "half1")}
+    out = {k: str(d / k) for k in ("one", "two", "two1")}
     O.main(ARGS + ["--steps", "2", "--out", out["one"]])
-    log_two = torchrun(2, "opensir.py", ARGS + ["--steps", "2", "--out", out["two"]])
-    torchrun(2, "opensir.py", ARGS + ["--steps", "1", "--out", out["half"]])
-    shutil.copytree(out["half"], out["half1"], ignore=shutil.ignore_patterns(".lock"))
-    log_resume = torchrun(2, "opensir.py", ARGS + ["--steps", "2", "--resume", "--out", out["half"]])
-    O.main(ARGS + ["--steps", "2", "--resume", "--out", out["half1"]])
-    return out, log_two, log_resume
+    log_two = torchrun(2, "opensir.py", ARGS + ["--steps", "1", "--out", out["two"]])
+    shutil.copytree(out["two"], out["two1"], ignore=shutil.ignore_patterns(".lock"))
+    log_resume = torchrun(2, "opensir.py", ARGS + ["--steps", "2", "--resume", "--out", out["two"]])
+    O.main(ARGS + ["--steps", "2", "--resume", "--out", out["two1"]])
+    return out, log_two + log_resume, log_resume
 
 
 def test_two_processes_give_the_rollouts_pool_and_weights_of_one(runs):
+    """2 processes (with a checkpoint and a resume after step 1) against 1 process, uninterrupted."""
     out, log_two, _ = runs
     one, two = out["one"], out["two"]
     assert rows(os.path.join(one, "problems.jsonl")) == rows(os.path.join(two, "problems.jsonl"))
@@ -88,21 +90,34 @@ def test_two_processes_give_the_rollouts_pool_and_weights_of_one(runs):
     assert log_two.count("identical on all 2 ranks") == 2
 
 
-def test_resume_on_two_processes_equals_the_uninterrupted_run(runs):
+def test_step_scope_selection_is_the_same_on_two_processes(tmp_path):
+    """Recipe paper selects over the whole step (top groups of all ranks' rounds) and normalises the loss
+    over all of the step's tokens: 2 processes choose and train what 1 process does."""
+    args = BASE + ["--recipe", "paper", "--steps", "1"]  # starts from the seed problem
+    O.main(args + ["--out", str(tmp_path / "one")])
+    torchrun(2, "opensir.py", args + ["--out", str(tmp_path / "two")])
+    one, two = rows(tmp_path / "one" / "problems.jsonl"), rows(tmp_path / "two" / "problems.jsonl")
+    assert one == two and {r["round"] for r in two if r["trained_as_teacher"]} == {0, 1}
+    (a,), (b,) = metrics(str(tmp_path / "one")), metrics(str(tmp_path / "two"))
+    for k in ("loss", "grad_norm", "train/teacher_seqs", "train/student_seqs"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+
+
+def test_resume_on_two_processes_continues_the_run(runs):
+    """The 2-process run was stopped after step 1 and resumed on 2 processes; the test above finds its
+    rollouts, pool and weights equal to the uninterrupted run's. Here: it resumed, and redid no step."""
     out, _, log_resume = runs
-    assert "resumed from" in log_resume
-    assert rows(os.path.join(out["half"], "problems.jsonl")) == rows(os.path.join(out["two"], "problems.jsonl"))
-    a, b = weights(os.path.join(out["half"], "ckpt-00002")), weights(os.path.join(out["two"], "ckpt-00002"))
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the same N, the same sums: exact
-    assert metrics(out["half"]) == metrics(out["two"])
+    assert f"resumed from {os.path.join(out['two'], 'ckpt-00001')} at step 1" in log_resume
+    assert "step 1/2" not in log_resume and "step 2/2" in log_resume
+    assert [m["step"] for m in metrics(out["two"])] == [1, 2]
 
 
 def test_resume_on_another_number_of_processes(runs):
     """Nothing in a checkpoint depends on N (each round is seeded from (seed, step, round)), so a run
     saved by 2 processes continues on 1 exactly as the 1-process run went on."""
     out, _, _ = runs
-    assert rows(os.path.join(out["half1"], "problems.jsonl")) == rows(os.path.join(out["one"], "problems.jsonl"))
-    p1, p2 = pool(os.path.join(out["half1"], "ckpt-00002")), pool(os.path.join(out["one"], "ckpt-00002"))
+    assert rows(os.path.join(out["two1"], "problems.jsonl")) == rows(os.path.join(out["one"], "problems.jsonl"))
+    p1, p2 = pool(os.path.join(out["two1"], "ckpt-00002")), pool(os.path.join(out["one"], "ckpt-00002"))
     assert p1["problems"] == p2["problems"] and torch.equal(p1["embeddings"], p2["embeddings"])
 
 
