@@ -1989,8 +1989,13 @@ def config_from_args(argv: Optional[list] = None) -> Config:
 
 def main(argv: Optional[list] = None) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
-    if dist_env()[0]:  # under torchrun: one set of progress bars (rank 0's)
-        os.environ["TQDM_DISABLE"] = "1"
+    if dist_env()[0]:  # under torchrun: one set of progress bars (rank 0's); the bars import tqdm.auto.tqdm
+        import tqdm.auto
+
+        class Quiet(tqdm.auto.tqdm):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, "disable": True})
+        tqdm.auto.tqdm = Quiet
     cfg = config_from_args(argv)
     try:
         cfg.validate()
