@@ -263,8 +263,9 @@ def compare_warnings(a: dict, b: dict) -> list[str]:
 # ================================================================================================
 
 
-def read_samples(path: str) -> list[dict]:
-    """Samples already written. A torn last line (a run killed mid-write) is dropped from the file."""
+def read_samples(path: str, repair: bool = True) -> list[dict]:
+    """Samples already written. A torn last line (a run killed mid-write) is dropped from the file (only
+    rank 0 under torchrun repairs it; the others just skip it)."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -276,8 +277,8 @@ def read_samples(path: str) -> list[dict]:
         except json.JSONDecodeError:
             if i != len(lines) - 1:
                 raise ValueError(f"{path}, line {i + 1}: not valid JSON; fix or delete the file") from None
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(lines[:-1])
+            if repair:  # one truncate: a rank reading meanwhile sees the torn line or none, the same samples
+                os.truncate(path, sum(len(x.encode("utf-8")) for x in lines[:-1]))
     return out
 
 
@@ -393,7 +394,7 @@ def main(argv: Optional[list] = None) -> dict:
     if os.path.isfile(out) or (os.path.exists(out) and not os.access(out, os.W_OK)):
         sys.exit(f"eval.py: --out {out} is a file or cannot be written; choose another --out")
     try:
-        done = read_samples(samples_path)  # an eval stopped before its first sample left nothing to protect
+        done = read_samples(samples_path, repair=opensir.dist_env()[0] == 0)  # an eval stopped before its first sample left nothing to protect
     except ValueError as err:
         sys.exit(f"eval.py: {err}")
     if done and not args.resume:
