@@ -1814,8 +1814,8 @@ def train(cfg: Config) -> str:
     state = load_pt(os.path.join(resume_from, "state.pt")) if resume_from else None  # damage shows before loading
     log = print if rk == 0 else (lambda *a, **k: None)
     if world > 1:
-        if rk == 0 and not cfg.random_init:
-            resolve_model(cfg.model)  # the tiny model is built once, not by N processes at the same time
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not cfg.random_init:
+            resolve_model(cfg.model)  # the tiny model is built once a node, not by N processes at the same time
         dist_call("barrier")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
