@@ -274,8 +274,9 @@ def compare_warnings(a: dict, b: dict) -> list[str]:
 # ================================================================================================
 
 
-def read_samples(path: str) -> list[dict]:
-    """Samples already written. A torn last line (a run killed mid-write) is dropped from the file."""
+def read_samples(path: str, repair: bool = True) -> list[dict]:
+    """Samples already written. A torn last line (a run killed mid-write) is dropped from the file (only
+    rank 0 under torchrun repairs it; the others just skip it)."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -287,8 +288,8 @@ def read_samples(path: str) -> list[dict]:
         except json.JSONDecodeError:
             if i != len(lines) - 1:
                 raise ValueError(f"{path}, line {i + 1}: not valid JSON; fix or delete the file") from None
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(lines[:-1])
+            if repair:  # one truncate: a rank reading meanwhile sees the torn line or none, the same samples
+                os.truncate(path, sum(len(x.encode("utf-8")) for x in lines[:-1]))
     return out
 
 
@@ -331,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: eval_results/<model>)")
     p.add_argument("--resume", action="store_true", help="continue --out, skipping samples already written")
     p.add_argument("--limit", type=int, help="first N problems of each benchmark")
-    p.add_argument("--n", type=int, default=16, help="samples per problem")
+    p.add_argument("--n", "--samples", dest="n", type=int, default=16, help="samples per problem (under torchrun, "
+                   "spell it --samples: torchrun takes --n for an abbreviation of its own --nnodes)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
@@ -406,7 +408,7 @@ def main(argv: Optional[list] = None) -> dict:
     if os.path.isfile(out) or (os.path.exists(out) and not os.access(out, os.W_OK)):
         sys.exit(f"eval.py: --out {out} is a file or cannot be written; choose another --out")
     try:
-        done = read_samples(samples_path)  # an eval stopped before its first sample left nothing to protect
+        done = read_samples(samples_path, repair=opensir.dist_env()[0] == 0)  # an eval stopped before its first sample left nothing to protect
     except ValueError as err:
         sys.exit(f"eval.py: {err}")
     if done and not args.resume:
@@ -422,36 +424,62 @@ def main(argv: Optional[list] = None) -> dict:
     print(f"{len(problems)} problems x {args.n} samples: {len(todo)} to generate, {len(have)} already in {out}")
     print(f"evaluating {', '.join(names)}: {set_description(names)}")
 
-    os.makedirs(out, exist_ok=True)
-    with open(settings_path, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
+    # Under torchrun (WORLD_SIZE > 1) the chunks are dealt out to the ranks in turn (chunk c to rank c mod N);
+    # each wave of N chunks is gathered to rank 0, which appends it in chunk order: the same samples.jsonl
+    # as one process, because every chunk is seeded from (--seed, c) alone, whoever generates it.
+    rank, world = opensir.dist_env()
+    if world > 1 and todo:
+        import datetime
+        import torch
+        import torch.distributed as dist
+        cuda = opensir.pick_device(args.device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=1800))
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(settings_path, "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2)
     if todo:
-        opensir.set_seed(args.seed)
         model, tok = opensir.load_model(model_path(args.model), device=args.device, dtype=args.dtype)
         try:
             print(f"engine: {opensir.resolve_engine(args.engine, model)}")
         except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
             sys.exit(f"eval.py: {err}")
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), desc="eval", dynamic_ncols=True)
-        with open(samples_path, "a", encoding="utf-8") as f:
-            # chunks of one generate call each: samples are on disk (resumable) after every chunk
-            for i in range(0, len(todo), args.batch_size):
-                chunk = todo[i:i + args.batch_size]
-                prompts = [opensir.chat(tok, opensir.student_prompt(p.problem)) for p, _ in chunk]
-                comps = opensir.generate(model, tok, prompts, args.max_new_tokens, args.temperature,
-                                         args.top_k, args.top_p, args.batch_size, engine=args.engine,
-                                         kv_cache_gib=args.kv_cache_gib)
-                for (p, k), c in zip(chunk, comps):
-                    ans = opensir.final_answer(c.text)  # the last \boxed{}, as math-verify's first_match
-                    ok = score_answer(ans, p.gold, f"{p.benchmark} problem {p.id} sample {k}")
-                    f.write(json.dumps({
-                        "benchmark": p.benchmark, "id": p.id, "sample": k, "completion": c.text,
-                        "extracted": ans, "gold": p.gold, "correct": ok,
-                        "truncated": c.truncated, "tokens": len(c.ids)}) + "\n")
+        bar = tqdm(total=len(todo), desc="eval", dynamic_ncols=True, disable=rank != 0)
+        chunks = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+        with open(samples_path, "a", encoding="utf-8") if rank == 0 else open(os.devnull, "w") as f:
+            # one generate call per chunk: samples are on disk (resumable) after every wave of chunks
+            for wave in range(0, len(chunks), world):
+                rows = []
+                if wave + rank < len(chunks):
+                    chunk = chunks[wave + rank]
+                    opensir.set_seed(opensir.round_seed(args.seed, 0, wave + rank))
+                    prompts = [opensir.chat(tok, opensir.student_prompt(p.problem)) for p, _ in chunk]
+                    comps = opensir.generate(model, tok, prompts, args.max_new_tokens, args.temperature,
+                                             args.top_k, args.top_p, args.batch_size, engine=args.engine,
+                                             kv_cache_gib=args.kv_cache_gib)
+                    for (p, k), c in zip(chunk, comps):
+                        ans = opensir.final_answer(c.text)  # the last \boxed{}, as math-verify's first_match
+                        ok = score_answer(ans, p.gold, f"{p.benchmark} problem {p.id} sample {k}")
+                        rows.append({
+                            "benchmark": p.benchmark, "id": p.id, "sample": k, "completion": c.text,
+                            "extracted": ans, "gold": p.gold, "correct": ok,
+                            "truncated": c.truncated, "tokens": len(c.ids)})
+                parts = [rows]
+                if world > 1:
+                    parts = [None] * world
+                    dist.gather_object(rows, parts if rank == 0 else None, dst=0)
+                for part in parts if rank == 0 else ():
+                    f.writelines(json.dumps(r) + "\n" for r in part)
                 f.flush()
-                bar.update(len(chunk))
+                bar.update(sum(len(chunks[c]) for c in range(wave, min(wave + world, len(chunks)))))
         bar.close()
+        if world > 1:
+            dist.destroy_process_group()
+    if rank:
+        return {}  # rank 0 writes the summary
 
     wanted = {(p.benchmark, p.id) for p in problems}
     samples = [s for s in read_samples(samples_path) if (s["benchmark"], s["id"]) in wanted and s["sample"] < args.n]

@@ -117,6 +117,8 @@ class Config:
     random_init: bool = False  # random weights from the architecture in MODELS (no download)
     engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache); "auto": AUTO_ENGINE by device
     kv_cache_gib: float = 0.0  # cap on the continuous engine's KV cache in GiB (0: sized from free memory)
+    # several processes (torchrun --nproc_per_node N): rounds of a step shared out across N ranks
+    dist_timeout: int = 1800  # seconds a rank waits for the others at a collective before the run stops (a rank that died)
 
     def validate(self) -> None:
         """Reject contradictory settings before any model loads."""
@@ -1269,6 +1271,12 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def round_seed(seed: int, step: int, rnd: int) -> int:
+    """The seed of one round of training: a function of (seed, step, round) alone, so the round samples
+    the same whichever rank plays it and however many ranks there are, and a resume needs no RNG state."""
+    return int(np.random.SeedSequence([seed, step, rnd]).generate_state(1)[0])
+
+
 def checkpoint_dir(out: str, step: int) -> str:
     return os.path.join(out, f"ckpt-{step:05d}")
 
@@ -1343,6 +1351,122 @@ def cache_root() -> str:
 # 10. The loop and main()
 # ================================================================================================
 
+# --- several processes: `torchrun --nproc_per_node N opensir.py ...` -------------------------------
+# Every rank holds the whole model (policy, sampler, frozen reference) and plays rounds_per_step / N of
+# a step's rounds (contiguous blocks, rank 0 first). Each round is seeded from (seed, step, round) and
+# draws its references from the pool as it stood at the start of the step, so a round's rollouts do not
+# depend on N or on the rank that plays it. The ranks then swap their rounds' candidates, so every rank
+# holds the whole step (selection, the pool, the logs: the same code as one process), and each trains
+# only its own rounds' sequences; gradients are summed across ranks (the loss weights already divide by
+# the step's number of rounds), then clipped once. A plain `python opensir.py` run has N = 1 and never
+# touches torch.distributed.
+
+
+def dist_env() -> tuple:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def dist_errors(cfg: Config) -> list:
+    """What torchrun's N and the config cannot be together (checked before any model loads)."""
+    _, world = dist_env()
+    errors = []
+    if cfg.rounds_per_step % world:
+        errors.append(f"--rounds_per_step {cfg.rounds_per_step} cannot be shared out over {world} processes "
+                      f"(torchrun --nproc_per_node x --nnodes = {world}): pass a --rounds_per_step that "
+                      f"{world} divides, or start a number of processes that divides {cfg.rounds_per_step}")
+    if cfg.dist_timeout < 1:
+        errors.append(f"--dist_timeout must be >= 1 second, got {cfg.dist_timeout}")
+    return errors
+
+
+def _dist():
+    """torch.distributed when this run has several processes, else None."""
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    return _dist().get_rank() if _dist() else 0
+
+
+def dist_init(cfg: Config) -> None:
+    """Join torchrun's process group (gloo on CPU, nccl on GPUs; only when WORLD_SIZE > 1), then refuse
+    a config that differs across ranks (another flag on another node)."""
+    import datetime
+    import hashlib
+    import torch.distributed as dist
+    rk, world = dist_env()
+    if world == 1 or dist.is_initialized():
+        return
+    cuda = pick_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" below means this rank's GPU
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    digest = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in CONFIG_RUN_ONLY},
+                                       sort_keys=True).encode()).hexdigest()
+    digests = dist_call("all_gather_object", [None] * world, digest)
+    if len(set(digests)) > 1:
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise SystemExit(f"rank {rk}: ranks {bad} were started with a config other than rank 0's; start every "
+                         "node with the same flags")
+
+
+def dist_call(name: str, *args):
+    """One collective of torch.distributed, with a clear message when it fails: another rank died, or did
+    not arrive within --dist_timeout. all_gather_object and broadcast_object_list return their list."""
+    dist = _dist()
+    try:
+        getattr(dist, name)(*args)
+    except (RuntimeError, ValueError) as err:  # DistBackendError (a peer closed its socket), timeouts
+        raise SystemExit(f"rank {dist.get_rank()}: {name} failed: another rank stopped or did not arrive "
+                         f"within --dist_timeout ({(str(err).splitlines() or [''])[0][:200]})") from None
+    return args[0] if name.endswith("_object") or name.endswith("_object_list") else None
+
+
+def _slim(c: Candidate) -> Candidate:
+    """A candidate to send to the other ranks: without prompt tokens (they only train their own rounds)."""
+    return dataclasses.replace(c, completion=dataclasses.replace(c.completion, prompt_ids=[]),
+                               solutions=[dataclasses.replace(s, prompt_ids=[]) for s in c.solutions])
+
+
+def share_rounds(mine: dict, n_rounds: int) -> list:
+    """Every round's candidates, in round order, on every rank; a rank keeps its own rounds as they are."""
+    if _dist() is None:
+        return [mine[r] for r in range(n_rounds)]
+    parts = dist_call("all_gather_object", [None] * _dist().get_world_size(), {r: [_slim(c) for c in cs] for r, cs in mine.items()})
+    every = {r: cs for part in parts for r, cs in part.items()}
+    return [mine.get(r, every[r]) for r in range(n_rounds)]
+
+
+def same_on_every_rank(pool: Pool, policy) -> str:
+    """Check, at every checkpoint, that the ranks still hold the same pool and weights (they should by
+    construction: a difference is a bug or a broken GPU, and stops the run). Returns the pool's digest."""
+    import hashlib
+    h = hashlib.sha256(json.dumps([pool.problems, pool.concepts]).encode())
+    if pool.embeddings is not None:
+        h.update(pool.embeddings.numpy().tobytes())
+    with torch.no_grad():
+        weights = float(sum(p.double().sum() for p in policy.parameters()))  # one checksum of the weights
+    if _dist() is None:
+        return h.hexdigest()
+    seen = dist_call("all_gather_object", [None] * _dist().get_world_size(), (h.hexdigest(), weights))
+    if len(set(seen)) > 1:
+        raise SystemExit(f"rank {rank()}: the ranks' pools or weights differ (pool digest, weight sum per rank: "
+                         f"{seen}); this is a bug, please report it with the command line")
+    return h.hexdigest()
+
+
+def sum_gradients(params: list) -> None:
+    """Sum every gradient over the ranks (each rank's loss already carries its share of 1 / rounds)."""
+    if _dist() is None:
+        return
+    for p in params:
+        if p.grad is None:  # a rank none of whose sequences were selected still takes part
+            p.grad = torch.zeros_like(p)
+        dist_call("all_reduce", p.grad)
+
+
 def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
     """parse_teacher, except with --random_init, where every output counts as a legal problem so that
     benchmarks of random weights run the student phase at full size."""
@@ -1402,16 +1526,18 @@ def round_seqs(cands: list, groups: list, students: list, tokenizer, cfg: Config
     return seqs
 
 
-def training_batch(rounds_cands: list, tokenizer, cfg: Config) -> tuple:
-    """Selection and advantages for a step. Returns (the loss's rounds: lists of TrainSeqs, and per round
-    (chosen teacher groups, chosen candidate indices)). Per-round selection keeps one loss term per
-    round (L = mean over rounds, the authors' TRL behaviour); per-step selection is one batch, one
-    token mean over all its sequences."""
+def training_batch(rounds_cands: list, tokenizer, cfg: Config, mine: Optional[range] = None) -> tuple:
+    """Selection and advantages for a step. Returns (the loss's rounds: lists of TrainSeqs, per round
+    (chosen teacher groups, chosen candidate indices), and the sequences of the rounds in `mine`: what
+    this rank trains; all of them when mine is None). Per-round selection keeps one loss term per round
+    (L = mean over rounds, the authors' TRL behaviour); per-step selection is one batch, one token mean
+    over all its sequences. Every rank holds every round's scores, so every rank selects the same."""
     chosen = select_for_training(rounds_cands, cfg)
     rounds = [round_seqs(cands, groups, studs, tokenizer, cfg) for cands, (groups, studs) in zip(rounds_cands, chosen)]
+    own = [s for r, seqs in enumerate(rounds) if mine is None or r in mine for s in seqs]
     if cfg.select_scope == "step":
         rounds = [[s for r in rounds for s in r]]
-    return rounds, chosen
+    return rounds, chosen, own
 
 
 def add_to_pool(pool: Pool, cands: list, cfg: Config) -> None:
@@ -1476,6 +1602,8 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
     bar.close()
     log(f"starting pool: {len(kept)} of {cfg.init_pool_size} in-band problems after {r + 1} rounds"
         + ("" if len(kept) >= cfg.init_pool_size else " (stopped at --init_pool_max_rounds)"))
+    if rank() != 0:  # every rank grows the same pool (same seed); rank 0 alone writes it
+        return pool
     with open(os.path.join(cfg.out, "init_pool.jsonl"), "w") as f:
         for c in kept:
             f.write(json.dumps({"problem": c.parsed.problem, "concepts": c.parsed.concepts,
@@ -1484,10 +1612,13 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
 
 
 def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, autocast_dtype,
-             guard: Optional["StepGuard"] = None) -> dict:
-    """updates_per_rollout optimiser steps on one batch of rounds. L = mean over rounds of L_round."""
+             guard: Optional["StepGuard"] = None, own: Optional[list] = None) -> dict:
+    """updates_per_rollout optimiser steps on one batch of rounds. L = mean over rounds of L_round.
+    Several ranks: the weights come from all the step's rounds, each rank backpropagates only `own` (its
+    rounds' sequences), and the gradients are summed across ranks before the one clip: the sum of the
+    ranks' losses is L itself, so the step equals one process's up to float summation order."""
     set_loss_weights(rounds, cfg.loss_agg, max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens))
-    seqs = sorted((s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
+    seqs = sorted(own if own is not None else (s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
     batches = [seqs[i: i + cfg.train_micro_batch] for i in range(0, len(seqs), cfg.train_micro_batch)]
     with torch.no_grad():  # fixed targets of this rollout: reference and (for mu > 1) old log-probs
         for mb in batches:
@@ -1516,6 +1647,7 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
                     stats["clipped"] += float((clipped * m).sum())
             loss.backward()
             stats["loss"] += float(loss.detach())
+        sum_gradients(list(policy.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if guard is not None:
             guard.begin()  # from the first weight update until the step is recorded, Ctrl-C waits
@@ -1524,6 +1656,12 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
         stats["grad_norm"] += float(grad_norm)
     optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next generation phase
     policy.eval()
+    if _dist() is not None:  # the step's loss, KL and clip share over every rank's tokens
+        keys = ("loss", "kl_sum", "tokens", "clipped")
+        total = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=next(policy.parameters()).device)
+        dist_call("all_reduce", total)
+        for k, v in zip(keys, total.tolist()):
+            stats[k] = v  # (Counter.update would add)
     n = cfg.updates_per_rollout
     return {"loss": stats["loss"] / n, "kl": stats["kl_sum"] / max(stats["tokens"], 1),
             "clip_frac": stats["clipped"] / max(stats["tokens"], 1), "grad_norm": stats["grad_norm"] / n,
@@ -1616,7 +1754,7 @@ def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, groups: list
 
 
 CONFIG_RUN_ONLY = {"out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
-                   "train_micro_batch", "logprob_chunk", "grad_ckpt"}  # may change between a run and its resume
+                   "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout"}  # may change between a run and its resume
 
 _OUT_LOCKS: dict = {}  # real path of --out -> its open .lock file, held for the life of the process
 
@@ -1752,9 +1890,26 @@ def prepare_out(cfg: Config) -> Optional[str]:
 def train(cfg: Config) -> str:
     """The whole method. Returns the path of the final checkpoint."""
     cfg.validate()
-    resume_from = prepare_out(cfg)
+    errors = dist_errors(cfg)
+    if errors:
+        raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
+    dist_init(cfg)
+    rk, world = dist_env()
+    if rk == 0:  # one rank owns --out (its lock, the logs, the checkpoints); the others learn what it decided
+        try:
+            resume_from, why = prepare_out(cfg), None
+        except SystemExit as err:
+            resume_from, why = None, err.code
+    if world > 1:
+        resume_from, why = dist_call("broadcast_object_list", [resume_from, why] if rk == 0 else [None, None], 0)
+    if why is not None:
+        raise SystemExit(why if rk == 0 else 1)  # rank 0 says why, once
     state = load_pt(os.path.join(resume_from, "state.pt")) if resume_from else None  # damage shows before loading
-    log = print
+    log = print if rk == 0 else (lambda *a, **k: None)
+    if world > 1:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not cfg.random_init:
+            resolve_model(cfg.model)  # the tiny model is built once a node, not by N processes at the same time
+        dist_call("barrier")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -1791,9 +1946,10 @@ def train(cfg: Config) -> str:
         f"reference model {'yes' if frozen is not None else 'no'}, engine {engine}")
 
     set_seed(cfg.seed)  # after loading: building the tiny model or initialising weights draws random numbers
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if rk == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
     metrics_path, problems_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
     if resume_from:
         if os.path.exists(os.path.join(resume_from, "optimizer.pt")):
@@ -1806,43 +1962,62 @@ def train(cfg: Config) -> str:
         start = state["step"]
         log(f"resumed from {resume_from} at step {start}, pool of {len(pool.problems)}")
     else:
-        for p in (metrics_path, problems_path):
+        for p in (metrics_path, problems_path) if rk == 0 else ():
             open(p, "w").close()
         pool = grow_starting_pool(sampler, frozen, tokenizer, cfg, log)
+        if world > 1:  # every rank grew it alike; rank 0's copy makes the pools identical to the bit
+            pool = Pool(**dist_call("broadcast_object_list", [pool.state()], 0)[0])
         start = 0
+    if world > 1:
+        log(f"{world} processes: rounds {cfg.rounds_per_step // world} per rank per step")
 
     # the state at the end of the last completed step: what Ctrl-C saves
     completed, snapshot, pool_len = start, rng_state(), len(pool.problems)
     final, guard = None, StepGuard()
     import signal
-    old_handler = signal.signal(signal.SIGINT, guard.handler)
+    # under torchrun, Ctrl-C reaches every rank (torchrun passes SIGINT on): rank 0 saves the last completed
+    # step and exits, and torchrun then stops the others, which ignore it
+    old_handler = signal.signal(signal.SIGINT, guard.handler if rk == 0 else signal.SIG_IGN)
+    per = cfg.rounds_per_step // world
+    mine = range(rk * per, (rk + 1) * per)  # this rank's rounds of every step
     try:
         for step in range(start + 1, cfg.steps + 1):
             timers, t_step = Counter(), time.perf_counter()
-            rounds_cands, rounds_refs = [], []
-            step_pool = pool.embeddings  # the pool before this step: what paper diversity compares with
+            # Every round of the step draws its references from, and compares diversity with, the pool as
+            # it stood at the START of the step; the step's legal problems join it at the end, in round
+            # order. The authors' released code grows the pool after every round (of every process); here
+            # the pool grows once per step, as in the paper's Algorithm 1, so a round does not depend on
+            # which rank played the rounds before it, and 1 and N processes run the same rollouts. Recipe
+            # code's diversity is thus against the step-start pool plus the round's own candidates; recipe
+            # paper's "pool before this step" is the same pool.
+            step_pool = pool.embeddings
+            played, rounds_refs = {}, []
             for rnd in range(cfg.rounds_per_step):
+                set_seed(round_seed(cfg.seed, step, rnd))  # references and sampling: (seed, step, round) alone
                 refs = [random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)]
-                cands = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers, step_pool)
                 rounds_refs.append([pool.problems[r] for r in refs])
+                if rnd in mine:
+                    played[rnd] = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers, step_pool)
+            rounds_cands = share_rounds(played, cfg.rounds_per_step)  # every round, on every rank
+            for cands in rounds_cands:
                 add_to_pool(pool, cands, cfg)
-                rounds_cands.append(cands)
-            rounds, chosen = training_batch(rounds_cands, tokenizer, cfg)
+            rounds, chosen, own = training_batch(rounds_cands, tokenizer, cfg, mine)
             rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
                     for row in problem_rows(step, rnd, refs, cands, groups, studs)]
             t0 = time.perf_counter()
-            opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard)
+            opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard, own)
             if sampler is not policy:
                 with torch.no_grad():
                     for ps, pp in zip(sampler.parameters(), policy.parameters()):
                         ps.copy_(pp)
             timers["train"] += time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
-            m = step_metrics(step, rounds_cands, rounds, pool, cfg, opt, timers)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            with open(problems_path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            m = {**step_metrics(step, rounds_cands, rounds, pool, cfg, opt, timers), "ranks": world}  # sec/, tok_per_sec/: rank 0's
+            if rk == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                with open(problems_path, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
             log(f"step {step}/{cfg.steps} | teacher R {m['teacher/reward']:.3f} legal {m['teacher/legal_rate']:.0%}"
                 f" | student R {m['student/reward']:.3f} | solve {m['solve_rate/mean']:.2f} in-band "
                 f"{m['solve_rate/in_band']:.0%} | pool {m['pool']} | loss {m['loss']:+.4f} kl {m['kl']:.2e} "
@@ -1850,7 +2025,12 @@ def train(cfg: Config) -> str:
             completed, snapshot, pool_len = step, rng_state(), len(pool.problems)
             guard.end()
             if step % cfg.save_every == 0 or step == cfg.steps:
-                final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
+                if world > 1:
+                    log(f"pool {same_on_every_rank(pool, policy)[:12]} and weights identical on all {world} ranks")
+                if rk == 0:  # every rank holds the same weights, optimizer state and pool; one writes them
+                    final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
+                if world > 1:
+                    dist_call("barrier")
     except KeyboardInterrupt:
         pool.truncate(pool_len)  # drop problems of the unfinished step; weights are still `completed`'s
         if latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, completed):
@@ -1862,6 +2042,8 @@ def train(cfg: Config) -> str:
         raise SystemExit(130)
     finally:
         signal.signal(signal.SIGINT, old_handler)
+    if _dist() is not None:
+        _dist().destroy_process_group()
     return final or latest_checkpoint(cfg.out)
 
 
@@ -1904,6 +2086,13 @@ def config_from_args(argv: Optional[list] = None) -> Config:
 
 def main(argv: Optional[list] = None) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
+    if dist_env()[0]:  # under torchrun: one set of progress bars (rank 0's); the bars import tqdm.auto.tqdm
+        import tqdm.auto
+
+        class Quiet(tqdm.auto.tqdm):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, "disable": True})
+        tqdm.auto.tqdm = Quiet
     cfg = config_from_args(argv)
     try:
         cfg.validate()
