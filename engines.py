@@ -179,7 +179,16 @@ def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> l
     try:
         manager = model.init_continuous_batching(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
                                                  workload_hints=hints)
+        # Building the batch processor reseeds torch with a draw plus the process's rank (transformers'
+        # DistributedHelper.set_tp_seed, made for tensor parallelism): under torchrun every rank would then
+        # sample from another stream than one process does. Our rounds are seeded by (seed, step, round),
+        # so the RNG state is put back as it was before the engine touched it.
+        rng = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         manager.warmup()  # builds the paged cache here, so running out of memory raises here
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         ids = manager.add_requests(inputs=prompts, max_new_tokens=gen_cfg.max_new_tokens)
         manager.start()
         with tqdm(total=len(prompts), desc=desc, leave=False, dynamic_ncols=True, disable=not desc) as bar:
