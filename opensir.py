@@ -97,6 +97,7 @@ class Config:
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no full-vocab tensor for the batch)
     grad_ckpt: bool = True  # gradient checkpointing (on cuda)
     random_init: bool = False  # random weights from the architecture in MODELS (no download)
+    train_teacher: bool = True  # False: the frozen-teacher ablation (teacher groups get no gradient)
 
     def validate(self) -> None:
         """Reject contradictory settings before any model loads."""
@@ -144,6 +145,9 @@ TINY_DEFAULTS = dict(
     init_pool_max_rounds=4, lr=1e-5, warmup_steps=0, save_every=1, beta=0.04, gen_batch=256,
     train_micro_batch=16, threads=1,  # one thread: small matmuls gain nothing from two, and lose a lot on a busy machine
 )
+# The toy world (`--model toy`, tiny.py): for showing learning on a CPU (demo.py). Longer worked
+# solutions than the tiny model's, and more student groups per step.
+TOY_DEFAULTS = dict(TINY_DEFAULTS, rounds_per_step=4, student_max_new_tokens=64, lr=1e-4)
 
 
 # ================================================================================================
@@ -794,9 +798,9 @@ def model_name_error(name: str, random_init: bool = False) -> Optional[str]:
     if random_init:
         return None if name in ARCHITECTURES else (
             f"--random_init builds the architectures of {', '.join(ARCHITECTURES)}, not {name!r}")
-    if name == "tiny" or name in MODELS or os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if name in ("tiny", "toy") or name in MODELS or os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         return None
-    return (f"unknown model {name!r}. Short names: {', '.join(['tiny', *MODELS])}. "
+    return (f"unknown model {name!r}. Short names: {', '.join(['tiny', 'toy', *MODELS])}. "
             "Or pass a hub id (org/name) or the path of a local directory holding a saved model.")
 
 
@@ -807,6 +811,9 @@ def resolve_model(name: str) -> str:
     if name == "tiny":
         import tiny  # the toy model's builder lives beside this file; only --model tiny needs it
         return tiny.ensure_tiny_model()
+    if name == "toy":
+        import tiny
+        return tiny.ensure_toy_model()
     return MODELS.get(name, name)
 
 
@@ -1013,7 +1020,7 @@ def training_batch(cands: list, tokenizer, cfg: Config) -> tuple:
     members = cands[group * g: (group + 1) * g]
     adv_t = group_advantages(torch.tensor([[c.reward for c in members]], dtype=torch.float64), cfg.adv_eps)[0]
     seqs = [TrainSeq(c.completion.prompt_ids, c.completion.ids, concepts_mask(tokenizer, c.completion.ids),
-                     float(a), "teacher") for c, a in zip(members, adv_t)]
+                     float(a), "teacher") for c, a in zip(members, adv_t)] if cfg.train_teacher else []
     best = select_student_problem(cands)
     if best is not None:
         c = cands[best]
@@ -1373,9 +1380,10 @@ def config_from_args(argv: Optional[list] = None) -> Config:
     args = vars(build_parser().parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None}
     model = given.get("model", Config.model)
-    tiny = {k: v for k, v in TINY_DEFAULTS.items() if k not in given} if model == "tiny" else {}
+    defaults = {"tiny": TINY_DEFAULTS, "toy": TOY_DEFAULTS}.get(model, {})
+    tiny = {k: v for k, v in defaults.items() if k not in given}
     if tiny:
-        print("tiny model defaults (override with flags): " + ", ".join(f"{k}={v}" for k, v in tiny.items()))
+        print(f"{model} model defaults (override with flags): " + ", ".join(f"{k}={v}" for k, v in tiny.items()))
     return Config(**{**tiny, **given})
 
 
