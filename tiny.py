@@ -278,14 +278,14 @@ def toy_problem_set(split: str, n_per_rung: int, seed: int, rungs: Optional[list
     rng = random.Random(f"toy-{split}-{seed}")
     out = []
     for rung in (range(len(TOY_RUNGS)) if rungs is None else rungs):
-        seen = set()
-        for _ in range(10000 * n_per_rung):
-            if len(seen) >= n_per_rung:
-                break
+        seen, stale = set(), 0
+        while len(seen) < n_per_rung and stale < 300:  # a small rung runs out of problems: stop there
             text, _, ans, _ = toy_draw(rng, split, [rung])
+            stale += 1
             if text not in seen:
                 seen.add(text)
                 out.append((text, ans, rung))
+                stale = 0
     return out
 
 
