@@ -194,8 +194,10 @@ def opensir_run(seed: int, variant: str, args, problems: list, log) -> dict:
         flags += ["--rounds_per_step", str(args.rounds_per_step)]
     if variant == "frozen_teacher":
         flags.append("--no-train_teacher")
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        flags.append("--resume")  # finish an interrupted run; a finished one is only evaluated
     cfg = O.config_from_args(flags)
-    if not os.path.exists(os.path.join(out_dir, "config.json")):
+    if not os.path.exists(O.checkpoint_dir(out_dir, args.steps)):
         O.train(cfg)
     model, tok = O.load_model("toy", device="cpu", dtype="fp32")
     evals = {0: evaluate(model, tok, problems, args.eval_samples, args.max_new_tokens, args.eval_seed)}
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_samples", type=int, default=16)
     p.add_argument("--eval_seed", type=int, default=0, help="sampling seed of the evaluation")
     p.add_argument("--stages", type=int, default=3, help="(c) stages for the rung shift")
+    p.add_argument("--variants", nargs="+", choices=["full", "frozen_teacher"], default=["full", "frozen_teacher"],
+                   help="(c) which runs: the full loop and/or the frozen-teacher ablation")
     p.add_argument("--threads", type=int, default=1)
     return p
 
@@ -276,7 +280,7 @@ def main(argv: Optional[list] = None) -> dict:
     log(f"demo {args.mode}: {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}")
     log(f"evaluation set: {len(problems)} {args.split} problems, by rung "
         f"{dict(sorted(Counter(r for _, _, r in problems).items()))}")
-    variants = ["full", "frozen_teacher"] if args.mode == "opensir" else [args.mode]
+    variants = args.variants if args.mode == "opensir" else [args.mode]
     summary = {}
     for variant in variants:
         evals = {}
