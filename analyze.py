@@ -214,7 +214,7 @@ def stage_bounds(steps: list, n_stages: int) -> list:
 # --- the frozen model ----------------------------------------------------------------------------
 
 def frozen_solve_rates(model, tok, stage_problems: list, samples: int, max_new_tokens: int,
-                       temperature: float, seed: int) -> list:
+                       temperature: float, seed: int, progress: bool = True) -> list:
     """The frozen initial model's majority-vote solve rate on each stage's problems, computed as the loop
     computes it (opensir.generate at the run's temperature, top-k 50, then majority_vote).
     Returns one list of solve rates per stage."""
@@ -226,7 +226,7 @@ def frozen_solve_rates(model, tok, stage_problems: list, samples: int, max_new_t
     for i, probs in enumerate(stage_problems):
         prompts = [O.chat(tok, O.student_prompt(p)) for p in probs for _ in range(samples)]
         outs = O.generate(model, tok, prompts, max_new_tokens, temperature, top_k=50, top_p=1.0,
-                          batch_size=64, desc=f"frozen model, stage {i}") if prompts else []
+                          batch_size=64, desc=f"frozen model, stage {i}" if progress else "") if prompts else []
         ans = [O.normalize_answer(O.extract_boxed(o.text)) for o in outs]
         rates.append([O.majority_vote(ans[j * samples: (j + 1) * samples])[1] for j in range(len(probs))])
     return rates
@@ -301,7 +301,7 @@ def analyse_run(run: str, args) -> dict:
         fz_probs = [[it["problem"] for it in items[: args.frozen_problems]] for items in map_items]
         mnt = args.frozen_max_new_tokens or r["config"].get("student_max_new_tokens", 512)
         rates = frozen_solve_rates(model, tok, fz_probs, args.frozen_samples, mnt,
-                                   r["config"].get("temperature", 1.0), args.seed)
+                                   r["config"].get("temperature", 1.0), args.seed, not args.quiet)
         for s, rs in zip(stages, rates):
             s["frozen_solve_rate"] = _stat(rs)
         frozen = {"model": args.frozen_model, "samples": args.frozen_samples, "max_new_tokens": mnt,

@@ -179,9 +179,23 @@ def rung_shift(run_dir: str, stages: int) -> list:
                     "rung_share": {k: c[k] / max(len(legal), 1) for k in
                                    [str(i) for i in range(len(T.TOY_RUNGS))] + ["off-template"]},
                     "mean_rung": float(np.mean(on)) if on else None,
+                    # SE as if problems were independent draws (they share references: optimistic)
+                    "mean_rung_se": float(np.std(on, ddof=1) / np.sqrt(len(on))) if len(on) > 1 else None,
                     "solve_rate": float(np.mean([r["solve_rate"] for r in legal if r["n_parsed"]]) if legal else 0.0),
                     "heldout_texts": sum(T.toy_split(r["problem"]) == "heldout" for r in legal if r["problem"])})
     return out
+
+
+def rung_table(stages: list) -> str:
+    """A markdown table of rung_shift() stages."""
+    keys = list(stages[0]["rung_share"]) if stages else []
+    lines = ["| steps | legal | mean rung (± SE) | solve rate | " + " | ".join(f"rung {k}" for k in keys)
+             + " | held-out texts |", "|" + "---|" * (5 + len(keys))]
+    for st in stages:
+        rung = "–" if st["mean_rung"] is None else f"{st['mean_rung']:.2f} ± {st.get('mean_rung_se') or 0:.2f}"
+        lines.append(f"| {st['steps'][0]}-{st['steps'][1]} | {st['legal']} | {rung} | {st['solve_rate']:.2f} | "
+                     + " | ".join(f"{v:.0%}" for v in st["rung_share"].values()) + f" | {st['heldout_texts']} |")
+    return "\n".join(lines)
 
 
 def opensir_run(seed: int, variant: str, args, problems: list, log) -> dict:
@@ -303,15 +317,7 @@ def main(argv: Optional[list] = None) -> dict:
         for variant, res in summary.items():
             f.write(table(res["rows"], args.seeds, variant) + "\n\n")
             for s, stages in res.get("rung_shift", {}).items():
-                f.write(f"rung shift, {variant} seed {s}:\n\n| steps | legal | mean rung | solve rate | "
-                        + " | ".join(f"rung {k}" for k in stages[0]["rung_share"]) + " | held-out texts |\n"
-                        + "|" + "---|" * (5 + len(stages[0]["rung_share"])) + "\n")
-                for st in stages:
-                    f.write(f"| {st['steps'][0]}-{st['steps'][1]} | {st['legal']} | "
-                            f"{st['mean_rung'] if st['mean_rung'] is None else round(st['mean_rung'], 2)} | "
-                            f"{st['solve_rate']:.2f} | " + " | ".join(f"{v:.0%}" for v in st["rung_share"].values())
-                            + f" | {st['heldout_texts']} |\n")
-                f.write("\n")
+                f.write(f"rung shift, {variant} seed {s}:\n\n" + rung_table(stages) + "\n\n")
     if plot(summary, os.path.join(args.out, "accuracy.png")):
         log(f"wrote {args.out}/accuracy.png")
     log(f"wrote {args.out}/results.json and results.md")
