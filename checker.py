@@ -2,17 +2,25 @@
 
 eval.py scores benchmarks with answers_equal. Training never calls it: its vote key is
 opensir.normalize_answer (string work only). This module shares that clean-up and adds structure
-(tuples, intervals, sets, matrices), exact numbers, and sympy for what is left, under a time budget.
+(tuples, intervals, sets, matrices), exact numbers, and sympy for what is left.
+
+Model outputs can be anything, so: the whole comparison runs under a time budget (SIGALRM); the
+string work is linear in the input (opensir's clean-up collapses white space first and uses no
+pattern that can backtrack; answers over MAX_ANSWER_CHARS are equal only to the same text); exact
+big-number arithmetic, which runs in C where no alarm reaches it, is bounded before sympy starts
+(_small); and no exception leaves answers_equal.
 """
 from __future__ import annotations
 
+import cmath
 import functools
 import re
 import time
 from fractions import Fraction
 from typing import Optional
 
-from opensir import _clean, _clean_parts, _parse_number
+from opensir import MAX_ANSWER_CHARS, _clean_parts, _parse_number
+
 
 def _split_top(s: str, seps: tuple[str, ...] = (",",)) -> list[str]:
     """Split at separators outside any brackets."""
@@ -54,8 +62,7 @@ def _structure(s: str) -> tuple[str, list[str]]:
     if m:
         rows = [r.split("&") for r in m.group(1).split("\\\\") if r]
         return f"matrix{len(rows)}", [x for r in rows for x in r]
-    if _enclosed(s, "{", "}"):  # bare TeX grouping braces
-        return _structure(s[1:-1])
+    s = _strip_braces(s)
     if len(_split_top(s, ("\\cup",))) > 1:
         return "set", _split_top(s, ("\\cup",))
     if _enclosed(s, "\\{", "\\}"):
@@ -72,6 +79,20 @@ def _structure(s: str) -> tuple[str, list[str]]:
     return "atom", [s]
 
 
+def _strip_braces(s: str) -> str:
+    """`{{x}}` -> `x`: TeX grouping braces around the whole answer, any depth, in one pass."""
+    match, stack = {}, []
+    for i, c in enumerate(s):
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            match[stack.pop()] = i
+    k = 0
+    while k < len(s) // 2 and s[k] == "{" and match.get(k) == len(s) - 1 - k:
+        k += 1
+    return s[k:len(s) - k]
+
+
 def _expand_pm(s: str) -> list[str]:
     parts = s.split("\\pm")
     if len(parts) != 2:
@@ -80,77 +101,133 @@ def _expand_pm(s: str) -> list[str]:
     return [f"{a}+{b}", f"{a}-{b}"] if a else [b, f"-{b}"]
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Raised by the alarm. A BaseException, so that sympy's many `except Exception` clauses cannot
+    swallow it and compute on past the budget."""
 
 
 def _run_with_budget(fn, seconds: float):
-    """fn() or _Timeout after `seconds`. SIGALRM in the main thread (interrupts pure-Python sympy);
-    elsewhere fn runs in a daemon thread that is abandoned on timeout."""
+    """fn() or _Timeout after `seconds`. SIGALRM in the main thread (interrupts pure-Python sympy;
+    it re-fires every 50 ms after the first, in case a bare `except:` swallowed one); elsewhere fn
+    runs in a daemon thread that is abandoned on timeout. fn's own exceptions propagate."""
     import signal
     import threading
+    seconds = seconds if seconds > 1e-3 else 1e-3  # 0 would disarm the timer (and NaN fails this too)
     if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+        armed = [True]
+
         def on_alarm(signum, frame):
-            raise _Timeout()
+            if armed[0]:
+                raise _Timeout()
         old = signal.signal(signal.SIGALRM, on_alarm)
-        old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+        old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
         start = time.monotonic()
         try:
             return fn()
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
+            while True:  # an alarm landing before `armed` is cleared must not skip the clean-up
+                try:
+                    armed[0] = False  # from here on an alarm is ignored
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.signal(signal.SIGALRM, old)
+                    break
+                except _Timeout:
+                    continue
             if old_delay:  # someone else's alarm (e.g. a test timeout) was pending: re-arm it
                 left = max(1e-3, old_delay - (time.monotonic() - start))
                 signal.setitimer(signal.ITIMER_REAL, left, old_interval)
     box: list = []
-    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+
+    def run():
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001  (handed to the caller below)
+            box.append((False, e))
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(seconds)
     if not box:
         raise _Timeout()
-    return box[0]
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def answers_equal(pred: Optional[str], gold: Optional[str], *, timeout: float = 5.0) -> bool:
     """Full checker used by eval.py: is the predicted answer the gold one? Understands numbers in
     their usual spellings, units and text, tuples/intervals (ordered), sets and bare lists
-    (unordered), matrices, and simple symbolic expressions (sympy, at most `timeout` seconds)."""
-    (pn, p), (gn, g) = _clean_parts(pred), _clean_parts(gold)
-    if not p or not g or (pn and gn and pn != gn):  # `y_2 = x` is not `y_3 = x`
+    (unordered), matrices, named answers and equations, and symbolic expressions (sympy). The whole
+    comparison, clean-up included, runs under a budget of `timeout` seconds; it never raises: an
+    answer it cannot read, or cannot decide in time, is unequal."""
+    if pred is None or gold is None:
         return False
-    if p == g or _equal_budgeted(p, g, timeout):
-        return True
-    # units kept, as written: `\\frac{37}{4} m` and `\\frac{37}{4}m` (a product with m) then meet
-    p2, g2 = _clean(pred, units=False), _clean(gold, units=False)
-    return (p2, g2) != (p, g) and (p2 == g2 or _equal_budgeted(p2, g2, timeout))
+    try:
+        pred, gold = str(pred), str(gold)
+        if len(pred) + len(gold) <= 1000:  # cache short pairs only: at most ~64 MB of keys
+            return _equal_budgeted_cached(pred, gold, float(timeout))
+        return _equal_budgeted(pred, gold, float(timeout))
+    except Exception:  # not expected; whatever it is, a bad sample is scored unequal
+        return False
 
 
-@functools.lru_cache(maxsize=65536)  # 16 samples of a problem often repeat an answer
-def _equal_budgeted(p: str, g: str, timeout: float) -> bool:
+def _equal_budgeted(pred: str, gold: str, timeout: float) -> bool:
     import sympy  # noqa: F401  (imported outside the budget: the first import takes a second)
     try:
-        return _run_with_budget(lambda: _equal(p, g), timeout)
+        return _run_with_budget(lambda: _compare(pred, gold), timeout)
     except _Timeout:
         return False
 
 
-def _equal(p: str, g: str) -> bool:
+_equal_budgeted_cached = functools.lru_cache(maxsize=65536)(_equal_budgeted)  # samples repeat answers
+
+
+def _compare(pred: str, gold: str) -> bool:
+    try:
+        (pn, p), (gn, g) = _clean_parts(pred), _clean_parts(gold)
+        if not p or not g:  # empty, or over MAX_ANSWER_CHARS: then only the same text is equal
+            p, g = " ".join(pred.split()), " ".join(gold.split())
+            return len(p) > MAX_ANSWER_CHARS and p == g
+        if _equal_named(pn, p, gn, g):
+            return True
+        # units kept, as written: `\\frac{37}{4} m` and `\\frac{37}{4}m` (a product with m) then meet
+        (pn2, p2), (gn2, g2) = _clean_parts(pred, units=False), _clean_parts(gold, units=False)
+        return (p2, g2) != (p, g) and _equal_named(pn2, p2, gn2, g2)
+    except Exception:  # a reading we did not foresee (RecursionError included): unequal, never a crash
+        return False
+
+
+def _equal_named(pn: str, p: str, gn: str, g: str, depth: int = 0) -> bool:
+    """Names (`x` of `x = 5`) are dropped when they agree or only one side has one; when they
+    differ, or one side is a named value and the other an equation, whole equations are compared:
+    `x = y` is `y = x`, `y_2 = x` is not `y_3 = x`, `c = a + b` is `a + b - c = 0`."""
+    if (pn and gn and pn != gn) or (pn and not gn and "=" in g) or (gn and not pn and "=" in p):
+        p, g = (f"{pn}={p}" if pn else p), (f"{gn}={g}" if gn else g)
+    return p == g or _equal(p, g, depth)
+
+
+_MAX_DEPTH = 8  # tuples of tuples of ...: deeper nesting is not a final answer
+
+
+def _equal(p: str, g: str, depth: int = 0) -> bool:
     if p == g:
         return True
+    if depth > _MAX_DEPTH:
+        return False
     a, b = _parse_number(p), _parse_number(g)  # before structure: `1,000` is a number, not a list
     if a is not None and b is not None:
         return _numbers_equal(a, b)
     (pk, pi), (gk, gi) = _structure(p), _structure(g)
     if pk == "atom" and gk == "atom":
-        return _atom_equal(p, g)
+        return _atom_equal(pi[0], gi[0])
     if pk != gk or len(pi) != len(gi):
         return False
+    # items keep their names: `C_1 = 2, C_2 = 3` is not `C_1 = 2, C_3 = 3`
     if gk != "set":  # ordered: tuples, points, intervals, matrices
-        return all(_equal(_clean(a), _clean(b)) for a, b in zip(pi, gi))
-    left = [_clean(b) for b in gi]  # unordered: match each predicted item to a distinct gold item
-    for a in map(_clean, pi):
-        j = next((j for j, b in enumerate(left) if _equal(a, b)), None)
+        return all(_equal_named(*_clean_parts(a), *_clean_parts(b), depth + 1) for a, b in zip(pi, gi))
+    left = [_clean_parts(b) for b in gi]  # unordered: match each predicted item to a distinct gold item
+    for a in map(_clean_parts, pi):
+        j = next((j for j, b in enumerate(left) if _equal_named(*a, *b, depth + 1)), None)
         if j is None:
             return False
         left.pop(j)
@@ -160,11 +237,11 @@ def _equal(p: str, g: str) -> bool:
 def _atom_equal(p: str, g: str) -> bool:
     if re.fullmatch(r"[a-zA-Z]{2,}", p) and re.fullmatch(r"[a-zA-Z]{2,}", g):
         return p.lower() == g.lower()  # words: `Yes` / `yes`
-    if p.count("=") == 1 and g.count("=") == 1:  # equations: same sides, or one a multiple of the other
+    if p.count("=") == 1 and g.count("=") == 1:
         (pl, pr), (gl, gr) = p.split("="), g.split("=")
         if pl == gl:
             return _atom_equal(pr, gr)
-        return _sympy_equal(f"({pl})-({pr})", f"({gl})-({gr})", up_to_factor=True)
+        return _equations_equal(pl, pr, gl, gr)
     if "=" in p or "=" in g:
         return False
     return _sympy_equal(p, g)
@@ -188,14 +265,45 @@ def _numbers_equal(a: tuple[Fraction, bool, bool, int], b: tuple[Fraction, bool,
 _FUNCS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh",
           "tanh", "ln", "log", "exp", "sqrt"}
 _CONSTS = {"pi": "pi", "infty": "oo", "infinity": "oo"}
-_LATEX_TOKEN = re.compile(r"\\(?:" + "|".join(sorted(_FUNCS | set(_CONSTS) | {
+_GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi "
+             "rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi "
+             "Sigma Upsilon Phi Psi Omega".split())  # symbols like x (\pi is the constant)
+# One token at a time, no repetition of overlapping pieces: linear. Commands are matched as
+# prefixes, longest first, because the clean-up removed the spaces (`\sin x` is `\sinx` here).
+_LATEX_TOKEN = re.compile(r"\\(?:" + "|".join(sorted(_FUNCS | set(_CONSTS) | _GREEK | {
     "frac", "binom", "cdot", "times", "div", "lfloor", "rfloor", "lceil", "rceil", "{", "}"},
-    key=len, reverse=True)) + r")|\d+\.?\d*|\.\d+|[a-zA-Z]|[-+*/^_()\[\]{}!|]")
+    key=len, reverse=True)) + r")|\d+(?:\.\d*)?|\.\d+|[a-zA-Z]|[-+*/^_()\[\]{}!|]")
+_MAX_SYMPY_CHARS = 400  # not a short answer: parsing alone could eat the budget
+_MAX_EXPONENT = 10 ** 4  # numeric exponents and factorials beyond this are refused (see _small)
+_MAX_BITS = 10 ** 6  # exact numbers any step may build: a product of two takes milliseconds
 
 
-def _latex_to_code(s: str) -> Optional[str]:
+def _is_letter(t: str) -> bool:
+    """A token that names a variable: a Latin letter (not e or i, the constants) or a Greek one."""
+    return (len(t) == 1 and t.isalpha() and t not in "ei") or t[1:] in _GREEK
+
+
+def _function_letters(*strings: str) -> frozenset:
+    """The letters read as functions, decided over all the strings being compared together: a
+    letter is a function when every one of its occurrences, in all of them, is followed by `(`
+    (`I(0) e^{-t/RC}`, `f(x)`, `P(1+r)^n`). If it appears anywhere as a plain variable it is one
+    everywhere, and `a(b+c)` is a product (so it equals `ab+ac`; `x(x+1)` is one too). Reading both
+    answers the same way is what matters: `I(0)` then never equals `0` or `g(0)`."""
+    seen, plain = set(), set()
+    for s in strings:
+        toks = _LATEX_TOKEN.findall(s)
+        for k, t in enumerate(toks):
+            if _is_letter(t):
+                seen.add(t)
+                if toks[k + 1:k + 2] != ["("]:
+                    plain.add(t)
+    return frozenset(seen - plain)
+
+
+def _latex_to_code(s: str, funcs: frozenset = frozenset()) -> Optional[str]:
     """A small LaTeX -> Python-expression translation for sympy. Only whitelisted tokens get through
-    (the result is eval'd by sympy's parser), so anything unusual yields None."""
+    (the result is eval'd by sympy's parser), so anything unusual yields None. Variables become
+    `v_<name>`, letters in `funcs` applied to `(...)` become calls `F_<name>(...)`."""
     toks = _LATEX_TOKEN.findall(s)
     if "".join(toks) != s:
         return None
@@ -241,6 +349,16 @@ def _latex_to_code(s: str) -> Optional[str]:
                 pos = end + 1
             elif t[1:] in _FUNCS:
                 name = {"ln": "log", "arcsin": "asin", "arccos": "acos", "arctan": "atan"}.get(t[1:], t[1:])
+                base = ""
+                if t == "\\log" and toks[pos:pos + 1] == ["_"]:  # \log_2 8, \log_{b}(x)
+                    pos += 1
+                    if pos < len(toks) and toks[pos][0].isdigit() and len(toks[pos]) > 1:
+                        base = toks[pos][0]  # `\log_28` (spaces are gone): TeX's subscript is one character
+                        toks = toks[:pos] + [toks[pos][0], toks[pos][1:]] + toks[pos + 1:]
+                        pos += 1
+                    else:
+                        base = group()
+                    base = "," + base
                 power = ""
                 if toks[pos:pos + 1] == ["^"]:  # \sin^2 x
                     pos += 1
@@ -249,13 +367,14 @@ def _latex_to_code(s: str) -> Optional[str]:
                     end = _match_paren(toks, pos)
                     arg = seq_sub(pos + 1, end)
                     pos = end + 1
-                else:  # \sin x, \cos 4t: the argument runs to the next + - or end
+                else:  # \sin x, \cos 4t: the argument runs to the next + - ) or (after one token) function
                     end = pos
-                    while end < len(toks) and toks[end] not in "+-=)":
+                    while end < len(toks) and toks[end] not in "+-=)" and (
+                            end == pos or toks[end][1:] not in _FUNCS):
                         end += 1
                     arg = seq_sub(pos, end)
                     pos = end
-                piece = f"({name}({arg}){power})"
+                piece = f"({name}({arg}{base}){power})"
             elif t[1:] in _CONSTS:
                 piece = _CONSTS[t[1:]]
             elif t in ("\\cdot", "\\times", "*"):
@@ -296,6 +415,10 @@ def _latex_to_code(s: str) -> Optional[str]:
                 out.append(piece)
                 prev_operand = False
                 continue
+            elif t in funcs and toks[pos:pos + 1] == ["("]:  # I(0), f(x): a call, not a product
+                end = _match_paren(toks, pos)
+                piece = f"F_{t.lstrip(chr(92))}({seq_sub(pos + 1, end)})"
+                pos = end + 1
             elif t in ("(", "[", "{"):
                 end = _match_paren(toks, pos - 1)
                 piece = "(" + seq_sub(pos, end) + ")"
@@ -304,6 +427,8 @@ def _latex_to_code(s: str) -> Optional[str]:
                 piece = t
             elif t.isalpha():
                 piece = {"e": "E", "i": "I"}.get(t, "v_" + t)
+            elif t[1:] in _GREEK:
+                piece = "v_" + t[1:]
             else:
                 raise ValueError(f"token {t}")
             if prev_operand:
@@ -331,32 +456,92 @@ def _match_paren(toks: list[str], i: int) -> int:
     raise ValueError("unbalanced")
 
 
-def _to_sympy(s: str):
+def _unknowns(e) -> set:
+    """Free symbols and applied unknown functions (`I(0)` has no free symbol but is not a number)."""
+    from sympy.core.function import AppliedUndef
+    return set(e.free_symbols) | set(e.atoms(AppliedUndef))
+
+
+def _small(e) -> bool:
+    """No exact arithmetic that could run for minutes inside C (big integers), where the alarm
+    cannot reach it: on the unevaluated tree, the exact numbers sympy may build stay under
+    _MAX_BITS, and a numeric exponent or factorial argument under _MAX_EXPONENT. `9^{9^{9}}`,
+    `((10^4)^{10^4})^{10^4}` and `(10^7)!` are refused without being computed; `e^{x^2}` and
+    `2^{2019}` pass."""
+    return _bits(e) <= _MAX_BITS
+
+
+def _bits(e) -> float:
+    """An upper bound on the size in bits of the exact numbers evaluating e builds (inf: too big)."""
+    import math
+    import sympy
+    if e.is_Rational:
+        return e.p.bit_length() + e.q.bit_length()
+    if e.is_Pow or isinstance(e, (sympy.factorial, sympy.binomial)):
+        inner = sum(_bits(a) for a in e.args)
+        if inner > _MAX_BITS:
+            return math.inf
+        x = e.args[1] if e.is_Pow else e.args[0]
+        if _unknowns(x):
+            return inner
+        v = abs(complex(sympy.N(x, 15)))
+        if not v <= _MAX_EXPONENT:  # also catches nan
+            return math.inf
+        if e.is_Pow:
+            return inner + _bits(e.args[0]) * max(1.0, v)
+        return inner + v * max(1.0, math.log2(max(v, 1.0)))  # n! has about n log2 n bits
+    return sum(_bits(a) for a in e.args)
+
+
+def _to_sympy(s: str, funcs: frozenset = frozenset()):
     import sympy
     from sympy.parsing.sympy_parser import parse_expr, rationalize, standard_transformations
-    code = _latex_to_code(s)
-    # refuse towers and huge literals: big-integer arithmetic runs in C, where no alarm reaches it
-    if code is None or re.search(r"\*\*\(*[^)]*\*\*|\d{6,}\)*!|\*\*\(*\d{5,}", code):
+    code = _latex_to_code(s, funcs)
+    if code is None:
         return None
     names = {n: sympy.Symbol(n[2:]) for n in re.findall(r"\bv_\w+", code)}
-    return parse_expr(code, local_dict=names, transformations=standard_transformations + (rationalize,))
+    names.update({n: sympy.Function(n[2:]) for n in re.findall(r"\bF_\w+", code)})
+    kw = dict(local_dict=names, transformations=standard_transformations + (rationalize,))
+    if not _small(parse_expr(code, evaluate=False, **kw)):
+        return None
+    return parse_expr(code, **kw)
 
 
-def _sympy_equal(p: str, g: str, up_to_factor: bool = False) -> bool:
+def _probe(e, syms: list, t: int) -> Optional[complex]:
+    """e at the t-th fixed point (positive, irregular values for the symbols), or None when that is
+    not a finite number (an unknown function, a pole)."""
+    import sympy
+    point = {s: sympy.Rational(1000 + 263 * j + 389 * t, 1373) for j, s in enumerate(syms)}
+    v = e.subs(point).evalf(30)
+    if not v.is_number:
+        return None
+    c = complex(v)
+    return c if cmath.isfinite(c) else None
+
+
+def _differ_somewhere(a, b) -> bool:
+    """True when a and b take clearly different values at one of three fixed points: most unequal
+    answers are settled here in milliseconds, before sympy.simplify (which can grind for seconds).
+    Never decides equality: values that agree go on to simplify."""
+    syms = sorted(set(a.free_symbols) | set(b.free_symbols), key=str)
+    for t in range(3):
+        x, y = _probe(a, syms, t), _probe(b, syms, t)
+        if x is not None and y is not None and abs(x - y) > 1e-9 * max(1.0, abs(x), abs(y)):
+            return True
+    return False
+
+
+def _sympy_equal(p: str, g: str) -> bool:
     """Symbolic equality; constants are also compared numerically at high precision."""
     import sympy
-    if max(len(p), len(g)) > 400:  # not a short answer; parsing alone could eat the budget
+    if max(len(p), len(g)) > _MAX_SYMPY_CHARS:
         return False
     try:
-        a, b = _to_sympy(p), _to_sympy(g)
+        funcs = _function_letters(p, g)
+        a, b = _to_sympy(p, funcs), _to_sympy(g, funcs)
         if a is None or b is None:
             return False
-        if up_to_factor:  # equations: a = c*b for a nonzero constant c
-            if b == 0 or a == 0:
-                return a == b
-            r = sympy.simplify(a / b)
-            return bool(r.is_number and r != 0)
-        if not a.free_symbols and not b.free_symbols:
+        if not _unknowns(a) and not _unknowns(b):
             if a.is_Rational and b.is_Rational:
                 return a == b  # exact: 2**100 + 1 is not 2**100
             x, y = sympy.N(a, 50), sympy.N(b, 50)
@@ -366,9 +551,49 @@ def _sympy_equal(p: str, g: str, up_to_factor: bool = False) -> bool:
                 cx, cy = complex(x), complex(y)
                 return all(round(u, 6) == round(v, 6) for u, v in ((cx.real, cy.real), (cx.imag, cy.imag)))
             return bool(abs(x - y) <= 1e-40 * max(1, abs(y)))
+        if _differ_somewhere(a, b):
+            return False
         d = sympy.simplify(a - b)
         return bool(d == 0 or d.is_zero)
-    except _Timeout:
-        raise
-    except Exception:  # sympy raises many things on odd input
+    except Exception:  # sympy raises many things on odd input (the budget's _Timeout is no Exception)
+        return False
+
+
+def _equations_equal(pl: str, pr: str, gl: str, gr: str) -> bool:
+    """`pl = pr` against `gl = gr`. With unknowns in both, the same equation up to a nonzero constant
+    factor (`5x - 7y = -4` is `10x - 14y + 8 = 0`). With none in either (`1 = 2`,
+    `\\log\\frac{1}{1000} = -3`) it is a statement about numbers, and a factor would make any two
+    false (or any two true) ones equal: then the same two sides, in either order, each compared as a
+    value. One with unknowns and one without are different."""
+    import sympy
+    if max(len(pl) + len(pr), len(gl) + len(gr)) > _MAX_SYMPY_CHARS:
+        return False
+    try:
+        funcs = _function_letters(pl, pr, gl, gr)
+        sides = [_to_sympy(x, funcs) for x in (pl, pr, gl, gr)]
+        if any(x is None for x in sides):
+            return False
+        da, db = sides[0] - sides[1], sides[2] - sides[3]
+        if not _unknowns(da) or not _unknowns(db):
+            if _unknowns(da) or _unknowns(db):
+                return False
+            return (_equal(pl, gl) and _equal(pr, gr)) or (_equal(pl, gr) and _equal(pr, gl))
+        syms = sorted(set(da.free_symbols) | set(db.free_symbols), key=str)
+        ratios = []  # of the two sides' differences at fixed points: a constant for one equation
+        for t in range(3):
+            vals = [_probe(x, syms, t) for x in sides]
+            if any(v is None for v in vals):
+                continue
+            scale = max(1.0, *map(abs, vals))
+            x, y = vals[0] - vals[1], vals[2] - vals[3]
+            zero_x, zero_y = abs(x) <= 1e-12 * scale, abs(y) <= 1e-12 * scale
+            if zero_x != zero_y:
+                return False  # one holds here and the other does not
+            if not zero_x:
+                ratios.append(x / y)
+        if any(abs(x - ratios[0]) > 1e-9 * max(1.0, abs(x)) for x in ratios):
+            return False  # the ratio is not a constant: different equations
+        r = sympy.simplify(da / db)
+        return bool(not _unknowns(r) and r.is_number and r != 0)
+    except Exception:
         return False

@@ -6,6 +6,8 @@ One model plays two roles. As *teacher* it reads a problem from a growing pool a
 conceptually different one. As *student* it solves each new problem G times; the most common final
 answer is the pseudo-label and the share of answers that agree with it is the problem's solve rate.
 Both roles are trained together with GRPO on rewards the model computes itself: no labels.
+Two variants, one flag apart (`--recipe`, see RECIPES): `code`, the authors' released code (default),
+and `paper`, the equations of the paper's later text (v3/v4).
 
 Read top to bottom; the sections follow one round of the algorithm:
   1. config                      6. scoring a round (rewards -> selection -> pool)
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
 import os
 import random
 import re
@@ -39,12 +43,15 @@ import torch.nn.functional as F
 
 @dataclass
 class Config:
-    """Every constant of the method. Defaults are the paper's recipe (authors' Llama-3.2-3B config)."""
+    """Every constant of the method. Defaults are recipe `code`: the authors' released config for
+    Llama-3.2-3B-Instruct (RECIPES holds the paper's later variant)."""
 
     # run
+    recipe: str = "code"  # preset applied under your flags: "code" (authors' released code) or "paper" (v3/v4 text); see RECIPES
     model: str = "tiny"  # short name (see MODELS), hub id, local path, or "tiny" (built in-process)
     out: str = "runs/opensir"  # output directory: checkpoints, metrics.jsonl, problems.jsonl
     resume: bool = False  # continue from the latest checkpoint in --out
+    resume_from: str = ""  # continue from this checkpoint of --out (an older one, when the newest is damaged)
     seed: int = 0  # seeds python, numpy and torch
     steps: int = 200  # optimisation steps
     save_every: int = 25  # checkpoint every N steps (and at the end)
@@ -63,13 +70,23 @@ class Config:
     len_cap: int = 1000  # solution-length reward saturates at this many student tokens
     div_topk: int = 5  # diversity: mean of this many largest cosine similarities
     div_embed: str = "center"  # "center": subtract the pool's mean embedding (anisotropy); "raw"
+    solve_rate_over: str = "parsed"  # solve-rate denominator: "parsed" answers (code) or the whole "group" G (paper Eq. 1)
+    tent_floor: str = "band"  # tent value at the band edges: "band" 1/#{k/G in band} (code) or "group" 1/G (paper Eq. 2)
+    div_mode: str = "topk"  # "topk": (1 - mean top-k cos)/2 vs pool and round (code); "nearest": 1 - max cos vs the pool before the step (paper Eq. 4)
+    teacher_format: str = "think"  # teacher format reward: a <think> block, "think" (code), or valid problem and concepts "tags" (paper)
     w_solv: float = 1.0  # weight of the solvability reward
     w_div: float = 1.0  # weight of the diversity reward
     w_len: float = 1.0  # weight of the solution-length reward
-    w_teacher_format: float = 0.1  # weight of the teacher <think> format reward
+    w_teacher_format: float = 0.1  # weight of the teacher format reward (see teacher_format)
     # student rewards
     w_correct: float = 1.0  # weight of agreeing with the majority answer
-    w_student_format: float = 0.1  # weight of ending with the asked final-answer line
+    w_student_format: float = 0.1  # weight of the student format reward (see student_format)
+    student_format: str = "final_line"  # student format reward: the asked "final_line" last (code) or any "boxed" answer (paper)
+    # selection: which groups are trained
+    select_key: str = "combined"  # ranks candidates: "combined" = w_solv solv + w_div div (code) or "total" = R_T (paper)
+    select_scope: str = "round"  # "round": 1 teacher group and 1 problem per round (code); "step": top fractions of the step (paper)
+    select_teacher_frac: float = 0.5  # select_scope step: share of the step's reference groups kept, by variance of the key
+    select_student_frac: float = 0.5  # select_scope step: problems kept, as a share of the step's reference groups, by key
     # GRPO
     rounds_per_step: int = 16  # rounds (one teacher + one student group each) per optimiser step
     updates_per_rollout: int = 1  # optimiser steps on each batch of rollouts (mu)
@@ -83,6 +100,7 @@ class Config:
     max_grad_norm: float = 0.5  # gradient-norm clip
     # starting pool
     seed_problem: str = "What is 1+1?"  # the one problem the pool grows from
+    start_pool: str = "grow"  # "grow": grow init_pool_size in-band problems before step 1 (code); "seed": the seed problem alone (paper)
     init_pool_size: int = 512  # grow the starting pool to this many in-band problems (0: skip)
     init_pool_max_rounds: int = 2000  # give up growing the starting pool after this many rounds
     init_pool_min_chars: int = 30  # starting-pool filter: shortest problem kept
@@ -97,6 +115,10 @@ class Config:
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no full-vocab tensor for the batch)
     grad_ckpt: bool = True  # gradient checkpointing (on cuda)
     random_init: bool = False  # random weights from the architecture in MODELS (no download)
+    engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache); "auto": AUTO_ENGINE by device
+    kv_cache_gib: float = 0.0  # cap on the continuous engine's KV cache in GiB (0: sized from free memory)
+    # several processes (torchrun --nproc_per_node N): rounds of a step shared out across N ranks
+    dist_timeout: int = 1800  # seconds a rank waits for the others at a collective before the run stops (a rank that died)
     train_teacher: bool = True  # False: the frozen-teacher ablation (teacher groups get no gradient)
 
     def validate(self) -> None:
@@ -122,14 +144,18 @@ class Config:
             errors.append(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.loss_agg not in LOSS_AGGS:
             errors.append(f"--loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
+        errors += recipe_errors(self)  # the recipe fields: RECIPES, below
         if self.div_embed not in ("center", "raw"):
             errors.append(f"--div_embed must be 'center' or 'raw', got {self.div_embed!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             errors.append(f"--dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.engine not in ("auto", *ENGINES):
+            errors.append(f"--engine must be auto or one of {tuple(ENGINES)}, got {self.engine!r}")
+        if self.kv_cache_gib < 0:
+            errors.append(f"--kv_cache_gib must be >= 0, got {self.kv_cache_gib}")
         if self.device not in ("auto", "cuda", "cpu"):
             errors.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
-        if self.init_pool and not os.path.exists(self.init_pool):
-            errors.append(f"--init_pool {self.init_pool} does not exist")
+        errors += input_errors(self)  # NaN and infinity in any float field, --seed, --seed_problem, --init_pool
         if model_name_error(self.model, self.random_init):
             errors.append(model_name_error(self.model, self.random_init))
         if errors:
@@ -137,6 +163,27 @@ class Config:
 
 
 LOSS_AGGS = ("token", "sequence", "role", "constant")
+
+
+def input_errors(cfg: Config) -> list:
+    """What no setting may be, whatever the recipe: a float that is NaN or infinite (every comparison
+    with NaN is false, so range checks alone let it through), a seed numpy refuses, a blank seed
+    problem, a starting-pool file that does not parse."""
+    errors = [f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+              if f.type == "float" and not math.isfinite(getattr(cfg, f.name))]
+    if not 0 <= cfg.seed < 2**32:
+        errors.append(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    for name, lo in (("top_k", 0), ("init_pool_max_rounds", 1), ("init_pool_min_chars", 0)):
+        if getattr(cfg, name) < lo:
+            errors.append(f"--{name} must be >= {lo}, got {getattr(cfg, name)}")
+    if not cfg.seed_problem.strip():
+        errors.append("--seed_problem is blank: the pool needs one problem to grow from")
+    if cfg.init_pool:
+        try:
+            read_init_pool(cfg.init_pool)
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
 
 # The tiny model is for reading the code run on a laptop: same loop, smaller numbers. Applied only
 # to fields the user did not set on the command line; printed at start.
@@ -148,6 +195,68 @@ TINY_DEFAULTS = dict(
 # The toy world (`--model toy`, tiny.py): for showing learning on a CPU (demo.py). Longer worked
 # solutions than the tiny model's, and more student groups per step.
 TOY_DEFAULTS = dict(TINY_DEFAULTS, rounds_per_step=4, student_max_new_tokens=64, lr=1e-4)
+SMALL_MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "toy": TOY_DEFAULTS}  # the built-in models' smaller numbers
+
+# The two OpenSIRs (SPEC "Two recipes"): the authors' released code, which produced the paper's first
+# results, and the paper's later text (arXiv 2511.00602 v3/v4). Each row of that table is a Config field,
+# so an ablation can mix them; `--recipe` applies one set under the flags you give. "code" is Config's
+# own defaults, so each value is written once.
+RECIPE_FIELDS = ("solve_rate_over", "tent_floor", "div_mode", "teacher_format", "student_format", "select_key",
+                 "select_scope", "warmup_steps", "start_pool")
+RECIPES = {
+    "code": {k: getattr(Config, k) for k in RECIPE_FIELDS},
+    "paper": dict(solve_rate_over="group", tent_floor="group", div_mode="nearest", teacher_format="tags",
+                  student_format="boxed", select_key="total", select_scope="step", warmup_steps=20,
+                  start_pool="seed"),
+}
+RECIPE_CHOICES = dict(solve_rate_over=("parsed", "group"), tent_floor=("band", "group"), div_mode=("topk", "nearest"),
+                      teacher_format=("think", "tags"), student_format=("final_line", "boxed"),
+                      select_key=("combined", "total"), select_scope=("round", "step"), start_pool=("grow", "seed"))
+
+
+def recipe_errors(values, given: Optional[dict] = None) -> list:
+    """What is wrong with the recipe fields of a config (a Config, or a dict field -> value), one message
+    per flag. `given` (the flags the user typed) also catches flags that the chosen settings would ignore."""
+    values = values if isinstance(values, dict) else vars(values)
+    errors, recipe = [], values["recipe"]
+    if recipe not in RECIPES:
+        errors.append(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    for name, choices in RECIPE_CHOICES.items():
+        if values[name] not in choices:
+            errors.append(f"--{name} must be one of {', '.join(choices)}, got {values[name]!r}")
+    for name in ("select_teacher_frac", "select_student_frac"):
+        if not 0 < values[name] <= 1:  # also false for NaN
+            errors.append(f"--{name} must be in (0, 1], got {values[name]}")
+    if values["start_pool"] == "seed" and values["init_pool"]:
+        errors.append(f"--init_pool {values['init_pool']} loads a starting pool, but --start_pool is 'seed' "
+                      f"(recipe {recipe!r}): pass --start_pool grow to use the file")
+    ignored = {"select_teacher_frac": ("select_scope", "step"), "select_student_frac": ("select_scope", "step"),
+               "div_topk": ("div_mode", "topk"), "init_pool_size": ("start_pool", "grow"),
+               "init_pool_max_rounds": ("start_pool", "grow"), "init_pool_min_chars": ("start_pool", "grow")}
+    for name, (field_name, needed) in ignored.items():
+        if given and name in given and values[field_name] != needed:
+            errors.append(f"--{name} has no effect with --{field_name} {values[field_name]} "
+                          f"(recipe {recipe!r}); pass --{field_name} {needed} as well, or drop --{name}")
+    return errors
+
+
+def recipe_preset(given: dict) -> dict:
+    """The --recipe preset's values for the fields that neither your flags nor the tiny model's smaller
+    defaults set (so a tiny run keeps no warm-up). Prints the recipe; a bad recipe flag stops here
+    (SystemExit naming the flag), before any model loads."""
+    recipe = given.get("recipe", Config.recipe)
+    if recipe not in RECIPES:
+        raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    small = SMALL_MODEL_DEFAULTS.get(given.get("model", Config.model), {})
+    preset = {k: v for k, v in RECIPES[recipe].items()  # only what differs from Config's defaults
+              if k not in given and k not in small and v != getattr(Config, k)}
+    values = {**{f.name: f.default for f in dataclasses.fields(Config)}, **small, **preset, **given}
+    errors = recipe_errors(values, given)
+    if errors:
+        raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
+    print(f"recipe {recipe}: " + ", ".join(f"{k}={values[k]}" for k in RECIPE_FIELDS)
+          + (f" (your flags: {', '.join(k for k in RECIPE_FIELDS if k in given)})" if set(given) & set(RECIPE_FIELDS) else ""))
+    return preset
 
 
 # ================================================================================================
@@ -192,7 +301,8 @@ def chat(tokenizer, user_text: str) -> str:
 
 
 def _tag(text: str, name: str) -> Optional[str]:
-    m = re.search(rf"<{name}>(.*?)</{name}>", text, re.DOTALL)
+    """Content of the first <name>...</name>, tags in any case (`<Problem>`, `<THINK>`), as the authors match."""
+    m = re.search(rf"<{name}>(.*?)</{name}>", text, re.DOTALL | re.IGNORECASE)
     return m.group(1) if m else None
 
 
@@ -206,15 +316,18 @@ class TeacherOutput:
 
 def parse_teacher(text: str) -> TeacherOutput:
     """Legal = non-empty <problem> of >= 10 chars (not just dots) and a one-line <concepts> list of
-    1 to 3 comma-separated items, at least one of them >= 10 chars."""
+    1 to 3 comma-separated items, at least one of them >= 10 chars. As in the authors' parser, empty
+    items count towards the 3 (`a, b, c,` is four items) and a line break of any kind (\\n or \\r)
+    inside the stripped list makes it illegal."""
     problem = _tag(text, "problem")
     problem = problem.strip() if problem is not None else None
     raw_concepts = _tag(text, "concepts")
     concepts = []
     concepts_ok = False
-    if raw_concepts is not None and "\n" not in raw_concepts.strip():
-        concepts = [c.strip() for c in raw_concepts.split(",") if c.strip()]
-        concepts_ok = 1 <= len(concepts) <= 3 and any(len(c) >= 10 for c in concepts)
+    if raw_concepts is not None and len(raw_concepts.strip().splitlines()) == 1:
+        items = [c.strip() for c in raw_concepts.split(",")]  # empty items kept: they count
+        concepts = [c for c in items if c]
+        concepts_ok = len(items) <= 3 and any(len(c) >= 10 for c in items)
     problem_ok = problem is not None and len(problem) >= 10 and problem.strip(". \u2026") != ""
     return TeacherOutput(problem, concepts, _tag(text, "think") is not None, problem_ok and concepts_ok)
 
@@ -225,42 +338,81 @@ def has_final_line(solution: str) -> bool:
     return bool(lines) and FINAL_LINE_RE.match(lines[-1]) is not None
 
 
+def teacher_format_reward(parsed: TeacherOutput, mode: str) -> float:
+    """R_fmt (teacher). code ("think"): 1 when a <think> block is present. paper ("tags"): 1 when the
+    problem and concepts tags are valid, which every legal output has (illegal ones get no reward at all)."""
+    return float(parsed.has_think if mode == "think" else parsed.legal)
+
+
+def student_format_reward(solution: str, mode: str) -> float:
+    """R_fmt (student). code ("final_line"): 1 when the last line is the asked final-answer line.
+    paper ("boxed"): 1 when the solution holds a complete \\boxed{} answer anywhere."""
+    return float(has_final_line(solution) if mode == "final_line" else extract_boxed(solution) is not None)
+
+
 # ================================================================================================
 # 3. Answers: extraction and the vote key
 # ================================================================================================
 # normalize_answer is the vote key: string work only (cheap, deterministic), so `1/2`, `\dfrac12` and
 # `0.5` land on one key. The evaluation checker (checker.py, used by eval.py) builds on the same
 # clean-up and adds structure, exact numbers and sympy; training never needs it.
+# Students write anything, so every step here is linear in the input: runs of white space are first
+# collapsed to one space, no pattern repeats a group whose matches can overlap, and an answer longer
+# than MAX_ANSWER_CHARS gets no key (no real final answer is that long: the longest gold of the five
+# benchmarks has 993 characters).
+MAX_ANSWER_CHARS = 2000
+_MAX_NUMBER_CHARS = 1000  # a longer "number" is compared as text (int() refuses over 4,300 digits)
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*")
+_BARE_BOX = re.compile(r"[^\s${}]+")
 
 
 def extract_boxed(text: str, last: bool = False) -> Optional[str]:
     """Content of the first (or last) \\boxed{...} / \\fbox{...} with balanced braces, or None.
-    Also takes the brace-less `\\boxed 5` form (one token)."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*", text)]
+    Also takes the brace-less `\\boxed 5` form (one token). One pass over the text: the matching
+    brace of every `{` is found with a stack, so unclosed boxes cost nothing extra."""
+    starts = [m.end() for m in _BOX.finditer(text)]
+    if not starts:
+        return None
+    closes, stack = {}, []
+    for m in re.finditer(r"\\[\\{}]|[{}]", text[starts[0]:]):  # `\{ \}` are printed braces (`\\` a break)
+        if m.group()[0] == "\\":
+            continue
+        if m.group() == "{":
+            stack.append(m.start() + starts[0])
+        elif stack:
+            closes[stack.pop()] = m.start() + starts[0]
     for i in (reversed(starts) if last else starts):
         if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    return text[i + 1:j]
+            if i in closes:
+                return text[i + 1:closes[i]]
         else:
-            m = re.match(r"[^\s${}]+", text[i:])
+            m = _BARE_BOX.match(text, i)
             if m:
                 return m.group(0)
     return None
 
 
-_UNIT_WORDS = re.compile(  # trailing words that are units or currency, dropped after a number
-    r"(?:(?:sq(?:uare)?|cubic)?\s*(?:units?|cm|mm|km|m|meters?|metres?|inch(?:es)?|in|feet|foot|ft|"
+def final_answer(completion: str) -> Optional[str]:
+    """The answer a completion gives: its last \\boxed{} (the authors' math-verify `first_match`
+    takes the right-most match), so a solution that corrects itself is read at its end. Training's
+    vote and eval.py both read answers here."""
+    return extract_boxed(completion, last=True)
+
+
+_UNIT_WORD = re.compile(  # a unit or currency word, dropped after a number; one word, no repetition
+    r"(?:sq|square|cubic)?(?:units?|cm|mm|km|m|meters?|metres?|inch(?:es)?|in|feet|foot|ft|"
     r"yards?|miles?|mph|kg|g|grams?|pounds?|lbs?|ounces?|oz|liters?|litres?|gallons?|ml|l|seconds?|"
     r"s|sec|minutes?|mins?|hours?|hrs?|h|days?|weeks?|months?|years?|dollars?|cents?|usd|euros?|"
     r"degrees?|deg|radians?|rad|percent|students?|people|persons?|men|women|children|boys|girls|"
     r"apples?|books?|cookies?|eggs?|marbles?|pages?|points?|ways?|times|items?|pieces?|coins?|"
-    r"cars?|trees?|balls?)\.?(?:\^\{?\d\}?)?\s*)+$", re.I)
+    r"cars?|trees?|balls?)\.?(?:\^\{?\d\}?)?|sq|square|cubic", re.I)
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname|rm)\s*\{([^{}]*)\}")
+_TEXT_UNIT_TAIL = re.compile(r"([\d}).])\s?" + _TEXT_CMD.pattern + r"\s?(\^\{?\d\}?)?\s?$")
 _SPACING = re.compile(r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])|"
                       r"(?<!\\)\\[,;:! ]|\\q?quad|\\displaystyle|\\mathstrut|~")
+_NAME = r"[a-zA-Z](?:_\w|_\{[^{}]*\})?(?:\s?\(\s?[a-zA-Z]\s?\))?"  # x, y_2, a_{n}, f(x)
+_NAMED = re.compile(r"(" + _NAME + r")\s?(?:=|\\in)\s?(.+)")
+_NAME_RE = re.compile(_NAME)
 
 
 def _clean(ans: Optional[str], units: bool = True) -> str:
@@ -269,50 +421,68 @@ def _clean(ans: Optional[str], units: bool = True) -> str:
 
 
 def _clean_parts(ans: Optional[str], units: bool = True) -> tuple[str, str]:
-    """(name, answer): `y_2 = x e^x` -> ("y_2", "xe^x"); name "" when the answer is not named.
-    units=False keeps trailing words and \\text{} (to compare `37/4 m` with `37/4m` as written)."""
+    """(name, answer): `y_2 = x e^x` -> ("y_2", "xe^x"), and `x e^x = y_2` the same; name "" when
+    the answer is not named. units=False keeps trailing words and \\text{} (to compare `37/4 m` with
+    `37/4m` as written). ("", "") for an answer over MAX_ANSWER_CHARS."""
     if ans is None:
         return "", ""
-    s = str(ans).strip()
+    s = str(ans)
     if "\\boxed" in s or "\\fbox" in s:
         s = extract_boxed(s, last=True) or s
+    s = " ".join(s.split())  # one space per run: from here no pattern can backtrack over spaces
+    if len(s) > MAX_ANSWER_CHARS:
+        return "", ""
     s = re.sub(r"\\[\[\]()]", "", s)  # \( \) \[ \] math delimiters
     s = s.replace("\\$", "").replace("$", "")  # math mode and currency
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
-    s = _SPACING.sub(" ", s)
+    s = " ".join(_SPACING.sub(" ", s).split())
     s = s.replace("{,}", ",").replace("\\%", "%").replace("\u2212", "-").replace("\u03c0", "\\pi ")
     s = s.replace("\u221e", "\\infty ").replace("\u00d7", "\\times ").replace("\u221a", "\\sqrt")
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\u00b0|\\degree", "", s)  # degrees
+    s = re.sub(r"\^\s?\{?\s?\\circ\s?\}?|\\circ|\u00b0|\\degree", "", s)  # degrees
     s = re.sub(r"^\s*[\u20ac\u00a3\u00a5]", "", s)  # other currencies (\$ went above)
     if units:  # a trailing \text{unit} after a number goes, and plain unit words after a plain number
-        m = re.match(r"^(.*?[\d}).])\s*" + _TEXT_CMD.pattern + r"\s*(\^\{?\d\}?)?\s*$", s)
+        m = _TEXT_UNIT_TAIL.search(s)
         if m and not re.search(r"\d", m.group(2)):
-            s = m.group(1)
-        m = _UNIT_TAIL.match(s)
-        if m and _parse_number(re.sub(r"\s+", "", m.group(1))) is not None:
-            s = m.group(1)
+            s = s[:m.start() + 1]
+        s = _strip_unit_words(s)
     s = _TEXT_CMD.sub(lambda t: t.group(1), s)  # any other \text{} is unwrapped
     s = s.strip().rstrip(".").strip()
     # `x = 5`, `f(x) = 2x`, `x \in [1,2]`: a lone variable on the left names the answer, it is not
-    # part of it (so `y = 2x + 3` meets `2x + 3`; `x + y = 1` stays an equation)
+    # part of it (so `y = 2x + 3` meets `2x + 3`; `x + y = 1` stays an equation). On the right it
+    # names it too: `5 = x` is `x = 5`.
     name = ""
-    m = _NAMED.match(s)
+    m = _NAMED.fullmatch(s)
     if m and "=" not in m.group(2):
-        name, s = re.sub(r"[\s{}]", "", m.group(1)), m.group(2)
+        name, s = m.group(1), m.group(2)
+    elif s.count("=") == 1:
+        left, right = s.split("=")
+        if left.strip() and left.rstrip()[-1] not in "<>!:" and _NAME_RE.fullmatch(right.strip()):
+            name, s = right, left  # (not in `a <= b`)
+    name = re.sub(r"[\s{}]", "", name)
     s = re.sub(r"\s+", "", s)
     if re.fullmatch(r"\(\w\)", s):  # multiple-choice letter `(C)`
         s = s[1]
     return name, s
 
 
-_UNIT_TAIL = re.compile(r"^(.*?)\s+" + _UNIT_WORDS.pattern, re.I)
-_NAMED = re.compile(r"^([a-zA-Z](?:_\w|_\{[^{}]*\})?(?:\s*\(\s*[a-zA-Z]\s*\))?)\s*(?:=|\\in)\s*(.+)$")
+def _strip_unit_words(s: str) -> str:
+    """`1000 dollars` -> `1000`, `5 sq ft` -> `5`: trailing unit words go when a number is left."""
+    words = s.split(" ")
+    k = len(words)
+    while k > 1 and _UNIT_WORD.fullmatch(words[k - 1]):
+        k -= 1
+    if k < len(words) and _parse_number("".join(words[:k])) is not None:
+        return " ".join(words[:k])
+    return s
 
 
 def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool, int]]:
     """(value, written as a decimal?, a percent?, decimal places) for a plain number in a cleaned
     string: integers, `1,000`, decimals, `4.5e33`, `4.5\\times10^{33}`, `a/b`, `\\frac{a}{b}`,
-    `\\frac ab`, mixed `1\\frac{4}{5}`, a trailing `%`; None for anything else."""
+    `\\frac ab`, mixed `1\\frac{4}{5}`, a trailing `%`; None for anything else, and for strings over
+    _MAX_NUMBER_CHARS."""
+    if len(s) > _MAX_NUMBER_CHARS:
+        return None
     pct = s.endswith("%")
     s = s.rstrip("%")
     sign = -1 if s.startswith("-") else 1
@@ -320,7 +490,7 @@ def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool, int]]:
         s = s[1:]
     if re.fullmatch(r"\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
-    m = re.fullmatch(r"(\d+\.?\d*|\.\d+)(?:e([-+]?\d+)|(?:\\times|\\cdot|\*)10\^\{?([-+]?\d+)\}?)?", s)
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:e([-+]?\d+)|(?:\\times|\\cdot|\*)10\^\{?([-+]?\d+)\}?)?", s)
     if m:
         exp = int(m.group(2) or m.group(3) or 0)
         if abs(exp) > 400:  # keep Fraction arithmetic small
@@ -341,15 +511,19 @@ def normalize_answer(ans: Optional[str]) -> Optional[str]:
     """Canonical string used as the vote key: equal keys mean the same answer. Numbers become the
     exact fraction `p/q`: 0.5, 1/2 and \\dfrac12 all give `1/2`; `50\\%` gives `50` (answers to
     "what percent" usually drop the sign). Other answers: the cleaned, space-free LaTeX.
-    String work only, no sympy: this runs for every training sample."""
-    s = _clean(ans)
-    if not s:
+    String work only, no sympy, linear time: this runs for every training sample. None (no vote)
+    for an empty answer, one over MAX_ANSWER_CHARS, and anything the clean-up cannot read."""
+    try:
+        s = _clean(ans)
+        if not s:
+            return None
+        num = _parse_number(s)
+        if num is not None:
+            v = num[0]
+            return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+        return s
+    except Exception:  # never expected (a ValueError, a RecursionError): one bad answer must not end training
         return None
-    num = _parse_number(s)
-    if num is not None:
-        v = num[0]
-        return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
-    return s
 
 
 # ================================================================================================
@@ -357,10 +531,11 @@ def normalize_answer(ans: Optional[str]) -> Optional[str]:
 # ================================================================================================
 
 
-def majority_vote(answers: list) -> tuple:
+def majority_vote(answers: list, over: str = "parsed") -> tuple:
     """Pseudo-label by majority: the most common parsed answer (ties: the earliest sampled).
 
-    s = count(majority) / #parsed. Unparsed answers (None) neither vote nor count.
+    code  (over="parsed"): s = count(majority) / #parsed; unparsed answers (None) neither vote nor count.
+    paper (over="group", Eq. 1): s = count(majority) / G; unparsed answers count as disagreeing.
     Returns (majority or None, solve rate s, #parsed); s = 0 when nothing parsed.
     """
     parsed = [a for a in answers if a is not None]
@@ -369,14 +544,18 @@ def majority_vote(answers: list) -> tuple:
     counts = Counter(parsed)
     best = max(counts.values())
     majority = next(a for a in parsed if counts[a] == best)  # first sampled among the tied
-    return majority, best / len(parsed), len(parsed)
+    return majority, best / len(parsed if over == "parsed" else answers), len(parsed)
 
 
-def band_y_min(group: int, lo: float, hi: float) -> float:
-    """y_min = 1 / |{k/G : k = 1..G, lo <= k/G <= hi}|: the tent's value at the band edges.
+def band_y_min(group: int, lo: float, hi: float, floor: str = "band") -> float:
+    """The tent's value at the band edges.
 
-    With G = 8 and [0.5, 0.9] the reachable rates are 4/8..7/8, so y_min = 1/4.
+    code  (floor="band"):  y_min = 1 / |{k/G : k = 1..G, lo <= k/G <= hi}|; with G = 8 and [0.5, 0.9] the
+                           reachable rates are 4/8..7/8, so y_min = 1/4.
+    paper (floor="group"): y_min = 1/G = 1/8.
     """
+    if floor == "group":
+        return 1.0 / group
     n = sum(1 for k in range(1, group + 1) if in_band(k / group, lo, hi))
     return 1.0 / max(n, 1)
 
@@ -386,9 +565,10 @@ def in_band(s: float, lo: float, hi: float) -> bool:
     return lo - 1e-9 <= s <= hi + 1e-9
 
 
-def solvability_reward(s: float, group: int, lo: float, hi: float) -> float:
+def solvability_reward(s: float, group: int, lo: float, hi: float, floor: str = "band") -> float:
     """R_solv(s) = 1 - (1 - y_min) |s - m| / (m - lo) for lo <= s <= hi, else 0;  m = (lo + hi) / 2.
 
+    y_min from band_y_min: code 1/#{k/G in band}; paper (Eq. 2, eta = (1 - 1/G)/(m - lo)) 1/G.
     A tent on the difficulty band: problems the student solves about m of the time score 1, ones it
     always or rarely agrees on score 0, so the teacher is pushed to the edge of the student's ability.
     """
@@ -397,11 +577,11 @@ def solvability_reward(s: float, group: int, lo: float, hi: float) -> float:
     m = (lo + hi) / 2
     if m - lo < 1e-12:  # a zero-width band: any rate in it is the peak
         return 1.0
-    return 1.0 - (1.0 - band_y_min(group, lo, hi)) * abs(s - m) / (m - lo)
+    return 1.0 - (1.0 - band_y_min(group, lo, hi, floor)) * abs(s - m) / (m - lo)
 
 
 def length_reward(solution_lengths: list, cap: int) -> float:
-    """R_len = min(mean student completion tokens, cap) / cap: longer solutions mean harder problems."""
+    """R_len = min(mean student completion tokens, cap) / cap (both recipes): longer solutions mean harder problems."""
     if not solution_lengths:
         return 0.0
     return min(float(np.mean(solution_lengths)), cap) / cap
@@ -409,6 +589,7 @@ def length_reward(solution_lengths: list, cap: int) -> float:
 
 def diversity_rewards(cand: torch.Tensor, pool: torch.Tensor, topk: int, center: bool) -> torch.Tensor:
     """R_div(x) = (1 - mean of the top-k cos(e_x, e_y)) / 2, y over the pool and the other candidates.
+    The released code's diversity (recipe code); range [0, 1].
 
     cand (n, d) and pool (p, d) are raw mean-pooled hidden states. Hidden states of a language model
     are anisotropic: every pair has cosine near 1, so raw cosines barely separate a copy from a new
@@ -433,13 +614,34 @@ def diversity_rewards(cand: torch.Tensor, pool: torch.Tensor, topk: int, center:
     return (1.0 - top.mean(dim=1)) / 2.0
 
 
+def nearest_distance(cand: torch.Tensor, pool: torch.Tensor, center: bool) -> torch.Tensor:
+    """R_div(x) = 1 - max_y cos(e_x, e_y), y over the pool as it was before this step: the cosine
+    distance to the single nearest earlier problem (recipe paper, Eq. 4); range [0, 2].
+
+    cand (n, d), pool (p, d): raw mean-pooled hidden states. Candidates of the same step are not compared
+    with each other. center as in diversity_rewards (the mean of pool and candidates is subtracted first).
+    An empty pool gives 1 (cosine taken as 0).
+    """
+    n = cand.shape[0]
+    if n == 0:
+        return torch.zeros(0)
+    if pool is None or pool.shape[0] == 0:
+        return torch.ones(n)
+    allv = torch.cat([pool, cand]).float()  # (p + n, d)
+    if center:
+        allv = allv - allv.mean(dim=0, keepdim=True)
+    allv = F.normalize(allv, dim=-1, eps=1e-12)
+    sim = allv[pool.shape[0]:] @ allv[: pool.shape[0]].T  # (n, p)
+    return (1.0 - sim.max(dim=1).values).clamp(0.0, 2.0)  # (n,)
+
+
 def teacher_total(solv: float, div: float, length: float, fmt: float, cfg: "Config") -> float:
-    """R_T = w_solv R_solv + w_div R_div + w_len R_len + w_fmt R_format (all 0 for an illegal output)."""
+    """R_T = w_solv R_solv + w_div R_div + w_len R_len + w_fmt R_format (both recipes; all 0 for an illegal output)."""
     return cfg.w_solv * solv + cfg.w_div * div + cfg.w_len * length + cfg.w_teacher_format * fmt
 
 
 def student_rewards(answers: list, majority: Optional[str], formats: list, cfg: "Config") -> list:
-    """R_S = w_correct [answer == majority] + w_fmt [last line is the asked final-answer line]."""
+    """R_S = w_correct [answer == majority] + w_fmt R_fmt, R_fmt from student_format_reward (both recipes)."""
     return [cfg.w_correct * float(majority is not None and a == majority) + cfg.w_student_format * float(f)
             for a, f in zip(answers, formats)]
 
@@ -493,28 +695,64 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+# The two generation engines (--engine). "continuous" is transformers' own continuous batching
+# (engines.py): a finished sequence's slot goes to a waiting one instead of idling until its batch's
+# longest member ends. "auto" picks per device, by measurement (README, "Generation engines"); on CUDA
+# `generate` until a GPU has measured the two side by side.
+ENGINES = {"generate": "HF model.generate, padded batches of --gen_batch",
+           "continuous": "transformers continuous batching, paged KV cache (engines.py)"}
+AUTO_ENGINE = {"cpu": "continuous", "cuda": "generate"}
+
+
+def resolve_engine(engine: str, model) -> str:
+    """The engine that runs `model`: "auto" by device, falling back to `generate` where the continuous
+    engine would change the model's distribution (Gemma-2's soft-capping); asked for, that is an error."""
+    if engine == "generate" or (engine == "auto" and AUTO_ENGINE.get(model.device.type) != "continuous"):
+        return "generate"
+    import engines  # beside this file; only the continuous engine needs it
+    refusal = engines.softcap_refusal(model)
+    if refusal and engine == "continuous":
+        raise ValueError(refusal)
+    return "generate" if refusal else "continuous"
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, top_k: int,
-             top_p: float, batch_size: int, desc: str = "", min_new_tokens: int = 0) -> list:
-    """Sample one completion per prompt with HF generate: left padding, KV cache, batches of
-    `batch_size` prompts sorted by length (less padding), halved on out-of-memory."""
+             top_p: float, batch_size: int, desc: str = "", min_new_tokens: int = 0, engine: str = "generate",
+             kv_cache_gib: float = 0.0, greedy: bool = False) -> list:
+    """Sample one completion per prompt with either engine; both return Completions cut at the first EOS
+    with the token ids sampled. `generate`: left padding, KV cache, batches of `batch_size` prompts sorted
+    by length (less padding), halved on out-of-memory. `continuous`: engines.generate_continuous, every
+    prompt at once into a paged KV cache, its budget halved on out-of-memory. `greedy`: argmax (tests)."""
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # template has BOS
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list = [None] * len(prompts)
+    if resolve_engine(engine, model) == "continuous":
+        if min_new_tokens:
+            raise ValueError("--engine continuous has no min_new_tokens (transformers drops that processor)")
+        import engines  # beside this file; only the continuous engine needs it
+        gen = engines.generate_continuous(model, encoded, eos_ids, max_new_tokens, temperature, top_k, top_p,
+                                          greedy=greedy, kv_cache_gib=kv_cache_gib, log=print, desc=desc)
+        for i, g in enumerate(gen):
+            ids, truncated = cut_at_eos(g, eos_ids)
+            out[i] = Completion(encoded[i], ids, tokenizer.decode(ids, skip_special_tokens=True), truncated)
+        return out
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     bar = _progress(total=len(prompts), desc=desc)
     pos = 0
     while pos < len(order):
         idx = order[pos: pos + batch_size]
         input_ids, attn = pad_batch([encoded[i] for i in idx], pad_id, left=True)
         width = input_ids.shape[1]
+        sample = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k,
+                                                           top_p=top_p)
         try:
             gen = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
+                input_ids=input_ids.to(device), attention_mask=attn.to(device), **sample,
+                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_ids,
+                pad_token_id=pad_id, use_cache=True)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_oom(err) or batch_size == 1:
                 raise
@@ -558,41 +796,96 @@ class Candidate:
     fmt: float = 0.0
     reward: float = 0.0  # R_T
     student_rewards: list = field(default_factory=list)  # R_S per solution
-    combined: float = 0.0  # w_solv R_solv + w_div R_div: ranks candidates for training
+    combined: float = 0.0  # the ranking key (select_key): w_solv R_solv + w_div R_div (code) or R_T (paper)
     embedding: Optional[torch.Tensor] = None  # raw mean-pooled hidden state (d,)
+
+    @property
+    def scored(self) -> bool:
+        """Has a score: legal, and at least one solution gave a parsed answer (the authors' gating)."""
+        return self.parsed.legal and self.n_parsed > 0
 
 
 def score_candidates(cands: list, pool_emb: Optional[torch.Tensor], cfg: Config) -> None:
-    """Fill every reward of a round's candidates (in place). Illegal candidates keep all zeros."""
+    """Fill every reward of a round's candidates (in place). Illegal candidates keep all zeros.
+    pool_emb: what diversity compares with (div_mode topk: the pool now; nearest: the pool before the step).
+    A legal problem with no parsed answer gets length 0 (its solutions may ramble to the budget; that
+    must not pay the teacher) and is never selected (`scored` is False)."""
     legal = [c for c in cands if c.parsed.legal]
     for c in legal:
-        c.majority, c.solve_rate, c.n_parsed = majority_vote(c.answers)
-        c.solv = solvability_reward(c.solve_rate, cfg.student_group, cfg.band_lo, cfg.band_hi)
-        c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap)  # its own solutions
-        c.fmt = float(c.parsed.has_think)
-        c.student_rewards = student_rewards(c.answers, c.majority, [has_final_line(s.text) for s in c.solutions], cfg)
+        c.majority, c.solve_rate, c.n_parsed = majority_vote(c.answers, cfg.solve_rate_over)
+        c.solv = solvability_reward(c.solve_rate, cfg.student_group, cfg.band_lo, cfg.band_hi, cfg.tent_floor)
+        c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap) if c.n_parsed else 0.0  # its own
+        c.fmt = teacher_format_reward(c.parsed, cfg.teacher_format)
+        c.student_rewards = student_rewards(
+            c.answers, c.majority, [student_format_reward(s.text, cfg.student_format) for s in c.solutions], cfg)
     if legal and cfg.w_div > 0:
-        divs = diversity_rewards(torch.stack([c.embedding for c in legal]), pool_emb, cfg.div_topk,
-                                 cfg.div_embed == "center")
+        emb = torch.stack([c.embedding for c in legal])  # (n, d)
+        center = cfg.div_embed == "center"
+        divs = (nearest_distance(emb, pool_emb, center) if cfg.div_mode == "nearest"
+                else diversity_rewards(emb, pool_emb, cfg.div_topk, center))
         for c, d in zip(legal, divs.tolist()):
             c.div = d
     for c in legal:
         c.reward = teacher_total(c.solv, c.div, c.length, c.fmt, cfg)
-        c.combined = cfg.w_solv * c.solv + cfg.w_div * c.div
+        c.combined = c.reward if cfg.select_key == "total" else cfg.w_solv * c.solv + cfg.w_div * c.div
 
 
-def select_teacher_group(combined: np.ndarray, legal: np.ndarray) -> int:
-    """The reference group whose `combined` scores vary most: the most informative for GRPO.
-    combined, legal: (n_refs, g). Groups with no legal member rank last."""
-    var = combined.var(axis=1)  # (n_refs,)
-    var = np.where(legal.any(axis=1), var, -1.0)
-    return int(np.argmax(var))  # first among ties
+def group_spread(combined: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """Var of the ranking key within each reference group, over the members that have a score (both
+    recipes, as the authors compute it); -1 for a group with none, so it ranks last.
+    combined, scored: (n_groups, g) -> (n_groups,)."""
+    out = np.full(combined.shape[0], -1.0)
+    for i, (row, ok) in enumerate(zip(combined, scored.astype(bool))):
+        if ok.any():
+            out[i] = row[ok].var()
+    return out
+
+
+def select_teacher_group(combined: np.ndarray, scored: np.ndarray) -> int:
+    """Recipe code, per round: argmax_j Var{key_i : i in group j, i scored}, the most informative group
+    for GRPO (first among ties); groups with no scored member rank last."""
+    return int(np.argmax(group_spread(combined, scored)))
 
 
 def select_student_problem(cands: list) -> Optional[int]:
-    """Index of the legal candidate with the highest `combined` (first among ties), or None."""
-    ok = [i for i, c in enumerate(cands) if c.parsed.legal]
+    """Recipe code, per round: argmax_i key_i over the scored candidates (first among ties), or None."""
+    ok = [i for i, c in enumerate(cands) if c.scored]
     return max(ok, key=lambda i: cands[i].combined) if ok else None
+
+
+def select_step(rounds_cands: list, g: int, teacher_frac: float, student_frac: float) -> list:
+    """Recipe paper, per step: of all K reference groups of the step keep the round(teacher_frac K) with the
+    largest Var(key) (as group_spread), and the round(student_frac K) scored problems with the largest key
+    (at least one each; ties: the earliest). At the defaults K = 16 x 4 = 64: 32 + 32 groups, 512 sequences.
+    Returns, per round, (kept teacher groups, kept candidate indices)."""
+    spread, keys = [], []
+    for r, cands in enumerate(rounds_cands):
+        sp = group_spread(np.array([c.combined for c in cands]).reshape(-1, g),
+                          np.array([c.scored for c in cands]).reshape(-1, g))
+        spread += [(v, r, j) for j, v in enumerate(sp)]
+        keys += [(c.combined, r, i) for i, c in enumerate(cands) if c.scored]
+    n_groups = len(spread)
+    top_t = sorted(range(n_groups), key=lambda k: -spread[k][0])[: max(1, round(teacher_frac * n_groups))]
+    top_s = sorted(range(len(keys)), key=lambda k: -keys[k][0])[: max(1, round(student_frac * n_groups))]
+    chosen = [([], []) for _ in rounds_cands]
+    for k in sorted(top_t):
+        chosen[spread[k][1]][0].append(spread[k][2])
+    for k in sorted(top_s):
+        chosen[keys[k][1]][1].append(keys[k][2])
+    return chosen
+
+
+def select_for_training(rounds_cands: list, cfg: Config) -> list:
+    """Per round, (teacher groups to train, student candidates to train), by cfg.select_scope."""
+    if cfg.select_scope == "step":
+        return select_step(rounds_cands, cfg.teacher_group, cfg.select_teacher_frac, cfg.select_student_frac)
+    g, chosen = cfg.teacher_group, []
+    for cands in rounds_cands:
+        group = select_teacher_group(np.array([c.combined for c in cands]).reshape(-1, g),
+                                     np.array([c.scored for c in cands]).reshape(-1, g))  # (n_refs, g) each
+        best = select_student_problem(cands)
+        chosen.append(([group], [] if best is None else [best]))
+    return chosen
 
 
 # ================================================================================================
@@ -635,12 +928,10 @@ def concepts_mask(tokenizer, ids: list) -> list:
     The concepts are bookkeeping for the pool, not something the teacher is rewarded for. Token spans
     come from the character offsets of decoded prefixes (binary search), so any tokenizer works.
     """
-    text = tokenizer.decode(ids)
-    start = text.find("<concepts>")
-    end = text.find("</concepts>", start + 1) if start >= 0 else -1
-    if start < 0 or end < 0:
+    span = re.search(r"<concepts>.*?</concepts>", tokenizer.decode(ids), re.DOTALL | re.IGNORECASE)  # any case, as parse_teacher
+    if span is None:
         return [1] * len(ids)
-    end += len("</concepts>")
+    start, end = span.span()
 
     def first_token_reaching(char_pos: int) -> int:  # smallest k with len(decode(ids[:k+1])) > char_pos
         lo, hi = 0, len(ids) - 1
@@ -804,6 +1095,30 @@ def model_name_error(name: str, random_init: bool = False) -> Optional[str]:
             "Or pass a hub id (org/name) or the path of a local directory holding a saved model.")
 
 
+def hub_error(path: str) -> Optional[str]:
+    """For a hub id not in the local cache, why it cannot be fetched now (offline mode, or no route to
+    the hub), in one sentence: transformers would spend ~30 s retrying and end in a long traceback."""
+    if os.path.isdir(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return None
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return None
+    fix = (f"download it on a machine with access (`hf download {path} --local-dir DIR`), copy DIR here "
+           "and pass DIR instead of the hub id")
+    if constants.HF_HUB_OFFLINE:
+        return f"{path} is neither a local directory nor in the local hub cache, and HF_HUB_OFFLINE is set: {fix}"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # a proxy decides what is reachable; let transformers try
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=10).close()
+    except OSError as err:
+        return f"{path} is neither a local directory nor in the local hub cache, and {url.hostname} cannot be reached ({err}): {fix}"
+    return None
+
+
 def resolve_model(name: str) -> str:
     """Short name -> hub id; "tiny" -> its cache directory (built on first use); else as given."""
     if model_name_error(name):
@@ -844,6 +1159,7 @@ def synthetic_tokenizer(vocab_size: int):
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", attn: str = "auto",
                random_init: bool = False, seed: int = 0):
     """(model, tokenizer) on the device, in eval mode. dtype "fp32" for trained (master) weights."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     dev = pick_device(device)
     torch_dtype = compute_dtype(dev, dtype)
@@ -859,14 +1175,18 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", att
             config, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
     else:
         path = resolve_model(name_or_path)
+        unreachable = hub_error(path)
+        if unreachable:
+            raise OSError(unreachable)
         try:
             config = AutoConfig.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
-        except (OSError, ValueError) as err:  # missing files, no network, not a model directory
-            raise OSError(f"could not load {path!r}: {err}\nIf this machine is offline, download the model "
-                          "elsewhere and pass its local directory.") from err
+        except (OSError, ValueError, SafetensorError) as err:  # missing or damaged files, no network, not a model
+            hint = ("Its files may be damaged or incomplete (for a checkpoint, use an older one)." if os.path.isdir(path)
+                    else "If this machine is offline, download the model elsewhere and pass its local directory.")
+            raise OSError(f"could not load {path!r}: {(str(err).strip().splitlines() or [''])[0]}\n{hint}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(dev).eval(), tokenizer
@@ -910,6 +1230,34 @@ class Pool:
         return {"problems": self.problems, "concepts": self.concepts, "embeddings": self.embeddings}
 
 
+def read_init_pool(path: str) -> list:
+    """--init_pool rows: one JSON object a line with a non-blank "problem" and optional "concepts" (a
+    list of strings), as init_pool.jsonl is written. Anything else is an error naming file and line."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"--init_pool {path}, line {lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or not row["problem"].strip():
+                    raise ValueError(f'{where}: expected a JSON object with a non-blank "problem" string')
+                concepts = row.get("concepts", [])
+                if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
+                    raise ValueError(f'{where}: "concepts" must be a list of strings')
+                rows.append({"problem": row["problem"], "concepts": concepts})
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--init_pool {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    if not rows:
+        raise ValueError(f"--init_pool {path} holds no problems; pass a JSONL of problems or leave "
+                         "--init_pool out to grow the starting pool")
+    return rows
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -931,36 +1279,73 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def round_seed(seed: int, step: int, rnd: int) -> int:
+    """The seed of one round of training: a function of (seed, step, round) alone, so the round samples
+    the same whichever rank plays it and however many ranks there are, and a resume needs no RNG state."""
+    return int(np.random.SeedSequence([seed, step, rnd]).generate_state(1)[0])
+
+
 def checkpoint_dir(out: str, step: int) -> str:
     return os.path.join(out, f"ckpt-{step:05d}")
+
+
+def checkpoints(out: str) -> list:
+    """Every ckpt-NNNNN directory in out, oldest first (complete or not)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(os.path.join(out, d) for d in os.listdir(out)
+                  if re.fullmatch(r"ckpt-\d{5}", d) and os.path.isdir(os.path.join(out, d)))
+
+
+def checkpoint_step(path: str) -> int:
+    return int(os.path.basename(os.path.normpath(path))[5:])
 
 
 def latest_checkpoint(out: str) -> Optional[str]:
     """The newest checkpoint that can be resumed: complete (state.pt is written last) and holding
     optimizer.pt."""
-    if not os.path.isdir(out):
-        return None
-    done = sorted(d for d in os.listdir(out) if re.fullmatch(r"ckpt-\d{5}", d) and all(
-        os.path.exists(os.path.join(out, d, f)) for f in ("state.pt", "optimizer.pt")))
-    return os.path.join(out, done[-1]) if done else None
+    done = [d for d in checkpoints(out) if all(os.path.exists(os.path.join(d, f)) for f in ("state.pt", "optimizer.pt"))]
+    return done[-1] if done else None
+
+
+def load_pt(path: str):
+    """torch.load with an error that names the file and what to do, instead of a pickle traceback."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as err:  # truncated zip, unpickling errors, I/O errors: all mean a damaged file
+        why = (str(err).splitlines() or [""])[0][:160]
+        raise SystemExit(f"{path} is damaged or unreadable ({type(err).__name__}: {why}). Continue from an older "
+                         f"checkpoint with --resume_from {os.path.join(os.path.dirname(os.path.dirname(path)) or '.', 'ckpt-NNNNN')}, "
+                         "or start a new --out.") from None
 
 
 def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler, pool: Pool,
                     rng: dict, cfg: Config) -> str:
     """Model and tokenizer by save_pretrained (loadable by transformers and eval.py), optimizer.pt, and
     state.pt with the rest an exact resume needs. Older checkpoints keep their weights and state but
-    drop optimizer.pt: AdamW state is twice the fp32 weights, and only the newest is resumed from."""
+    drop optimizer.pt: AdamW state is twice the fp32 weights, and only the newest is resumed from.
+    A save that fails (a full disk) removes its half-written directory, so --resume finds the last good one."""
+    import shutil
     path = checkpoint_dir(out, step)
-    policy.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
-    state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
-             "config": dataclasses.asdict(cfg)}
-    torch.save(state, os.path.join(path, "state.tmp"))
-    os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
-    for d in os.listdir(out):
-        old = os.path.join(out, d, "optimizer.pt")
-        if re.fullmatch(r"ckpt-\d{5}", d) and os.path.join(out, d) != path and os.path.exists(old):
+    if os.path.exists(os.path.join(path, "state.pt")):
+        os.remove(os.path.join(path, "state.pt"))  # overwriting: incomplete until the new state.pt lands
+    try:
+        policy.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
+                 "config": dataclasses.asdict(cfg)}
+        for obj, name in ((optimizer.state_dict(), "optimizer.pt"), (state, "state.tmp")):
+            with open(os.path.join(path, name), "wb") as f:  # a Python file: a full disk is ENOSPC, not basic_ios
+                torch.save(obj, f)
+        os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(path, ignore_errors=True)
+        full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2**26
+        raise OSError(errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
+                      f"could not save checkpoint {path}" + (" (disk full)" if full else f" ({err})")) from err
+    for d in checkpoints(out):
+        old = os.path.join(d, "optimizer.pt")
+        if d != path and os.path.exists(old):
             os.remove(old)
     return path
 
@@ -974,6 +1359,122 @@ def cache_root() -> str:
 # 10. The loop and main()
 # ================================================================================================
 
+# --- several processes: `torchrun --nproc_per_node N opensir.py ...` -------------------------------
+# Every rank holds the whole model (policy, sampler, frozen reference) and plays rounds_per_step / N of
+# a step's rounds (contiguous blocks, rank 0 first). Each round is seeded from (seed, step, round) and
+# draws its references from the pool as it stood at the start of the step, so a round's rollouts do not
+# depend on N or on the rank that plays it. The ranks then swap their rounds' candidates, so every rank
+# holds the whole step (selection, the pool, the logs: the same code as one process), and each trains
+# only its own rounds' sequences; gradients are summed across ranks (the loss weights already divide by
+# the step's number of rounds), then clipped once. A plain `python opensir.py` run has N = 1 and never
+# touches torch.distributed.
+
+
+def dist_env() -> tuple:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def dist_errors(cfg: Config) -> list:
+    """What torchrun's N and the config cannot be together (checked before any model loads)."""
+    _, world = dist_env()
+    errors = []
+    if cfg.rounds_per_step % world:
+        errors.append(f"--rounds_per_step {cfg.rounds_per_step} cannot be shared out over {world} processes "
+                      f"(torchrun --nproc_per_node x --nnodes = {world}): pass a --rounds_per_step that "
+                      f"{world} divides, or start a number of processes that divides {cfg.rounds_per_step}")
+    if cfg.dist_timeout < 1:
+        errors.append(f"--dist_timeout must be >= 1 second, got {cfg.dist_timeout}")
+    return errors
+
+
+def _dist():
+    """torch.distributed when this run has several processes, else None."""
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    return _dist().get_rank() if _dist() else 0
+
+
+def dist_init(cfg: Config) -> None:
+    """Join torchrun's process group (gloo on CPU, nccl on GPUs; only when WORLD_SIZE > 1), then refuse
+    a config that differs across ranks (another flag on another node)."""
+    import datetime
+    import hashlib
+    import torch.distributed as dist
+    rk, world = dist_env()
+    if world == 1 or dist.is_initialized():
+        return
+    cuda = pick_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" below means this rank's GPU
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    digest = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in CONFIG_RUN_ONLY},
+                                       sort_keys=True).encode()).hexdigest()
+    digests = dist_call("all_gather_object", [None] * world, digest)
+    if len(set(digests)) > 1:
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise SystemExit(f"rank {rk}: ranks {bad} were started with a config other than rank 0's; start every "
+                         "node with the same flags")
+
+
+def dist_call(name: str, *args):
+    """One collective of torch.distributed, with a clear message when it fails: another rank died, or did
+    not arrive within --dist_timeout. all_gather_object and broadcast_object_list return their list."""
+    dist = _dist()
+    try:
+        getattr(dist, name)(*args)
+    except (RuntimeError, ValueError) as err:  # DistBackendError (a peer closed its socket), timeouts
+        raise SystemExit(f"rank {dist.get_rank()}: {name} failed: another rank stopped or did not arrive "
+                         f"within --dist_timeout ({(str(err).splitlines() or [''])[0][:200]})") from None
+    return args[0] if name.endswith("_object") or name.endswith("_object_list") else None
+
+
+def _slim(c: Candidate) -> Candidate:
+    """A candidate to send to the other ranks: without prompt tokens (they only train their own rounds)."""
+    return dataclasses.replace(c, completion=dataclasses.replace(c.completion, prompt_ids=[]),
+                               solutions=[dataclasses.replace(s, prompt_ids=[]) for s in c.solutions])
+
+
+def share_rounds(mine: dict, n_rounds: int) -> list:
+    """Every round's candidates, in round order, on every rank; a rank keeps its own rounds as they are."""
+    if _dist() is None:
+        return [mine[r] for r in range(n_rounds)]
+    parts = dist_call("all_gather_object", [None] * _dist().get_world_size(), {r: [_slim(c) for c in cs] for r, cs in mine.items()})
+    every = {r: cs for part in parts for r, cs in part.items()}
+    return [mine.get(r, every[r]) for r in range(n_rounds)]
+
+
+def same_on_every_rank(pool: Pool, policy) -> str:
+    """Check, at every checkpoint, that the ranks still hold the same pool and weights (they should by
+    construction: a difference is a bug or a broken GPU, and stops the run). Returns the pool's digest."""
+    import hashlib
+    h = hashlib.sha256(json.dumps([pool.problems, pool.concepts]).encode())
+    if pool.embeddings is not None:
+        h.update(pool.embeddings.numpy().tobytes())
+    with torch.no_grad():
+        weights = float(sum(p.double().sum() for p in policy.parameters()))  # one checksum of the weights
+    if _dist() is None:
+        return h.hexdigest()
+    seen = dist_call("all_gather_object", [None] * _dist().get_world_size(), (h.hexdigest(), weights))
+    if len(set(seen)) > 1:
+        raise SystemExit(f"rank {rank()}: the ranks' pools or weights differ (pool digest, weight sum per rank: "
+                         f"{seen}); this is a bug, please report it with the command line")
+    return h.hexdigest()
+
+
+def sum_gradients(params: list) -> None:
+    """Sum every gradient over the ranks (each rank's loss already carries its share of 1 / rounds)."""
+    if _dist() is None:
+        return
+    for p in params:
+        if p.grad is None:  # a rank none of whose sequences were selected still takes part
+            p.grad = torch.zeros_like(p)
+        dist_call("all_reduce", p.grad)
+
+
 def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
     """parse_teacher, except with --random_init, where every output counts as a legal problem so that
     benchmarks of random weights run the student phase at full size."""
@@ -982,10 +1483,12 @@ def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
     return parse_teacher(text)
 
 
-def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, timers: Counter) -> list:
+def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, timers: Counter,
+               step_pool: Optional[torch.Tensor] = None) -> list:  # step_pool: the pool before the step (div_mode nearest)
     """One round of self-play: teacher writes problems, student solves them, rewards are computed.
     Returns the n_refs * g Candidates, grouped by reference (group = index into refs)."""
-    sample = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.gen_batch)
+    sample = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.gen_batch,
+                  engine=cfg.engine, kv_cache_gib=cfg.kv_cache_gib)
     t0 = time.perf_counter()
     prompts = [chat(tokenizer, teacher_prompt(pool.problems[r])) for r in refs for _ in range(cfg.teacher_group)]
     outs = generate(sampler, tokenizer, prompts, cfg.teacher_max_new_tokens, desc="teacher", **sample)
@@ -996,12 +1499,16 @@ def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, 
     sols = generate(sampler, tokenizer, prompts, cfg.student_max_new_tokens, desc="student", **sample)
     for j, c in enumerate(legal):
         c.solutions = sols[j * cfg.student_group: (j + 1) * cfg.student_group]
-        c.answers = [normalize_answer(extract_boxed(s.text)) for s in c.solutions]
+        c.answers = [normalize_answer(final_answer(s.text)) for s in c.solutions]
     t2 = time.perf_counter()
+    if cfg.random_init:  # random weights box nothing: their last words vote, so the student phase trains at full size
+        for c in legal:
+            c.answers = [a if a is not None else (s.text.split() or ["?"])[-1] for a, s in zip(c.answers, c.solutions)]
     if legal and cfg.w_div > 0:
         for c, e in zip(legal, embed_texts(frozen, tokenizer, [c.parsed.problem for c in legal])):
             c.embedding = e
-    score_candidates(cands, pool.embeddings, cfg)
+    nearest = cfg.div_mode == "nearest" and step_pool is not None
+    score_candidates(cands, step_pool if nearest else pool.embeddings, cfg)
     timers["teacher_gen"] += t1 - t0
     timers["student_gen"] += t2 - t1
     timers["teacher_tokens"] += sum(len(o.ids) for o in outs)
@@ -1010,24 +1517,35 @@ def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, 
     return cands
 
 
-def training_batch(cands: list, tokenizer, cfg: Config) -> tuple:
-    """Selection and advantages: the teacher group with the most varied `combined`, whole, and the
-    student group of the best problem. Returns (TrainSeqs, chosen group, chosen problem index or None)."""
-    g = cfg.teacher_group
-    combined = np.array([c.combined for c in cands]).reshape(-1, g)  # (n_refs, g)
-    legal = np.array([c.parsed.legal for c in cands]).reshape(-1, g)  # (n_refs, g)
-    group = select_teacher_group(combined, legal)
-    members = cands[group * g: (group + 1) * g]
-    adv_t = group_advantages(torch.tensor([[c.reward for c in members]], dtype=torch.float64), cfg.adv_eps)[0]
-    seqs = [TrainSeq(c.completion.prompt_ids, c.completion.ids, concepts_mask(tokenizer, c.completion.ids),
-                     float(a), "teacher") for c, a in zip(members, adv_t)] if cfg.train_teacher else []
-    best = select_student_problem(cands)
-    if best is not None:
-        c = cands[best]
+def round_seqs(cands: list, groups: list, students: list, tokenizer, cfg: Config) -> list:
+    """TrainSeqs of one round's chosen groups with their advantages: each chosen teacher group whole
+    (illegal members train with reward 0), and the G solutions of each chosen problem."""
+    g, seqs = cfg.teacher_group, []
+    for group in (groups if cfg.train_teacher else []):  # frozen teacher: no teacher groups
+        members = cands[group * g: (group + 1) * g]
+        adv_t = group_advantages(torch.tensor([[c.reward for c in members]], dtype=torch.float64), cfg.adv_eps)[0]
+        seqs += [TrainSeq(c.completion.prompt_ids, c.completion.ids, concepts_mask(tokenizer, c.completion.ids),
+                          float(a), "teacher") for c, a in zip(members, adv_t)]
+    for i in students:
+        c = cands[i]
         adv_s = group_advantages(torch.tensor([c.student_rewards], dtype=torch.float64), cfg.adv_eps)[0]
         seqs += [TrainSeq(s.prompt_ids, s.ids, [1] * len(s.ids), float(a), "student")
                  for s, a in zip(c.solutions, adv_s)]
-    return seqs, group, best
+    return seqs
+
+
+def training_batch(rounds_cands: list, tokenizer, cfg: Config, mine: Optional[range] = None) -> tuple:
+    """Selection and advantages for a step. Returns (the loss's rounds: lists of TrainSeqs, per round
+    (chosen teacher groups, chosen candidate indices), and the sequences of the rounds in `mine`: what
+    this rank trains; all of them when mine is None). Per-round selection keeps one loss term per round
+    (L = mean over rounds, the authors' TRL behaviour); per-step selection is one batch, one token mean
+    over all its sequences. Every rank holds every round's scores, so every rank selects the same."""
+    chosen = select_for_training(rounds_cands, cfg)
+    rounds = [round_seqs(cands, groups, studs, tokenizer, cfg) for cands, (groups, studs) in zip(rounds_cands, chosen)]
+    own = [s for r, seqs in enumerate(rounds) if mine is None or r in mine for s in seqs]
+    if cfg.select_scope == "step":
+        rounds = [[s for r in rounds for s in r]]
+    return rounds, chosen, own
 
 
 def add_to_pool(pool: Pool, cands: list, cfg: Config) -> None:
@@ -1035,6 +1553,22 @@ def add_to_pool(pool: Pool, cands: list, cfg: Config) -> None:
     legal = [c for c in cands if c.parsed.legal]
     emb = torch.stack([c.embedding for c in legal]) if legal and cfg.w_div > 0 else None
     pool.add([c.parsed.problem for c in legal], [c.parsed.concepts for c in legal], emb)
+
+
+# a number as a problem may write it: `-4`, `1,000`, `0.5`, `.5`, `3/4`, `\frac{3}{4}`, `\dfrac34`; not part of a
+# longer number or a name (`14`, `x2`, `4.5` hold no `4`), but a sentence's full stop may follow (`equals 4.`)
+_NUMBER_IN_TEXT = re.compile(r"(?<![\w.])-?(?:\\[dt]?frac\s*(?:\{-?\d+\}|\d)\s*(?:\{-?\d+\}|\d)|\d{1,3}(?:,\d{3})+(?:\.\d+)?"
+                             r"|\d+(?:\.\d+)?(?:/\d+)?|\.\d+)(?!\d|\.\d)")
+
+
+def states_answer(problem: str, majority: str) -> bool:
+    """Does the problem already state its (normalised) majority answer? Any number written in the problem
+    whose vote key equals the majority counts (`1,000` for 1000, `\\frac12` or `0.5` for 1/2), wherever it
+    stands, also before a full stop or comma; other answers count when they appear as a whole word."""
+    for m in _NUMBER_IN_TEXT.finditer(problem):
+        if normalize_answer(m.group(0)) == majority:
+            return True
+    return re.search(rf"(?<![\w.]){re.escape(majority)}(?!\w|\.\w)", problem) is not None
 
 
 def starting_pool_filter(c: Candidate, cfg: Config) -> bool:
@@ -1045,7 +1579,7 @@ def starting_pool_filter(c: Candidate, cfg: Config) -> bool:
             and any(ch.isdigit() for ch in c.majority)
             and len(c.parsed.problem) >= cfg.init_pool_min_chars
             and re.search(r"</?[A-Za-z][\w-]*(\s[^<>]*)?/?>", c.parsed.problem) is None
-            and re.search(rf"(?<![\w.]){re.escape(c.majority)}(?![\w.])", c.parsed.problem) is None)
+            and not states_answer(c.parsed.problem, c.majority))
 
 
 def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
@@ -1055,12 +1589,12 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
     seed_emb = embed_texts(frozen, tokenizer, [cfg.seed_problem]) if cfg.w_div > 0 else None
     pool.add([cfg.seed_problem], [[]], seed_emb)
     if cfg.init_pool:  # a saved pool: one JSON object with a "problem" (and "concepts") per line
-        rows = [json.loads(line) for line in open(cfg.init_pool) if line.strip()]
+        rows = read_init_pool(cfg.init_pool)  # already checked by Config.validate
         emb = embed_texts(frozen, tokenizer, [r["problem"] for r in rows]) if cfg.w_div > 0 and rows else None
         pool.add([r["problem"] for r in rows], [r.get("concepts", []) for r in rows], emb)
         log(f"starting pool: {len(rows)} problems from {cfg.init_pool}")
         return pool
-    if cfg.init_pool_size == 0:
+    if cfg.init_pool_size == 0 or cfg.start_pool == "seed":  # recipe paper starts RL from the seed alone
         return pool
     kept, timers = [], Counter()
     bar = _progress(total=cfg.init_pool_size, desc="starting pool")
@@ -1076,6 +1610,8 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
     bar.close()
     log(f"starting pool: {len(kept)} of {cfg.init_pool_size} in-band problems after {r + 1} rounds"
         + ("" if len(kept) >= cfg.init_pool_size else " (stopped at --init_pool_max_rounds)"))
+    if rank() != 0:  # every rank grows the same pool (same seed); rank 0 alone writes it
+        return pool
     with open(os.path.join(cfg.out, "init_pool.jsonl"), "w") as f:
         for c in kept:
             f.write(json.dumps({"problem": c.parsed.problem, "concepts": c.parsed.concepts,
@@ -1084,10 +1620,13 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
 
 
 def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, autocast_dtype,
-             guard: Optional["StepGuard"] = None) -> dict:
-    """updates_per_rollout optimiser steps on one batch of rounds. L = mean over rounds of L_round."""
+             guard: Optional["StepGuard"] = None, own: Optional[list] = None) -> dict:
+    """updates_per_rollout optimiser steps on one batch of rounds. L = mean over rounds of L_round.
+    Several ranks: the weights come from all the step's rounds, each rank backpropagates only `own` (its
+    rounds' sequences), and the gradients are summed across ranks before the one clip: the sum of the
+    ranks' losses is L itself, so the step equals one process's up to float summation order."""
     set_loss_weights(rounds, cfg.loss_agg, max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens))
-    seqs = sorted((s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
+    seqs = sorted(own if own is not None else (s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
     batches = [seqs[i: i + cfg.train_micro_batch] for i in range(0, len(seqs), cfg.train_micro_batch)]
     with torch.no_grad():  # fixed targets of this rollout: reference and (for mu > 1) old log-probs
         for mb in batches:
@@ -1116,6 +1655,7 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
                     stats["clipped"] += float((clipped * m).sum())
             loss.backward()
             stats["loss"] += float(loss.detach())
+        sum_gradients(list(policy.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if guard is not None:
             guard.begin()  # from the first weight update until the step is recorded, Ctrl-C waits
@@ -1124,6 +1664,12 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
         stats["grad_norm"] += float(grad_norm)
     optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next generation phase
     policy.eval()
+    if _dist() is not None:  # the step's loss, KL and clip share over every rank's tokens
+        keys = ("loss", "kl_sum", "tokens", "clipped")
+        total = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=next(policy.parameters()).device)
+        dist_call("all_reduce", total)
+        for k, v in zip(keys, total.tolist()):
+            stats[k] = v  # (Counter.update would add)
     n = cfg.updates_per_rollout
     return {"loss": stats["loss"] / n, "kl": stats["kl_sum"] / max(stats["tokens"], 1),
             "clip_frac": stats["clipped"] / max(stats["tokens"], 1), "grad_norm": stats["grad_norm"] / n,
@@ -1165,7 +1711,7 @@ def step_metrics(step: int, rounds_cands: list, rounds: list, pool: Pool, cfg: C
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
             else _rss_gib())
     return {
-        "step": step, **opt,
+        "step": step, "recipe": cfg.recipe, **opt,
         "teacher/legal_rate": len(legal) / max(len(cands), 1),
         "teacher/reward": mean([c.reward for c in cands]),
         "teacher/solvability": mean([c.solv for c in legal]),
@@ -1174,7 +1720,7 @@ def step_metrics(step: int, rounds_cands: list, rounds: list, pool: Pool, cfg: C
         "teacher/format": mean([c.fmt for c in legal]),
         "student/reward": mean([r for c in legal for r in c.student_rewards]),
         "student/agree": mean([float(a is not None and a == c.majority) for c in legal for a in c.answers]),
-        "student/format": mean([float(has_final_line(s.text)) for c in legal for s in c.solutions]),
+        "student/format": mean([student_format_reward(s.text, cfg.student_format) for c in legal for s in c.solutions]),
         "student/parsed_rate": mean([float(a is not None) for c in legal for a in c.answers]),
         "solve_rate/mean": mean([c.solve_rate for c in legal if c.n_parsed]),
         "solve_rate/in_band": mean([float(c.solv > 0) for c in legal]),
@@ -1199,7 +1745,7 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, group: int, best: Optional[int]) -> list:
+def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, groups: list, students: list) -> list:
     """problems.jsonl rows: every teacher output of the round with its reference and scores."""
     rows = []
     for i, c in enumerate(cands):
@@ -1209,47 +1755,169 @@ def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, group: int, 
             "n_parsed": c.n_parsed, "majority": c.majority, "answers": c.answers,
             "rewards": {"total": c.reward, "solvability": c.solv, "diversity": c.div, "length": c.length,
                         "format": c.fmt},
-            "trained_as_teacher": c.group == group, "trained_as_student": i == best,
+            "trained_as_teacher": c.group in groups, "trained_as_student": i in students,
             "teacher_output": c.completion.text,
         })
     return rows
 
 
-CONFIG_RUN_ONLY = {"out", "resume", "steps", "save_every", "device", "gen_batch", "train_micro_batch",
-                   "logprob_chunk", "grad_ckpt"}  # may change between a run and its resume
+CONFIG_RUN_ONLY = {"out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
+                   "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout"}  # may change between a run and its resume
+
+_OUT_LOCKS: dict = {}  # real path of --out -> its open .lock file, held for the life of the process
+
+
+def lock_out(out: str) -> None:
+    """Create --out and hold an exclusive flock on OUT/.lock: a second run into the same --out refuses at
+    once. The kernel drops the lock when the process ends, however it ends, so none is ever stale."""
+    import fcntl
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out} is a file, not a directory; choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        if os.path.realpath(out) in _OUT_LOCKS:
+            return
+        f = open(os.path.join(out, ".lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise SystemExit(f"another run is writing to {out} (it holds {os.path.join(out, '.lock')}). Wait "
+                             "for it to end or stop it, or choose another --out.") from None
+    except OSError as err:
+        raise SystemExit(f"--out {out} cannot be written ({err.strerror or err}); choose a writable directory") from None
+    _OUT_LOCKS[os.path.realpath(out)] = f
+
+
+def _scan_log(path: str, keep_to: Optional[int] = None) -> int:
+    """The last step logged in a metrics/problems JSONL (0 if none). A torn last line (a run killed
+    mid-append, or a full disk) is dropped with a warning; a bad line elsewhere is an error naming file
+    and line. With keep_to, the file is cut (in place: logs are appended in step order) before the torn
+    line or the first line of a later step."""
+    if not os.path.exists(path):
+        return 0
+    last, torn, cut, offset = 0, None, None, 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            if torn is not None:
+                raise SystemExit(f"{path}, line {torn}: not a valid log line, and lines follow it. Fix or "
+                                 "delete that line, then resume again.")
+            try:
+                step = json.loads(line)["step"]
+                assert isinstance(step, int)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                torn, cut = lineno, start if cut is None else cut
+                continue
+            last = max(last, step)
+            if keep_to is not None and step > keep_to and cut is None:
+                cut = start
+    if keep_to is not None:
+        if torn is not None:
+            print(f"warning: {path}, line {torn}: torn last line (a run killed mid-write or a full disk); dropped")
+        if cut is not None:
+            os.truncate(path, cut)
+        with open(path, "rb+") as f:  # a last line cut just before its newline: the next append needs one
+            if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                f.write(b"\n")
+    return last
 
 
 def prepare_out(cfg: Config) -> Optional[str]:
-    """Check --out before any model loads. Returns the checkpoint to resume from, if any.
+    """Check --out before any model loads and return the checkpoint to resume from, if any. Refuses
+    whenever going on would drop or overwrite what an earlier run left without the user asking.
     config.json is written only once the models have loaded, so a failed start blocks nothing."""
+    lock_out(cfg.out)
+    metrics, problems = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
+    ckpts, logged = checkpoints(cfg.out), _scan_log(metrics)
+    grown = os.path.exists(os.path.join(cfg.out, "init_pool.jsonl"))
+    names = [os.path.basename(d) for d in ckpts]
+    found = ", ".join(([f"checkpoints {names[0]} to {names[-1]}" if len(names) > 1 else f"checkpoint {names[0]}"] if names else [])
+                      + [f"steps logged up to {logged}"] * bool(logged) + ["a grown init_pool.jsonl"] * grown)
+    resume = cfg.resume or bool(cfg.resume_from)
     cfg_path = os.path.join(cfg.out, "config.json")
+    if not found:  # nothing a run finished is here: a failed or interrupted start blocks nothing
+        if os.path.exists(cfg_path):
+            print(f"{cfg.out} holds a run that stopped before its first step; starting it afresh")
+        return None
+    if not ckpts and not cfg.resume_from:
+        raise SystemExit(f"{cfg.out} holds {found} but no checkpoint to resume from. To start over, choose "
+                         "another --out" + (f" (to reuse the grown starting pool, pass --init_pool "
+                                            f"{os.path.join(cfg.out, 'init_pool.jsonl')})" if grown else "") + ".")
+    if not resume:
+        raise SystemExit(f"{cfg.out} already holds a run ({found}). Pass --resume to continue it, or choose "
+                         "another --out.")
     if os.path.exists(cfg_path):
-        saved = json.load(open(cfg_path))
-        if not cfg.resume:
-            raise SystemExit(f"{cfg.out} already holds a run. Pass --resume to continue it, or choose "
-                             "another --out.")
+        try:
+            saved = json.load(open(cfg_path))
+        except ValueError as err:
+            raise SystemExit(f"{cfg_path} is damaged ({err}); restore it or choose another --out") from None
         diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
                 if k not in CONFIG_RUN_ONLY and saved.get(k) != v}
         if diff:
             raise SystemExit(f"{cfg.out} holds a run with a different config; refusing to touch it. "
                              "Differences (saved, now): " + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items()))
-    return latest_checkpoint(cfg.out) if cfg.resume else None
-
-
-def _truncate_log(path: str, last_step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
-    if not os.path.exists(path):
-        return
-    keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+    if cfg.resume_from:
+        path = cfg.resume_from if os.path.isdir(cfg.resume_from) else os.path.join(cfg.out, cfg.resume_from)
+        if not (os.path.isdir(path) and os.path.samefile(os.path.dirname(os.path.abspath(path)), cfg.out)
+                and re.fullmatch(r"ckpt-\d{5}", os.path.basename(os.path.normpath(path)))):
+            raise SystemExit(f"--resume_from {cfg.resume_from}: not a checkpoint directory of --out {cfg.out} "
+                             f"(found: {found})")
+        if not os.path.exists(os.path.join(path, "state.pt")):
+            raise SystemExit(f"--resume_from {path}: no state.pt, so it cannot be resumed; pick an older checkpoint")
+        step = checkpoint_step(path)
+        import shutil
+        for d in checkpoints(cfg.out):  # kept under another name: nothing is overwritten or lost
+            if checkpoint_step(d) > step:
+                aside = d + f".before-resume-from-{step:05d}"
+                shutil.move(d, aside)
+                print(f"moved {d} aside to {aside}")
+        resume_from = path
+    else:
+        newest, older = ckpts[-1], [d for d in ckpts if os.path.exists(os.path.join(d, "state.pt"))]
+        missing = [f for f in ("state.pt", "optimizer.pt") if not os.path.exists(os.path.join(newest, f))]
+        if missing:
+            why = ("only the newest checkpoint keeps optimizer.pt, so a newer one was deleted or its save was cut off"
+                   if missing == ["optimizer.pt"] else "deleted, or a save that was cut off")
+            offer = (f"To continue from the newest checkpoint with state.pt, pass --resume_from {older[-1]} (steps after "
+                     f"{checkpoint_step(older[-1])} are dropped from the logs and redone; newer checkpoint "
+                     "directories are moved aside, not deleted" + ("" if os.path.exists(os.path.join(
+                         older[-1], "optimizer.pt")) else "; AdamW restarts from zero moments: only the newest "
+                         "checkpoint keeps optimizer state") + ").") if older else "No checkpoint has state.pt."
+            raise SystemExit(f"--resume: the newest checkpoint {newest} has no {' and no '.join(missing)} "
+                             f"({why}), so the run cannot be resumed exactly. Found: "
+                             f"{found}. {offer}")
+        resume_from = newest
+    for p in (metrics, problems):  # steps after the checkpoint are redone
+        _scan_log(p, keep_to=checkpoint_step(resume_from))
+    return resume_from
 
 
 def train(cfg: Config) -> str:
     """The whole method. Returns the path of the final checkpoint."""
     cfg.validate()
-    resume_from = prepare_out(cfg)
-    log = print
+    errors = dist_errors(cfg)
+    if errors:
+        raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
+    dist_init(cfg)
+    rk, world = dist_env()
+    if rk == 0:  # one rank owns --out (its lock, the logs, the checkpoints); the others learn what it decided
+        try:
+            resume_from, why = prepare_out(cfg), None
+        except SystemExit as err:
+            resume_from, why = None, err.code
+    if world > 1:
+        resume_from, why = dist_call("broadcast_object_list", [resume_from, why] if rk == 0 else [None, None], 0)
+    if why is not None:
+        raise SystemExit(why if rk == 0 else 1)  # rank 0 says why, once
+    state = load_pt(os.path.join(resume_from, "state.pt")) if resume_from else None  # damage shows before loading
+    log = print if rk == 0 else (lambda *a, **k: None)
+    if world > 1:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not cfg.random_init:
+            resolve_model(cfg.model)  # the tiny model is built once a node, not by N processes at the same time
+        dist_call("barrier")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -1278,60 +1946,86 @@ def train(cfg: Config) -> str:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     n_params = sum(p.numel() for p in policy.parameters())
+    try:
+        engine = resolve_engine(cfg.engine, sampler)
+    except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
+        raise SystemExit(str(err))
     log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters on {device}, compute {cdtype}, "
-        f"reference model {'yes' if frozen is not None else 'no'}")
+        f"reference model {'yes' if frozen is not None else 'no'}, engine {engine}")
 
     set_seed(cfg.seed)  # after loading: building the tiny model or initialising weights draws random numbers
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if rk == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
     metrics_path, problems_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "state.pt"), weights_only=False)
-        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=False))
+        if os.path.exists(os.path.join(resume_from, "optimizer.pt")):
+            optimizer.load_state_dict(load_pt(os.path.join(resume_from, "optimizer.pt")))
+        else:  # only an explicit --resume_from of an older checkpoint gets here
+            log(f"{resume_from} keeps no optimizer state: AdamW restarts from zero moments")
         scheduler.load_state_dict(state["scheduler"])
         pool = Pool(**state["pool"])
         set_rng_state(state["rng"])
         start = state["step"]
-        for p in (metrics_path, problems_path):
-            _truncate_log(p, start)
         log(f"resumed from {resume_from} at step {start}, pool of {len(pool.problems)}")
     else:
-        for p in (metrics_path, problems_path):
+        for p in (metrics_path, problems_path) if rk == 0 else ():
             open(p, "w").close()
         pool = grow_starting_pool(sampler, frozen, tokenizer, cfg, log)
+        if world > 1:  # every rank grew it alike; rank 0's copy makes the pools identical to the bit
+            pool = Pool(**dist_call("broadcast_object_list", [pool.state()], 0)[0])
         start = 0
+    if world > 1:
+        log(f"{world} processes: rounds {cfg.rounds_per_step // world} per rank per step")
 
     # the state at the end of the last completed step: what Ctrl-C saves
     completed, snapshot, pool_len = start, rng_state(), len(pool.problems)
     final, guard = None, StepGuard()
     import signal
-    old_handler = signal.signal(signal.SIGINT, guard.handler)
+    # under torchrun, Ctrl-C reaches every rank (torchrun passes SIGINT on): rank 0 saves the last completed
+    # step and exits, and torchrun then stops the others, which ignore it
+    old_handler = signal.signal(signal.SIGINT, guard.handler if rk == 0 else signal.SIG_IGN)
+    per = cfg.rounds_per_step // world
+    mine = range(rk * per, (rk + 1) * per)  # this rank's rounds of every step
     try:
         for step in range(start + 1, cfg.steps + 1):
             timers, t_step = Counter(), time.perf_counter()
-            rounds, rounds_cands, rows = [], [], []
+            # Every round of the step draws its references from, and compares diversity with, the pool as
+            # it stood at the START of the step; the step's legal problems join it at the end, in round
+            # order. The authors' released code grows the pool after every round (of every process); here
+            # the pool grows once per step, as in the paper's Algorithm 1, so a round does not depend on
+            # which rank played the rounds before it, and 1 and N processes run the same rollouts. Recipe
+            # code's diversity is thus against the step-start pool plus the round's own candidates; recipe
+            # paper's "pool before this step" is the same pool.
+            step_pool = pool.embeddings
+            played, rounds_refs = {}, []
             for rnd in range(cfg.rounds_per_step):
+                set_seed(round_seed(cfg.seed, step, rnd))  # references and sampling: (seed, step, round) alone
                 refs = [random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)]
-                cands = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers)
-                seqs, group, best = training_batch(cands, tokenizer, cfg)
+                rounds_refs.append([pool.problems[r] for r in refs])
+                if rnd in mine:
+                    played[rnd] = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers, step_pool)
+            rounds_cands = share_rounds(played, cfg.rounds_per_step)  # every round, on every rank
+            for cands in rounds_cands:
                 add_to_pool(pool, cands, cfg)
-                rounds.append(seqs)
-                rounds_cands.append(cands)
-                rows += problem_rows(step, rnd, [pool.problems[r] for r in refs], cands, group, best)
+            rounds, chosen, own = training_batch(rounds_cands, tokenizer, cfg, mine)
+            rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
+                    for row in problem_rows(step, rnd, refs, cands, groups, studs)]
             t0 = time.perf_counter()
-            opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard)
+            opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard, own)
             if sampler is not policy:
                 with torch.no_grad():
                     for ps, pp in zip(sampler.parameters(), policy.parameters()):
                         ps.copy_(pp)
             timers["train"] += time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
-            m = step_metrics(step, rounds_cands, rounds, pool, cfg, opt, timers)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            with open(problems_path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            m = {**step_metrics(step, rounds_cands, rounds, pool, cfg, opt, timers), "ranks": world}  # sec/, tok_per_sec/: rank 0's
+            if rk == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                with open(problems_path, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
             log(f"step {step}/{cfg.steps} | teacher R {m['teacher/reward']:.3f} legal {m['teacher/legal_rate']:.0%}"
                 f" | student R {m['student/reward']:.3f} | solve {m['solve_rate/mean']:.2f} in-band "
                 f"{m['solve_rate/in_band']:.0%} | pool {m['pool']} | loss {m['loss']:+.4f} kl {m['kl']:.2e} "
@@ -1339,15 +2033,25 @@ def train(cfg: Config) -> str:
             completed, snapshot, pool_len = step, rng_state(), len(pool.problems)
             guard.end()
             if step % cfg.save_every == 0 or step == cfg.steps:
-                final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
+                if world > 1:
+                    log(f"pool {same_on_every_rank(pool, policy)[:12]} and weights identical on all {world} ranks")
+                if rk == 0:  # every rank holds the same weights, optimizer state and pool; one writes them
+                    final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
+                if world > 1:
+                    dist_call("barrier")
     except KeyboardInterrupt:
         pool.truncate(pool_len)  # drop problems of the unfinished step; weights are still `completed`'s
         if latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, completed):
             path = save_checkpoint(cfg.out, completed, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
             log(f"\ninterrupted: saved {path}; continue with --resume")
+        else:
+            log(f"\ninterrupted: step {completed} is already saved in {checkpoint_dir(cfg.out, completed)}; "
+                "continue with --resume")
         raise SystemExit(130)
     finally:
         signal.signal(signal.SIGINT, old_handler)
+    if _dist() is not None:
+        _dist().destroy_process_group()
     return final or latest_checkpoint(cfg.out)
 
 
@@ -1376,11 +2080,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: Optional[list] = None) -> Config:
-    """Flags the user set win; for --model tiny, TINY_DEFAULTS fill the rest before Config's defaults."""
+    """Flags the user set win; then, for --model tiny, TINY_DEFAULTS (smaller numbers); then the --recipe
+    preset (RECIPES, see recipe_preset); then Config's defaults."""
     args = vars(build_parser().parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None}
+    given = {**recipe_preset(given), **given}  # the preset fills what you and the tiny defaults leave open
     model = given.get("model", Config.model)
-    defaults = {"tiny": TINY_DEFAULTS, "toy": TOY_DEFAULTS}.get(model, {})
+    defaults = SMALL_MODEL_DEFAULTS.get(model, {})
     tiny = {k: v for k, v in defaults.items() if k not in given}
     if tiny:
         print(f"{model} model defaults (override with flags): " + ", ".join(f"{k}={v}" for k, v in tiny.items()))
@@ -1389,13 +2095,33 @@ def config_from_args(argv: Optional[list] = None) -> Config:
 
 def main(argv: Optional[list] = None) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
+    if dist_env()[0]:  # under torchrun: one set of progress bars (rank 0's); the bars import tqdm.auto.tqdm
+        import tqdm.auto
+
+        class Quiet(tqdm.auto.tqdm):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, "disable": True})
+        tqdm.auto.tqdm = Quiet
     cfg = config_from_args(argv)
     try:
         cfg.validate()
     except ValueError as err:
         raise SystemExit(str(err))
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:  # before the first step (loading, starting pool): there is nothing to save
+        raise SystemExit("\ninterrupted before the first step ended: nothing new was saved; the same command "
+                         "starts again from where the last run left off") from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise SystemExit(f"disk full while writing {err.filename or cfg.out} ({err.strerror}). Free some space, "
+                         f"then continue with --resume (the newest complete checkpoint: "
+                         f"{latest_checkpoint(cfg.out)}).") from None
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as err:  # a model that cannot load: one clear line, not a traceback
+        raise SystemExit(f"opensir.py: {err}") from None

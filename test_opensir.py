@@ -206,7 +206,7 @@ def test_score_candidates_pairs_length_with_its_own_problem():
              _cand(0, True, ["1"] * 6 + ["2"] * 2, [500] * 8)]
     O.score_candidates(cands, None, cfg)
     a, illegal, b = cands
-    assert (a.solv, a.length, a.majority) == (0.0, 0.01, None)
+    assert (a.solv, a.length, a.majority, a.scored) == (0.0, 0.0, None, False)  # no parsed answer: no length
     assert illegal.reward == 0.0 and illegal.combined == 0.0
     assert b.solve_rate == 0.75 and b.solv == pytest.approx(0.8125) and b.length == 0.5
     assert b.reward == pytest.approx(0.8125 + 0.5 + 0.1)
@@ -221,6 +221,7 @@ def test_selection_highest_variance_group_and_best_student():
     assert O.select_teacher_group(np.zeros((2, 4)), np.array([[0] * 4, [0, 1, 0, 0]], dtype=bool)) == 1
     cands = [_cand(0, True), _cand(0, False), _cand(1, True)]
     cands[0].combined, cands[1].combined, cands[2].combined = 0.5, 9.0, 0.7
+    cands[0].n_parsed = cands[2].n_parsed = 8  # legal with parsed answers: they have a score
     assert O.select_student_problem(cands) == 2
     assert O.select_student_problem([_cand(0, False)]) is None
 

@@ -1,0 +1,203 @@
+"""The second generation engine: continuous batching from transformers itself (`--engine continuous`).
+
+`model.generate` pads each batch to its longest member and keeps every row's slot until the longest one
+ends. Continuous batching (transformers >= 5: `model.generate_batch`, a paged KV cache) lets a finished
+sequence's slot go to a waiting one, so eight solutions whose lengths differ several-fold do not wait for
+the longest. opensir.generate calls `generate_continuous` and builds Completions from the token ids it
+returns, exactly as for the other engine (cut at the first EOS, masks from there).
+
+No state survives a call: the manager, its KV cache and any attention switch are built and torn down
+inside it, so every call samples from the weights as they are at that moment (the loop updates them in
+place after every optimiser step).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from typing import Callable, Optional
+
+import torch
+
+PAGE_TOKENS = 64  # tokens per KV page: small pages waste less on short completions
+CPU_BATCH_TOKENS = 512  # tokens per forward on CPU (prefill chunks + decodes); GPU: transformers' default
+# Sequences decoding at once on CPU. Without flash attention (CUDA only), transformers' paged attention
+# attends every query over the keys of all sequences in the batch under a mask: cost grows with the
+# square of the concurrency, so on CPU a few sequences at a time beat many. GPU: transformers' default.
+CPU_MAX_REQUESTS = 32
+FREE_SHARE = {"cuda": 0.85, "cpu": 0.5}  # share of free memory the KV cache may take (CPU RAM is shared)
+
+
+def softcap_refusal(model) -> Optional[str]:
+    """Why the continuous engine must not run `model`, or None. Gemma-2 soft-caps its attention logits
+    (tanh(s / c) * c before the softmax). Of transformers 5.24's paged attention paths, `paged|eager`
+    (integrations/eager_paged.py) drops the `softcap` argument, so it would sample from another
+    distribution; `sdpa` raises on it (integrations/sdpa_attention.py); only flash attention passes it
+    to the kernel (modeling_flash_attention_utils.py), and that needs a CUDA GPU with flash-attn."""
+    cfg = model.config.get_text_config()
+    cap = getattr(cfg, "attn_logit_softcapping", None)
+    if cap is None:
+        return None
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+    if model.device.type == "cuda" and (is_flash_attn_2_available() or is_flash_attn_3_available()):
+        return None  # transformers switches the model to flash attention, which keeps the cap
+    return (f"--engine continuous cannot run {cfg.model_type}: it soft-caps attention logits at {cap}, and "
+            "the only paged attention in transformers that keeps the cap is flash attention, which needs a "
+            "CUDA GPU and `pip install flash-attn` (>= 2.6). Use --engine generate (eager attention keeps "
+            "the cap).")
+
+
+def kv_bytes_per_token(model, dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of keys and values one token holds across all layers."""
+    cfg = model.config.get_text_config()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    size = (dtype or model.dtype).itemsize
+    return 2 * cfg.num_hidden_layers * heads * head_dim * size
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What the KV cache may draw on: free GPU memory, or the kernel's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # no /proc (macOS): assume 4 GiB and let --kv_cache_gib say otherwise
+
+
+def kv_budget_blocks(model, prompt_lens: list, max_new_tokens: int, cap_gib: float) -> int:
+    """KV pages for one call: what the whole workload would fill at once (more is never used), within
+    FREE_SHARE of free memory and the user's cap (--kv_cache_gib, 0: none), and at least one request's."""
+    per_block = kv_bytes_per_token(model) * PAGE_TOKENS
+    need = sum(math.ceil((n + max_new_tokens) / PAGE_TOKENS) for n in prompt_lens)
+    budget = FREE_SHARE.get(model.device.type, 0.5) * free_memory_bytes(model.device)
+    if cap_gib > 0:
+        budget = min(budget, cap_gib * 2**30)
+    return max(min_blocks(prompt_lens, max_new_tokens), min(need, int(budget // per_block)))
+
+
+def min_blocks(prompt_lens: list, max_new_tokens: int) -> int:
+    """The smallest cache that holds the longest request whole."""
+    return math.ceil((max(prompt_lens) + max_new_tokens) / PAGE_TOKENS) + 1
+
+
+def _is_oom_text(text: str) -> bool:
+    return "out of memory" in text.lower() or "memoryerror" in text.lower() or "memory footprint" in text.lower()
+
+
+@torch.no_grad()
+def generate_continuous(model, prompts: list, eos_ids: list, max_new_tokens: int, temperature: float,
+                        top_k: int, top_p: float, greedy: bool = False, kv_cache_gib: float = 0.0,
+                        log: Callable = print, desc: str = "") -> list:
+    """Raw generated token ids, one list per prompt (list of token ids), in order, from continuous
+    batching with the same sampler as HF generate: temperature, then top-k, then top-p (transformers
+    builds the same warpers for both), any of `eos_ids` ends a sequence. Out of memory (building the
+    cache or mid-run) halves the KV budget, says so, and reruns only the prompts that failed."""
+    from transformers import GenerationConfig
+    refusal = softcap_refusal(model)
+    if refusal:
+        raise ValueError(refusal)
+    if not prompts:
+        return []
+    gen_cfg = GenerationConfig(
+        do_sample=not greedy, temperature=None if greedy else temperature, top_k=None if greedy else top_k,
+        top_p=None if greedy else top_p, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
+        pad_token_id=eos_ids[0])
+    blocks = kv_budget_blocks(model, [len(p) for p in prompts], max_new_tokens, kv_cache_gib)
+    model.destroy_cached_continuous_batching_manager()  # never reuse a manager someone else left behind
+    # transformers logs, rather than raises, per-request failures (we raise them below) and, on CPU without
+    # psutil, an error about its memory breakdown that does not apply once num_blocks is given
+    cb_logger = logging.getLogger("ContinuousBatchingLogger")
+    level = cb_logger.level
+    cb_logger.setLevel(logging.CRITICAL)
+    # transformers runs gc.collect() twice per call: over a trainer's heap that is ~1 s of fixed cost.
+    # Freezing moves the objects alive now out of the collector's sight until unfreeze puts them back.
+    gc.freeze()
+    try:
+        return _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc,
+                    floor=min_blocks([len(p) for p in prompts], max_new_tokens))
+    finally:
+        gc.unfreeze()
+        cb_logger.setLevel(level)
+
+
+def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int) -> list:
+    batch_tokens = CPU_BATCH_TOKENS if model.device.type == "cpu" else None
+    max_req = CPU_MAX_REQUESTS if model.device.type == "cpu" else None
+    out: list = [None] * len(prompts)
+    todo = list(range(len(prompts)))
+    while todo:
+        errors = []
+        try:
+            got = _one_pass(model, [prompts[i] for i in todo], gen_cfg, blocks, batch_tokens, max_req, desc)
+            for i, (ids, err) in zip(todo, got):
+                if err is None:
+                    out[i] = ids[:max_new_tokens]
+                else:
+                    errors.append(err)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            errors.append(f"{type(err).__name__}: {err}")
+        todo = [i for i in todo if out[i] is None]
+        if not todo:
+            break
+        oom = any(_is_oom_text(e) for e in errors)
+        if not oom or blocks <= floor:  # not a budget problem, or no smaller budget fits one request
+            hint = (" transformers saw no memory at all: on CPU it reads it with psutil (pip install psutil)."
+                    if "available memory 0" in " ".join(errors) else "")
+            raise RuntimeError(f"continuous engine failed on {len(todo)} prompts: {errors[0]}.{hint} "
+                               "Try a smaller --kv_cache_gib, or --engine generate.")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        blocks = max(floor, blocks // 2)
+        batch_tokens = max(64, (batch_tokens or 8192) // 2)
+        gib = blocks * PAGE_TOKENS * kv_bytes_per_token(model) / 2**30
+        log(f"[{desc or 'generate'}] out of memory: retrying {len(todo)} prompts with a KV cache of "
+            f"{gib:.2f} GiB (set --kv_cache_gib to start there)")
+    return out
+
+
+def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> list:
+    """[(generated ids, None) or (None, error text)] per prompt, from one continuous-batching manager.
+    Like model.generate_batch, except that every request is queued before the loop starts (the same
+    batches, hence the same samples, on every run with the same seed), failures come back per request
+    rather than only in a log, and the model's attention implementation is restored whatever happens."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+    from tqdm.auto import tqdm
+    cb_cfg = ContinuousBatchingConfig(
+        page_size=PAGE_TOKENS, num_blocks=blocks, max_batch_tokens=batch_tokens, max_requests_per_batch=max_req,
+        max_memory_percent=0.95, cpu_offload_space=0.0)
+    hints = WorkloadHints(max_prompt_length=max(len(p) for p in prompts),
+                          max_generated_length=gen_cfg.max_new_tokens, num_requests=len(prompts))
+    attn = model.config._attn_implementation
+    manager, results = None, {}
+    try:
+        manager = model.init_continuous_batching(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
+                                                 workload_hints=hints)
+        manager.warmup()  # builds the paged cache here, so running out of memory raises here
+        ids = manager.add_requests(inputs=prompts, max_new_tokens=gen_cfg.max_new_tokens)
+        manager.start()
+        with tqdm(total=len(prompts), desc=desc, leave=False, dynamic_ncols=True, disable=not desc) as bar:
+            while len(results) < len(ids):
+                r = manager.get_result(timeout=1)
+                if r is None:
+                    if not manager.is_running():
+                        break
+                elif r.is_finished():  # finished or failed
+                    results[r.request_id] = r
+                    bar.update(1)
+    finally:
+        if manager is not None:
+            if manager.is_running():
+                manager.stop(block=True, timeout=60)
+            manager.destroy()
+        if model.config._attn_implementation != attn:
+            model.set_attn_implementation(attn)
+    fatal = manager.background_thread_status.fatal_error
+    return [(list(results[i].generated_tokens), None) if i in results and results[i].error is None
+            else (None, str(results[i].error) if i in results else f"no result ({fatal})") for i in ids]
