@@ -119,6 +119,7 @@ class Config:
     kv_cache_gib: float = 0.0  # cap on the continuous engine's KV cache in GiB (0: sized from free memory)
     # several processes (torchrun --nproc_per_node N): rounds of a step shared out across N ranks
     dist_timeout: int = 1800  # seconds a rank waits for the others at a collective before the run stops (a rank that died)
+    train_teacher: bool = True  # False: the frozen-teacher ablation (teacher groups get no gradient)
 
     def validate(self) -> None:
         """Reject contradictory settings before any model loads."""
@@ -191,6 +192,10 @@ TINY_DEFAULTS = dict(
     init_pool_max_rounds=4, lr=1e-5, warmup_steps=0, save_every=1, beta=0.04, gen_batch=256,
     train_micro_batch=16, threads=1,  # one thread: small matmuls gain nothing from two, and lose a lot on a busy machine
 )
+# The toy world (`--model toy`, tiny.py): for showing learning on a CPU (demo.py). Longer worked
+# solutions than the tiny model's, and more student groups per step.
+TOY_DEFAULTS = dict(TINY_DEFAULTS, rounds_per_step=4, student_max_new_tokens=64, lr=1e-4)
+SMALL_MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "toy": TOY_DEFAULTS}  # the built-in models' smaller numbers
 
 # The two OpenSIRs (SPEC "Two recipes"): the authors' released code, which produced the paper's first
 # results, and the paper's later text (arXiv 2511.00602 v3/v4). Each row of that table is a Config field,
@@ -242,7 +247,7 @@ def recipe_preset(given: dict) -> dict:
     recipe = given.get("recipe", Config.recipe)
     if recipe not in RECIPES:
         raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-    small = TINY_DEFAULTS if given.get("model", Config.model) == "tiny" else {}
+    small = SMALL_MODEL_DEFAULTS.get(given.get("model", Config.model), {})
     preset = {k: v for k, v in RECIPES[recipe].items()  # only what differs from Config's defaults
               if k not in given and k not in small and v != getattr(Config, k)}
     values = {**{f.name: f.default for f in dataclasses.fields(Config)}, **small, **preset, **given}
@@ -1084,9 +1089,9 @@ def model_name_error(name: str, random_init: bool = False) -> Optional[str]:
     if random_init:
         return None if name in ARCHITECTURES else (
             f"--random_init builds the architectures of {', '.join(ARCHITECTURES)}, not {name!r}")
-    if name == "tiny" or name in MODELS or os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if name in ("tiny", "toy") or name in MODELS or os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         return None
-    return (f"unknown model {name!r}. Short names: {', '.join(['tiny', *MODELS])}. "
+    return (f"unknown model {name!r}. Short names: {', '.join(['tiny', 'toy', *MODELS])}. "
             "Or pass a hub id (org/name) or the path of a local directory holding a saved model.")
 
 
@@ -1121,6 +1126,9 @@ def resolve_model(name: str) -> str:
     if name == "tiny":
         import tiny  # the toy model's builder lives beside this file; only --model tiny needs it
         return tiny.ensure_tiny_model()
+    if name == "toy":
+        import tiny
+        return tiny.ensure_toy_model()
     return MODELS.get(name, name)
 
 
@@ -1513,7 +1521,7 @@ def round_seqs(cands: list, groups: list, students: list, tokenizer, cfg: Config
     """TrainSeqs of one round's chosen groups with their advantages: each chosen teacher group whole
     (illegal members train with reward 0), and the G solutions of each chosen problem."""
     g, seqs = cfg.teacher_group, []
-    for group in groups:
+    for group in (groups if cfg.train_teacher else []):  # frozen teacher: no teacher groups
         members = cands[group * g: (group + 1) * g]
         adv_t = group_advantages(torch.tensor([[c.reward for c in members]], dtype=torch.float64), cfg.adv_eps)[0]
         seqs += [TrainSeq(c.completion.prompt_ids, c.completion.ids, concepts_mask(tokenizer, c.completion.ids),
@@ -2078,9 +2086,10 @@ def config_from_args(argv: Optional[list] = None) -> Config:
     given = {k: v for k, v in args.items() if v is not None}
     given = {**recipe_preset(given), **given}  # the preset fills what you and the tiny defaults leave open
     model = given.get("model", Config.model)
-    tiny = {k: v for k, v in TINY_DEFAULTS.items() if k not in given} if model == "tiny" else {}
+    defaults = SMALL_MODEL_DEFAULTS.get(model, {})
+    tiny = {k: v for k, v in defaults.items() if k not in given}
     if tiny:
-        print("tiny model defaults (override with flags): " + ", ".join(f"{k}={v}" for k, v in tiny.items()))
+        print(f"{model} model defaults (override with flags): " + ", ".join(f"{k}={v}" for k, v in tiny.items()))
     return Config(**{**tiny, **given})
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import sys
+from typing import Optional
 
 import torch
 
@@ -106,10 +108,14 @@ def _tiny_batch(seqs: list, pad_id: int) -> tuple:
 def build_tiny_model(path: str, seed: int = 0) -> None:
     """Build a tiny model + tokenizer, teach it the two output formats, save_pretrained to path.
     Deterministic given the seed; leaves the caller's RNG and thread settings as they were."""
+    _build(path, seed, _tiny_examples, TINY_ARCH, TINY_TRAIN)
+
+
+def _build(path: str, seed: int, examples, arch: dict, hp: dict) -> None:
+    """Shared by the tiny and the toy model: examples(rng) gives (user text, completion) pairs."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    hp = TINY_TRAIN
     rng = random.Random(seed)
-    pairs = [p for _ in range(hp["examples"]) for p in _tiny_examples(rng)]
+    pairs = [p for _ in range(hp["examples"]) for p in examples(rng)]
     # the corpus is the training text itself, chat-formatted as TINY_CHAT_TEMPLATE renders it
     tok = _tiny_tokenizer([f"<|bos|><|user|>\n{p}<|eot|>\n<|assistant|>\n{c}<|eot|>\n"
                            for p, c in pairs[:2000]])
@@ -126,7 +132,7 @@ def build_tiny_model(path: str, seed: int = 0) -> None:
         try:
             model = LlamaForCausalLM(LlamaConfig(
                 vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, **TINY_ARCH))
+                pad_token_id=tok.pad_token_id, **arch))
             opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(0.9, 0.98), weight_decay=0.0)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / hp["warmup"]) * (
                 0.1 + 0.45 * (1 + math.cos(math.pi * s / hp["steps"]))))  # warm-up, cosine to 10%
@@ -157,18 +163,22 @@ def tiny_model_path(seed: int = 0) -> str:
 
 
 def ensure_tiny_model(seed: int = 0) -> str:
-    """The tiny model's directory, built on first use. Built in a temporary directory and renamed
+    """The tiny model's directory, built on first use."""
+    return _ensure_built(tiny_model_path(seed), build_tiny_model, seed, "tiny model (once, ~30 s)")
+
+
+def _ensure_built(path: str, build, seed: int, what: str) -> str:
+    """path, built by build(tmp, seed) on first use. Built in a temporary directory and renamed
     into place, so a crash never leaves a half-built model that later runs would load."""
     import shutil
     import tempfile
-    path = tiny_model_path(seed)
     if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"building the tiny model in {path} (once, ~30 s)", file=sys.stderr)
+        print(f"building the {what} in {path}", file=sys.stderr)
         tmp = tempfile.mkdtemp(prefix=".tiny-building-", dir=os.path.dirname(path))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished cache need not be
         try:
-            build_tiny_model(tmp, seed)
+            build(tmp, seed)
             os.replace(tmp, path)
         except OSError:  # another process renamed its copy into place first: use that one
             if not os.path.exists(os.path.join(path, "config.json")):
@@ -176,3 +186,137 @@ def ensure_tiny_model(seed: int = 0) -> str:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# The toy world behind `--model toy`: a difficulty ladder that a model can learn to climb.
+# ------------------------------------------------------------------------------------------------
+# The tiny model above is for reading the loop; it has almost no head-room (one-fact problems, weak
+# votes). The toy world is for showing learning: five rungs of arithmetic, each a chain of one-fact
+# steps written out, so a partly trained model gets easy rungs mostly right, hard rungs sometimes,
+# and a majority of samples beats a single sample there. Problems are split by a hash of their
+# text into train / dev / held-out; the builder and every training path draw only "train" problems.
+
+TOY_VERSION = "1"  # part of the cache directory name: bump it whenever the recipe below changes
+TOY_ARCH = dict(TINY_ARCH, num_hidden_layers=3)  # one more layer: copying an intermediate result
+TOY_TRAIN = dict(examples=6000, steps=500, student_batch=48, teacher_batch=8, lr=3e-3, warmup=20)
+TOY_RUNGS = [  # (main concept, second concept); the rung is the index
+    ("single-digit addition", "addition"),
+    ("multiplication facts", "multiplication"),
+    ("order of operations", "multiplication"),
+    ("parentheses", "multi-step arithmetic"),
+    ("sum of two products", "multi-step arithmetic"),
+]
+TOY_SPLITS = ("train", "dev", "heldout")
+_TOY_RE = [  # the problem text of each rung, for toy_rung()
+    re.compile(r"^What is (\d+) \+ (\d+)\?$"),
+    re.compile(r"^What is (\d+) \* (\d+)\?$"),
+    re.compile(r"^What is (\d+) \+ (\d+) \* (\d+)\?$"),
+    re.compile(r"^What is \((\d+) \+ (\d+)\) \* (\d+)\?$"),
+    re.compile(r"^What is (\d+) \* (\d+) \+ (\d+) \* (\d+)\?$"),
+]
+
+
+def toy_problem(rng: random.Random, rung: int) -> tuple:
+    """A problem of the given rung: (text, worked steps, answer)."""
+    a, b, c, d = (rng.randint(2, 9) for _ in range(4))
+    if rung == 0:
+        return f"What is {a} + {b}?", [f"{a} + {b} = {a + b}."], a + b
+    if rung == 1:
+        return f"What is {a} * {b}?", [f"{a} * {b} = {a * b}."], a * b
+    if rung == 2:
+        return f"What is {a} + {b} * {c}?", [f"{b} * {c} = {b * c}.", f"{a} + {b * c} = {a + b * c}."], a + b * c
+    if rung == 3:
+        return (f"What is ({a} + {b}) * {c}?", [f"{a} + {b} = {a + b}.", f"{a + b} * {c} = {(a + b) * c}."],
+                (a + b) * c)
+    return (f"What is {a} * {b} + {c} * {d}?",
+            [f"{a} * {b} = {a * b}.", f"{c} * {d} = {c * d}.", f"{a * b} + {c * d} = {a * b + c * d}."],
+            a * b + c * d)
+
+
+def toy_split(text: str) -> str:
+    """train (80%), dev (10%) or heldout (10%), from a hash of the problem text: fixed forever."""
+    import hashlib
+    h = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 10
+    return "heldout" if h == 0 else "dev" if h == 1 else "train"
+
+
+def toy_rung(text: Optional[str]) -> Optional[int]:
+    """The rung of a problem text written in the toy world's templates, else None (off-template)."""
+    for i, pat in enumerate(_TOY_RE):
+        if text is not None and pat.match(text.strip()):
+            return i
+    return None
+
+
+def toy_answer(text: str) -> Optional[int]:
+    """The true answer of a toy-template problem (None off-template): for diagnostics and evaluation."""
+    r = toy_rung(text)
+    if r is None:
+        return None
+    n = [int(x) for x in _TOY_RE[r].match(text.strip()).groups()]
+    if r <= 1:
+        return n[0] + n[1] if r == 0 else n[0] * n[1]
+    if r <= 3:
+        return n[0] + n[1] * n[2] if r == 2 else (n[0] + n[1]) * n[2]
+    return n[0] * n[1] + n[2] * n[3]
+
+
+def toy_draw(rng: random.Random, split: str = "train", rungs: Optional[list] = None) -> tuple:
+    """A problem of the split (rejection on toy_split), rung uniform over `rungs` (default: all)."""
+    rungs = list(range(len(TOY_RUNGS))) if rungs is None else rungs
+    while True:
+        rung = rng.choice(rungs)
+        p = toy_problem(rng, rung)
+        if toy_split(p[0]) == split:
+            return p + (rung,)
+
+
+def toy_problem_set(split: str, n_per_rung: int, seed: int, rungs: Optional[list] = None) -> list:
+    """n_per_rung distinct problems of each rung from the split: [(text, answer, rung)]. Held-out and
+    dev sets use their own seeds; the split already keeps them out of every training draw."""
+    rng = random.Random(f"toy-{split}-{seed}")
+    out = []
+    for rung in (range(len(TOY_RUNGS)) if rungs is None else rungs):
+        seen, stale = set(), 0
+        while len(seen) < n_per_rung and stale < 300:  # a small rung runs out of problems: stop there
+            text, _, ans, _ = toy_draw(rng, split, [rung])
+            stale += 1
+            if text not in seen:
+                seen.add(text)
+                out.append((text, ans, rung))
+                stale = 0
+    return out
+
+
+def _toy_examples(rng: random.Random) -> list:
+    """One teacher and one student example, as (user text, assistant completion) pairs, train split only.
+    The teacher writes a problem of another rung than its reference, uniformly: RL has to learn which."""
+    if rng.random() < 0.2:
+        ref, ref_rung = "What is 1+1?", None
+    else:
+        ref, _, _, ref_rung = toy_draw(rng)
+    text, steps, ans, rung = toy_draw(rng, rungs=[r for r in range(len(TOY_RUNGS)) if r != ref_rung])
+    main, second = TOY_RUNGS[rung]
+    think = (f"<think>That problem uses {TOY_RUNGS[ref_rung][0] if ref_rung is not None else 'addition'}. "
+             f"Mine needs {main} instead.</think>\n")
+    style = rng.random()  # ~10% without <think> (legal, no format reward), ~10% illegal concepts
+    teacher = ((think if style >= 0.1 else "") + f"<problem>{text}</problem>"
+               + (f"\n<concepts>{main}, {second}</concepts>" if style < 0.9 else f"\n<concepts>{main[:4]}</concepts>"))
+    student = "\n".join(steps) + f"\nTherefore, the final answer is: $\\boxed{{{ans}}}$"
+    return [(teacher_prompt(ref), teacher), (student_prompt(text), student)]
+
+
+def build_toy_model(path: str, seed: int = 0) -> None:
+    """Build the toy-world model (TOY_ARCH, TOY_TRAIN) and save_pretrained to path. Deterministic."""
+    _build(path, seed, _toy_examples, TOY_ARCH, TOY_TRAIN)
+
+
+def toy_model_path(seed: int = 0) -> str:
+    """The toy model's cache directory: <cache_root()>/toy-v<VERSION>-seed<seed>."""
+    return os.path.join(cache_root(), f"toy-v{TOY_VERSION}-seed{seed}")
+
+
+def ensure_toy_model(seed: int = 0) -> str:
+    """The toy model's directory, built on first use (about a minute or two on a CPU)."""
+    return _ensure_built(toy_model_path(seed), build_toy_model, seed, "toy-world model (once, ~1-2 min)")
