@@ -147,30 +147,20 @@ def load_benchmark(name: str, path: str, limit: Optional[int] = None) -> list[Pr
     """Problems with their gold answers; any malformed line is an error naming file and line."""
     b = BENCHMARKS[name]
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            missing = [k for k in (b.problem_field, b.gold_field) if k not in row]
-            if missing:
-                raise ValueError(f"{where}: missing field(s) {missing} ({name} needs "
-                                 f"{b.problem_field!r} and {b.gold_field!r})")
-            gold = b.gold(row)
-            if not gold:
-                raise ValueError(f"{where}: no gold answer in field {b.gold_field!r}")
-            text = row[b.problem_field]
-            if row.get("context"):  # OlympiadBench: some problems share a preamble
-                text = f"{row['context']}\n\n{text}"
-            problems.append(Problem(name, len(problems), text, gold))
-            if limit is not None and len(problems) >= limit:
-                break
+    for where, row in opensir.jsonl_objects(path):
+        missing = [k for k in (b.problem_field, b.gold_field) if k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing} ({name} needs "
+                             f"{b.problem_field!r} and {b.gold_field!r})")
+        gold = b.gold(row)
+        if not gold:
+            raise ValueError(f"{where}: no gold answer in field {b.gold_field!r}")
+        text = row[b.problem_field]
+        if row.get("context"):  # OlympiadBench: some problems share a preamble
+            text = f"{row['context']}\n\n{text}"
+        problems.append(Problem(name, len(problems), text, gold))
+        if limit is not None and len(problems) >= limit:
+            break
     if not problems:  # an error, not a 0 averaged into the headline
         raise ValueError(f"{path} holds no problems; put {name}'s rows there (one JSON object a line), "
                          f"or leave {name} out of --benchmarks")

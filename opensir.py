@@ -355,7 +355,7 @@ def student_format_reward(solution: str, mode: str) -> float:
 # ================================================================================================
 # normalize_answer is the vote key: string work only (cheap, deterministic), so `1/2`, `\dfrac12` and
 # `0.5` land on one key. The evaluation checker (checker.py, used by eval.py) builds on the same
-# clean-up and adds structure, exact numbers and sympy; training never needs it.
+# clean-up and adds structure, exact numbers and symbolic algebra; training never needs it.
 # Students write anything, so every step here is linear in the input: runs of white space are first
 # collapsed to one space, no pattern repeats a group whose matches can overlap, and an answer longer
 # than MAX_ANSWER_CHARS gets no key (no real final answer is that long: the longest gold of the five
@@ -511,7 +511,7 @@ def normalize_answer(ans: Optional[str]) -> Optional[str]:
     """Canonical string used as the vote key: equal keys mean the same answer. Numbers become the
     exact fraction `p/q`: 0.5, 1/2 and \\dfrac12 all give `1/2`; `50\\%` gives `50` (answers to
     "what percent" usually drop the sign). Other answers: the cleaned, space-free LaTeX.
-    String work only, no sympy, linear time: this runs for every training sample. None (no vote)
+    String work only (no symbolic algebra), linear time: this runs for every training sample. None (no vote)
     for an empty answer, one over MAX_ANSWER_CHARS, and anything the clean-up cannot read."""
     try:
         s = _clean(ans)
@@ -1230,26 +1230,37 @@ class Pool:
         return {"problems": self.problems, "concepts": self.concepts, "embeddings": self.embeddings}
 
 
+def jsonl_objects(path: str, label: str = "", expected: str = "a JSON object"):
+    """(where, row) for each non-blank line of a JSONL file, `where` naming the file and line; a line
+    that is not a JSON object is a ValueError that says where and what was `expected`. Lazy: a large
+    file streams."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{label}{path}, line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected {expected}")
+            yield where, row
+
+
 def read_init_pool(path: str) -> list:
     """--init_pool rows: one JSON object a line with a non-blank "problem" and optional "concepts" (a
     list of strings), as init_pool.jsonl is written. Anything else is an error naming file and line."""
     rows = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"--init_pool {path}, line {lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or not row["problem"].strip():
-                    raise ValueError(f'{where}: expected a JSON object with a non-blank "problem" string')
-                concepts = row.get("concepts", [])
-                if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
-                    raise ValueError(f'{where}: "concepts" must be a list of strings')
-                rows.append({"problem": row["problem"], "concepts": concepts})
+        expected = 'a JSON object with a non-blank "problem" string'
+        for where, row in jsonl_objects(path, "--init_pool ", expected):
+            if not isinstance(row.get("problem"), str) or not row["problem"].strip():
+                raise ValueError(f"{where}: expected {expected}")
+            concepts = row.get("concepts", [])
+            if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
+                raise ValueError(f'{where}: "concepts" must be a list of strings')
+            rows.append({"problem": row["problem"], "concepts": concepts})
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"--init_pool {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
     if not rows:
