@@ -120,6 +120,7 @@ class Config:
     # several processes (torchrun --nproc_per_node N): rounds of a step shared out across N ranks
     dist_timeout: int = 1800  # seconds a rank waits for the others at a collective before the run stops (a rank that died)
     train_teacher: bool = True  # False: the frozen-teacher ablation (teacher groups get no gradient)
+    fsdp: bool = False  # torchrun only: shard fp32 weights, gradients and AdamW state over the ranks (FSDP2); generation and reference stay whole per rank
 
     def validate(self) -> None:
         """Reject contradictory settings before any model loads."""
@@ -1331,21 +1332,22 @@ def load_pt(path: str):
 
 
 def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler, pool: Pool,
-                    rng: dict, cfg: Config) -> str:
+                    rng: dict, cfg: Config, full: Optional[tuple] = None) -> str:
     """Model and tokenizer by save_pretrained (loadable by transformers and eval.py), optimizer.pt, and
     state.pt with the rest an exact resume needs. Older checkpoints keep their weights and state but
     drop optimizer.pt: AdamW state is twice the fp32 weights, and only the newest is resumed from.
-    A save that fails (a full disk) removes its half-written directory, so --resume finds the last good one."""
+    A save that fails (a full disk) removes its half-written directory, so --resume finds the last good one.
+    full: --fsdp's gathered (model, optimizer) state dicts, written in place of the sharded objects'."""
     import shutil
     path = checkpoint_dir(out, step)
     if os.path.exists(os.path.join(path, "state.pt")):
         os.remove(os.path.join(path, "state.pt"))  # overwriting: incomplete until the new state.pt lands
     try:
-        policy.save_pretrained(path)
+        policy.save_pretrained(path, **({"state_dict": full[0]} if full else {}))
         tokenizer.save_pretrained(path)
         state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
                  "config": dataclasses.asdict(cfg)}
-        for obj, name in ((optimizer.state_dict(), "optimizer.pt"), (state, "state.tmp")):
+        for obj, name in ((full[1] if full else optimizer.state_dict(), "optimizer.pt"), (state, "state.tmp")):
             with open(os.path.join(path, name), "wb") as f:  # a Python file: a full disk is ENOSPC, not basic_ios
                 torch.save(obj, f)
         os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
@@ -1396,6 +1398,9 @@ def dist_errors(cfg: Config) -> list:
                       f"{world} divides, or start a number of processes that divides {cfg.rounds_per_step}")
     if cfg.dist_timeout < 1:
         errors.append(f"--dist_timeout must be >= 1 second, got {cfg.dist_timeout}")
+    if cfg.fsdp and world == 1:
+        errors.append("--fsdp shards the training state over torchrun's processes: start the run with "
+                      "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
     return errors
 
 
@@ -1484,6 +1489,64 @@ def sum_gradients(params: list) -> None:
         if p.grad is None:  # a rank none of whose sequences were selected still takes part
             p.grad = torch.zeros_like(p)
         dist_call("all_reduce", p.grad)
+
+
+# --fsdp: FSDP2 (fully_shard) holds 1/N of the fp32 weights, gradients and AdamW state on each rank.
+# sequence_logprobs calls the decoder and the lm_head separately (never the whole model's forward), so
+# the units are every decoder layer and, when untied, the input embedding and the lm_head; the rest (the
+# final norm; a tied embedding/lm_head, which one unit cannot serve from two call sites) stays whole on
+# every rank and is summed by sum_gradients. FSDP's reduce-scatter sums the sharded gradients (divide
+# factor 1). Generation and the reference use whole per-rank copies (the sampler), so only training
+# runs FSDP's collectives, and every rank runs as many passes (optimise pads).
+
+
+def shard_policy(policy) -> None:
+    """fully_shard every decoder layer and, untied, the embedding and the lm_head; gradients summed."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    head, embed = policy.get_output_embeddings(), policy.get_input_embeddings()
+    units = [m for m in policy.get_decoder().modules() if type(m).__name__ in set(policy._no_split_modules or ())]
+    for m in units + ([embed, head] if head.weight is not embed.weight else []):
+        fully_shard(m)
+    for m in policy.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)  # each rank's loss already carries its share of 1 / rounds
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+
+
+def clip_gradients(params: list, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over the whole model's gradient: sharded (DTensor) and whole parameters together."""
+    from torch.distributed.tensor import DTensor
+    grads = [p.grad for p in params if p.grad is not None]
+    parts = [torch.nn.utils.get_total_norm([g for g in grads if isinstance(g, DTensor) == d]) for d in (True, False)]
+    parts = [n.full_tensor() if isinstance(n, DTensor) else n for n in parts]  # DTensor: the norm over all shards
+    total = torch.sqrt(sum(n.float() ** 2 for n in parts))
+    for d in (True, False):  # foreach kernels take no mix of the two
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if isinstance(p, DTensor) == d], max_norm, total)
+    return total
+
+
+def refresh_sampler(sampler, policy) -> None:
+    """Copy the updated weights into the generation copy; with --fsdp one parameter gathered at a time."""
+    from torch.distributed.tensor import DTensor
+    full = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, ps in sampler.named_parameters():
+            pp = full[name]
+            ps.copy_(pp.full_tensor() if isinstance(pp, DTensor) else pp)
+
+
+def full_training_state(policy, optimizer) -> tuple:
+    """--fsdp: the whole model and optimizer state dicts, on rank 0's CPU (a collective: every rank calls)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(policy, options=opts), get_optimizer_state_dict(policy, optimizer, options=opts)
+
+
+def load_sharded_optimizer(policy, optimizer, path: str) -> None:
+    """--fsdp resume: every rank reads the full optimizer state and keeps its shard (any N)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(policy, optimizer, optim_state_dict=load_pt(path),
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
@@ -1639,6 +1702,10 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
     set_loss_weights(rounds, cfg.loss_agg, max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens))
     seqs = sorted(own if own is not None else (s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
     batches = [seqs[i: i + cfg.train_micro_batch] for i in range(0, len(seqs), cfg.train_micro_batch)]
+    if cfg.fsdp and _dist() is not None:  # FSDP gathers in every pass: all ranks run the same number of them
+        most = torch.tensor([len(batches)], device=next(policy.parameters()).device)
+        dist_call("all_reduce", most, _dist().ReduceOp.MAX)
+        batches += [[TrainSeq([0], [0], [0], 0.0, "teacher")] for _ in range(int(most) - len(batches))]  # weight 0
     with torch.no_grad():  # fixed targets of this rollout: reference and (for mu > 1) old log-probs
         for mb in batches:
             if frozen is not None and cfg.beta > 0:
@@ -1666,8 +1733,13 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
                     stats["clipped"] += float((clipped * m).sum())
             loss.backward()
             stats["loss"] += float(loss.detach())
-        sum_gradients(list(policy.parameters()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if cfg.fsdp:  # FSDP has reduce-scattered (summed) the sharded ones; the whole ones are summed here
+            from torch.distributed.tensor import DTensor
+            sum_gradients([p for p in policy.parameters() if not isinstance(p, DTensor)])
+            grad_norm = clip_gradients(list(policy.parameters()), cfg.max_grad_norm)
+        else:
+            sum_gradients(list(policy.parameters()))
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if guard is not None:
             guard.begin()  # from the first weight update until the step is recorded, Ctrl-C waits
         optimizer.step()
@@ -1946,12 +2018,18 @@ def train(cfg: Config) -> str:
         frozen.requires_grad_(False)
     # sampler: the policy itself in fp32, else a compute-dtype copy refreshed after every update
     sampler = policy
-    if cdtype != torch.float32:
+    if cdtype != torch.float32 or cfg.fsdp:  # --fsdp: the policy is sharded; generation needs it whole
         import copy
         sampler = copy.deepcopy(policy).to(cdtype).requires_grad_(False)
     if device.type == "cuda" and cfg.grad_ckpt:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.fsdp:
+        shard_policy(policy)
+    groups = list(policy.parameters())
+    if cfg.fsdp:  # sharded and whole parameters in separate groups: AdamW's foreach kernels take no mix
+        from torch.distributed.tensor import DTensor
+        groups = [{"params": [p for p in groups if isinstance(p, DTensor) == d]} for d in (True, False)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # linear warm-up reaching lr at step `warmup_steps`, then constant (lr/warmup on the first step,
     # not 0, so the first step's rollouts are not thrown away)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -1971,7 +2049,9 @@ def train(cfg: Config) -> str:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     metrics_path, problems_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
     if resume_from:
-        if os.path.exists(os.path.join(resume_from, "optimizer.pt")):
+        if os.path.exists(os.path.join(resume_from, "optimizer.pt")) and cfg.fsdp:
+            load_sharded_optimizer(policy, optimizer, os.path.join(resume_from, "optimizer.pt"))
+        elif os.path.exists(os.path.join(resume_from, "optimizer.pt")):
             optimizer.load_state_dict(load_pt(os.path.join(resume_from, "optimizer.pt")))
         else:  # only an explicit --resume_from of an older checkpoint gets here
             log(f"{resume_from} keeps no optimizer state: AdamW restarts from zero moments")
@@ -2026,9 +2106,7 @@ def train(cfg: Config) -> str:
             t0 = time.perf_counter()
             opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard, own)
             if sampler is not policy:
-                with torch.no_grad():
-                    for ps, pp in zip(sampler.parameters(), policy.parameters()):
-                        ps.copy_(pp)
+                refresh_sampler(sampler, policy)
             timers["train"] += time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
             m = {**step_metrics(step, rounds_cands, rounds, pool, cfg, opt, timers), "ranks": world}  # sec/, tok_per_sec/: rank 0's
@@ -2045,14 +2123,18 @@ def train(cfg: Config) -> str:
             guard.end()
             if step % cfg.save_every == 0 or step == cfg.steps:
                 if world > 1:
-                    log(f"pool {same_on_every_rank(pool, policy)[:12]} and weights identical on all {world} ranks")
+                    log(f"pool {same_on_every_rank(pool, sampler if cfg.fsdp else policy)[:12]} and weights identical on all {world} ranks")
+                full = full_training_state(policy, optimizer) if cfg.fsdp else None  # gathered on rank 0
                 if rk == 0:  # every rank holds the same weights, optimizer state and pool; one writes them
-                    final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
+                    final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg, full)
                 if world > 1:
                     dist_call("barrier")
     except KeyboardInterrupt:
         pool.truncate(pool_len)  # drop problems of the unfinished step; weights are still `completed`'s
-        if latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, completed):
+        if cfg.fsdp and latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, completed):
+            log(f"\ninterrupted: with --fsdp one rank cannot gather the sharded state, so step {completed} is not "
+                f"saved; --resume continues from {latest_checkpoint(cfg.out) or 'the start'}")
+        elif latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, completed):
             path = save_checkpoint(cfg.out, completed, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
             log(f"\ninterrupted: saved {path}; continue with --resume")
         else:
