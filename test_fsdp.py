@@ -2,7 +2,6 @@
 trains what one process trains. The tiny model ties its lm_head to its embedding, so the whole-per-rank
 part (embedding, norm) and the sharded decoder layers are both exercised."""
 import os
-import shutil
 
 import pytest
 import torch
