@@ -146,7 +146,8 @@ def read_run(run: str, sample_per_step: int, seed: int, progress: bool = True) -
             cfg = json.load(open(os.path.join(run, "config.json")))
         except (OSError, json.JSONDecodeError) as err:
             print(f"warning: {run}/config.json unreadable ({err}); using default band", file=sys.stderr)
-    lo, hi = cfg.get("band_lo", 0.5), cfg.get("band_hi", 0.9)
+    import opensir as O
+    lo, hi = cfg.get("band_lo", O.Config.band_lo), cfg.get("band_hi", O.Config.band_hi)
     bad = []
 
     def on_bad(n, why):
@@ -213,21 +214,25 @@ def stage_bounds(steps: list, n_stages: int) -> list:
 # --- the frozen model ----------------------------------------------------------------------------
 
 def frozen_solve_rates(model, tok, stage_problems: list, samples: int, max_new_tokens: int,
-                       temperature: float, seed: int, progress: bool = True) -> list:
+                       run_cfg: dict, seed: int, progress: bool = True) -> list:
     """The frozen initial model's majority-vote solve rate on each stage's problems, computed as the loop
-    computes it (opensir.generate at the run's temperature, top-k 50, then majority_vote).
-    Returns one list of solve rates per stage."""
+    computes it: opensir.generate at the run's temperature, top-k and top-p, the last \\boxed{} of each
+    solution, and majority_vote over the run's solve-rate denominator (recipe code or paper; run_cfg is
+    the run's config.json, Config's defaults where it says nothing). Returns one list of rates per stage."""
     import torch
 
     import opensir as O
+    get = lambda k: run_cfg.get(k, getattr(O.Config, k))  # noqa: E731
     torch.manual_seed(seed)
     rates = []
     for i, probs in enumerate(stage_problems):
         prompts = [O.chat(tok, O.student_prompt(p)) for p in probs for _ in range(samples)]
-        outs = O.generate(model, tok, prompts, max_new_tokens, temperature, top_k=50, top_p=1.0,
-                          batch_size=64, desc=f"frozen model, stage {i}" if progress else "") if prompts else []
-        ans = [O.normalize_answer(O.extract_boxed(o.text)) for o in outs]
-        rates.append([O.majority_vote(ans[j * samples: (j + 1) * samples])[1] for j in range(len(probs))])
+        outs = O.generate(model, tok, prompts, max_new_tokens, get("temperature"), top_k=get("top_k"),
+                          top_p=get("top_p"), batch_size=64,
+                          desc=f"frozen model, stage {i}" if progress else "") if prompts else []
+        ans = [O.normalize_answer(O.final_answer(o.text)) for o in outs]
+        rates.append([O.majority_vote(ans[j * samples: (j + 1) * samples], get("solve_rate_over"))[1]
+                      for j in range(len(probs))])
     return rates
 
 
@@ -299,8 +304,8 @@ def analyse_run(run: str, args) -> dict:
         model, tok = O.load_model(args.frozen_model, device=args.device)
         fz_probs = [[it["problem"] for it in items[: args.frozen_problems]] for items in map_items]
         mnt = args.frozen_max_new_tokens or r["config"].get("student_max_new_tokens", 512)
-        rates = frozen_solve_rates(model, tok, fz_probs, args.frozen_samples, mnt,
-                                   r["config"].get("temperature", 1.0), args.seed, not args.quiet)
+        rates = frozen_solve_rates(model, tok, fz_probs, args.frozen_samples, mnt, r["config"], args.seed,
+                                   not args.quiet)
         for s, rs in zip(stages, rates):
             s["frozen_solve_rate"] = _stat(rs)
         frozen = {"model": args.frozen_model, "samples": args.frozen_samples, "max_new_tokens": mnt,

@@ -51,7 +51,7 @@ def evaluate(model, tok, problems: list, n: int, max_new_tokens: int, seed: int,
     for name, (temp, top_k, top_p) in SETTINGS.items():
         torch.manual_seed(seed)
         comps = O.generate(model, tok, prompts, max_new_tokens, temp, top_k, top_p, batch)
-        ans = [O.normalize_answer(O.extract_boxed(c.text)) for c in comps]
+        ans = [O.normalize_answer(O.final_answer(c.text)) for c in comps]
         mean, maj = [], []
         for i, (_, gold, _) in enumerate(problems):
             a = ans[i * n: (i + 1) * n]
@@ -135,7 +135,7 @@ def student_only(mode: str, seed: int, args, problems: list, log) -> dict:
             rounds, true_acc, label_ok = [], [], []
             for i, (_, gold) in enumerate(batch):
                 group = comps[i * cfg.student_group: (i + 1) * cfg.student_group]
-                answers = [O.normalize_answer(O.extract_boxed(c.text)) for c in group]
+                answers = [O.normalize_answer(O.final_answer(c.text)) for c in group]
                 gold_key = O.normalize_answer(str(gold))
                 majority = O.majority_vote(answers)[0]
                 label = gold_key if mode == "trainer" else majority
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="default: demo_runs/<mode>")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval_every", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=O.TOY_DEFAULTS["lr"])
     p.add_argument("--beta", type=float, default=0.04, help="KL weight against the initial toy model")
     p.add_argument("--group", type=int, default=8, help="(a, b) samples per problem, G")
     p.add_argument("--problems_per_step", type=int, default=8, help="(a, b) student groups per step")

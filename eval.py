@@ -327,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--max-new-tokens", type=int, help="default 4096 (the paper); for --model tiny, the "
-                   "student budget of opensir.TINY_DEFAULTS. Reasoning models (DeepSeek-R1-Distill, Qwen3) think "
+    p.add_argument("--max-new-tokens", type=int, help="default 4096 (the paper); for --model tiny or toy (or "
+                   "a run of one), that run's student budget (opensir.SMALL_MODEL_DEFAULTS). Reasoning models (DeepSeek-R1-Distill, Qwen3) think "
                    "at length: the paper's later version gives them 38912")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     p.add_argument("--engine", default="auto", choices=["auto", *opensir.ENGINES],
@@ -361,9 +361,9 @@ def main(argv: Optional[list] = None) -> dict:
     if path != args.model:
         print(f"{args.model}: evaluating its newest checkpoint, {path}")
     trained = run_config(path)
-    if args.max_new_tokens is None:  # the tiny model (or a run of it) answers in a few dozen tokens, or rambles on
-        args.max_new_tokens = (trained.get("student_max_new_tokens", opensir.TINY_DEFAULTS["student_max_new_tokens"])
-                               if "tiny" in (args.model, trained.get("model")) else 4096)
+    if args.max_new_tokens is None:  # a built-in model (or a run of it) answers in a few dozen tokens, or rambles on
+        small = opensir.SMALL_MODEL_DEFAULTS.get(trained.get("model", args.model))
+        args.max_new_tokens = trained.get("student_max_new_tokens", small["student_max_new_tokens"]) if small else 4096
     if args.limit is not None and args.limit < 1:
         sys.exit("eval.py: --limit must be >= 1 (leave it out for every problem)")
     if not (math.isfinite(args.temperature) and args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):

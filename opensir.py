@@ -1401,6 +1401,9 @@ def dist_errors(cfg: Config) -> list:
     if cfg.fsdp and world == 1:
         errors.append("--fsdp shards the training state over torchrun's processes: start the run with "
                       "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+    if cfg.fsdp and not hasattr(torch.nn.utils, "clip_grads_with_norm_"):
+        errors.append(f"--fsdp needs a newer torch than {torch.__version__} (FSDP2 with summed gradients and "
+                      "sharded clipping; tested on 2.13): upgrade torch, or drop --fsdp")
     return errors
 
 
@@ -1506,7 +1509,9 @@ def shard_policy(policy) -> None:
     head, embed = policy.get_output_embeddings(), policy.get_input_embeddings()
     units = [m for m in policy.get_decoder().modules() if type(m).__name__ in set(policy._no_split_modules or ())]
     for m in units + ([embed, head] if head.weight is not embed.weight else []):
-        fully_shard(m)
+        # every unit is its own root (no whole-model forward), and FSDP keeps a root's weights gathered
+        # after its forward unless told: reshard, or each rank holds the whole fp32 model until backward
+        fully_shard(m, reshard_after_forward=True)
     for m in policy.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # each rank's loss already carries its share of 1 / rounds
@@ -1701,6 +1706,7 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
     ranks' losses is L itself, so the step equals one process's up to float summation order."""
     set_loss_weights(rounds, cfg.loss_agg, max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens))
     seqs = sorted(own if own is not None else (s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
+    trained = any(len(r) for r in rounds)  # the same on every rank: `rounds` holds the whole step's sequences
     batches = [seqs[i: i + cfg.train_micro_batch] for i in range(0, len(seqs), cfg.train_micro_batch)]
     if cfg.fsdp and _dist() is not None:  # FSDP gathers in every pass: all ranks run the same number of them
         most = torch.tensor([len(batches)], device=next(policy.parameters()).device)
@@ -1733,7 +1739,9 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
                     stats["clipped"] += float((clipped * m).sum())
             loss.backward()
             stats["loss"] += float(loss.detach())
-        if cfg.fsdp:  # FSDP has reduce-scattered (summed) the sharded ones; the whole ones are summed here
+        if not trained:  # nothing selected anywhere: gradients stay None as in one process, so AdamW moves nothing
+            grad_norm = torch.zeros(())
+        elif cfg.fsdp:  # FSDP has reduce-scattered (summed) the sharded ones; the whole ones are summed here
             from torch.distributed.tensor import DTensor
             sum_gradients([p for p in policy.parameters() if not isinstance(p, DTensor)])
             grad_norm = clip_gradients(list(policy.parameters()), cfg.max_grad_norm)
@@ -1781,7 +1789,7 @@ class StepGuard:
             raise KeyboardInterrupt
 
 
-def step_metrics(step: int, rounds_cands: list, rounds: list, pool: Pool, cfg: Config, opt: dict,
+def step_metrics(step: int, rounds_cands: list, rounds: list, chosen: list, pool: Pool, cfg: Config, opt: dict,
                  timers: Counter) -> dict:
     """One metrics.jsonl line: every reward component by role, solve-rate histogram, lengths, costs."""
     cands = [c for cs in rounds_cands for c in cs]
@@ -1809,7 +1817,7 @@ def step_metrics(step: int, rounds_cands: list, rounds: list, pool: Pool, cfg: C
         "solve_rate/in_band": mean([float(c.solv > 0) for c in legal]),
         "solve_rate/hist10": hist.tolist(),
         "rounds/no_legal": sum(not any(c.parsed.legal for c in cs) for cs in rounds_cands),
-        "rounds/no_student": sum(not any(s.role == "student" for s in r) for r in rounds),
+        "rounds/no_student": sum(not studs for _, studs in chosen),  # per round in both scopes
         "train/teacher_seqs": len(teach), "train/student_seqs": len(stud),
         "train/teacher_adv_abs": mean([abs(s.advantage) for s in teach]),
         "train/student_adv_abs": mean([abs(s.advantage) for s in stud]),
@@ -1845,7 +1853,8 @@ def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, groups: list
 
 
 CONFIG_RUN_ONLY = {"out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
-                   "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout"}  # may change between a run and its resume
+                   "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout", "threads", "engine",
+                   "kv_cache_gib"}  # may change between a run and its resume
 
 _OUT_LOCKS: dict = {}  # real path of --out -> its open .lock file, held for the life of the process
 
@@ -2102,14 +2111,14 @@ def train(cfg: Config) -> str:
                 add_to_pool(pool, cands, cfg)
             rounds, chosen, own = training_batch(rounds_cands, tokenizer, cfg, mine)
             rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
-                    for row in problem_rows(step, rnd, refs, cands, groups, studs)]
+                    for row in problem_rows(step, rnd, refs, cands, groups if cfg.train_teacher else [], studs)]
             t0 = time.perf_counter()
             opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard, own)
             if sampler is not policy:
                 refresh_sampler(sampler, policy)
             timers["train"] += time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
-            m = {**step_metrics(step, rounds_cands, rounds, pool, cfg, opt, timers), "ranks": world}  # sec/, tok_per_sec/: rank 0's
+            m = {**step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, opt, timers), "ranks": world}  # sec/, tok_per_sec/: rank 0's
             if rk == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(m) + "\n")

@@ -98,6 +98,8 @@ def test_demo_modes_run_a_few_steps(quick_toy):
     for variant, teacher_seqs in (("full", O.Config.teacher_group), ("frozen_teacher", 0)):
         metrics = [json.loads(line) for line in open(os.path.join(out, f"{variant}-seed1", "metrics.jsonl"))]
         assert [m["train/teacher_seqs"] for m in metrics] == [teacher_seqs] * 2
+        rows = [json.loads(line) for line in open(os.path.join(out, f"{variant}-seed1", "problems.jsonl"))]
+        assert any(r["trained_as_teacher"] for r in rows) == (teacher_seqs > 0)  # the log says what was trained
         shift = res["variants"][variant]["rung_shift"]["1"]
         assert shift and all(abs(sum(s["rung_share"].values()) - 1) < 1e-9 for s in shift if s["legal"])
     assert json.load(open(os.path.join(out, "frozen_teacher-seed1", "config.json")))["train_teacher"] is False
