@@ -102,6 +102,16 @@ def test_checker_time_budget():
     assert time.time() - t < 1.3  # the budget, and slack for a loaded machine
 
 
+def _run_in(attempt, in_thread: bool) -> None:
+    """attempt() in the main thread (the SIGALRM path) or in a worker thread (the abandoned-thread path)."""
+    if in_thread:
+        th = threading.Thread(target=attempt)
+        th.start()
+        th.join(10)
+    else:
+        attempt()
+
+
 @pytest.mark.parametrize("in_thread", [False, True])
 def test_run_with_budget_stops_a_hang(in_thread):
     """The budget holds in the main thread (SIGALRM) and outside it (abandoned worker thread)."""
@@ -117,12 +127,7 @@ def test_run_with_budget_stops_a_hang(in_thread):
         with pytest.raises(checker._Timeout):
             checker._run_with_budget(spin, 0.2)
         result["took"] = time.time() - t
-    if in_thread:
-        th = threading.Thread(target=attempt)
-        th.start()
-        th.join(10)
-    else:
-        attempt()
+    _run_in(attempt, in_thread)
     stop.set()
     assert result["took"] < 2
     assert checker._run_with_budget(lambda: 42, 1.0) == 42
@@ -243,12 +248,7 @@ def test_budget_not_swallowed_by_except_exception(in_thread):
             checker._run_with_budget(stubborn, 0.2)
         except checker._Timeout:
             result["took"] = time.time() - t
-    th = threading.Thread(target=attempt) if in_thread else None
-    if th:
-        th.start()
-        th.join(10)
-    else:
-        attempt()
+    _run_in(attempt, in_thread)
     stop.set()
     assert result["took"] < 2
 
@@ -262,12 +262,7 @@ def test_run_with_budget_passes_errors_through():
             with pytest.raises(ZeroDivisionError):
                 checker._run_with_budget(lambda: 1 / 0, 5.0)
             got["took"] = time.time() - t  # at once, not after the budget
-        if in_thread:
-            th = threading.Thread(target=attempt)
-            th.start()
-            th.join(10)
-        else:
-            attempt()
+        _run_in(attempt, in_thread)
         assert got["took"] < 1
 
 
