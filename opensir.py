@@ -2058,10 +2058,11 @@ def train(cfg: Config) -> str:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     metrics_path, problems_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
     if resume_from:
-        if os.path.exists(os.path.join(resume_from, "optimizer.pt")) and cfg.fsdp:
-            load_sharded_optimizer(policy, optimizer, os.path.join(resume_from, "optimizer.pt"))
-        elif os.path.exists(os.path.join(resume_from, "optimizer.pt")):
-            optimizer.load_state_dict(load_pt(os.path.join(resume_from, "optimizer.pt")))
+        opt_path = os.path.join(resume_from, "optimizer.pt")
+        if os.path.exists(opt_path) and cfg.fsdp:
+            load_sharded_optimizer(policy, optimizer, opt_path)
+        elif os.path.exists(opt_path):
+            optimizer.load_state_dict(load_pt(opt_path))
         else:  # only an explicit --resume_from of an older checkpoint gets here
             log(f"{resume_from} keeps no optimizer state: AdamW restarts from zero moments")
         scheduler.load_state_dict(state["scheduler"])
