@@ -1,6 +1,6 @@
 """Generation speed of the two engines (`--engine generate` / `continuous`), side by side in one run.
 
-    python bench.py --device cuda            # gemma-2-2b-it and llama-3.2-3b-instruct shapes (sized for < 8 min on an H100; not yet run)
+    python bench.py --device cuda            # gemma-2-2b-it and llama-3.2-3b-instruct shapes (about 8 min on an H200; README)
     python bench.py --device cpu             # a ~29M-parameter Llama on CPU at the student phase's shape
     python bench.py --device cpu --smoke     # seconds: what the tests run
 

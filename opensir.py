@@ -1172,8 +1172,9 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", att
         config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0  # synthetic_tokenizer's
         tokenizer = synthetic_tokenizer(config.vocab_size)
         torch.manual_seed(seed)  # the same seed gives the same "initial weights" (policy and reference)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
+        with torch.device(dev):  # initialised where it runs: 2-3 B random weights take minutes on a CPU
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
     else:
         path = resolve_model(name_or_path)
         unreachable = hub_error(path)
