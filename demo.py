@@ -3,7 +3,8 @@
     python demo.py trainer  --seeds 1 2   # (a) GRPO rewarded with the TRUE answers: a diagnostic of the
                                           #     trainer that uses labels. It is NOT OpenSIR.
     python demo.py majority --seeds 1 2   # (b) the student alone, rewarded for agreeing with its own
-                                          #     majority answer on a fixed problem set: no labels
+                                          #     majority answer on a fixed problem set: no labels (a
+                                          #     group whose majority holds < --min_agreement is skipped)
     python demo.py opensir  --seeds 1 2   # (c) the full loop (opensir.train) from "What is 1+1?", and
                                           #     the frozen-teacher ablation beside it
 
@@ -116,7 +117,7 @@ def student_only(mode: str, seed: int, args, problems: list, log) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     O.set_seed(seed)
     rng = random.Random(f"demo-{mode}-{seed}")
-    fixed = T.toy_problem_set("train", args.fixed_per_rung, seed=0)  # (b): one fixed set for every seed
+    fixed = T.toy_problem_set("train", args.fixed_per_rung, seed=0, rungs=args.rungs)  # (b): one set, every seed
     out_dir = os.path.join(args.out, f"seed{seed}")
     os.makedirs(out_dir, exist_ok=True)
     evals = {0: evaluate(policy, tok, problems, args.eval_samples, args.max_new_tokens, args.eval_seed)}
@@ -125,29 +126,35 @@ def student_only(mode: str, seed: int, args, problems: list, log) -> dict:
         for step in range(1, args.steps + 1):
             t0 = time.perf_counter()
             if mode == "trainer":
-                batch = [T.toy_draw(rng)[:3] for _ in range(args.problems_per_step)]  # (text, steps, answer)
-                batch = [(t, a) for t, _, a in batch]
+                batch = [T.toy_draw(rng, rungs=args.rungs) for _ in range(args.problems_per_step)]  # (text, steps, answer, rung)
+                batch = [(t, a) for t, _, a, _ in batch]
             else:
                 batch = [(t, a) for t, a, _ in rng.sample(fixed, min(args.problems_per_step, len(fixed)))]
             prompts = [O.chat(tok, O.student_prompt(t)) for t, _ in batch for _ in range(cfg.student_group)]
             comps = O.generate(policy, tok, prompts, cfg.student_max_new_tokens, cfg.temperature, cfg.top_k,
                                cfg.top_p, 256)
-            rounds, true_acc, label_ok = [], [], []
+            rounds, true_acc, label_ok, skipped, shares = [], [], [], 0, []
             for i, (_, gold) in enumerate(batch):
                 group = comps[i * cfg.student_group: (i + 1) * cfg.student_group]
                 answers = [O.normalize_answer(O.final_answer(c.text)) for c in group]
                 gold_key = O.normalize_answer(str(gold))
-                majority = O.majority_vote(answers)[0]
+                majority, share, _ = O.majority_vote(answers, cfg.solve_rate_over)
                 label = gold_key if mode == "trainer" else majority
+                shares.append(share)
+                true_acc += [float(a == gold_key) for a in answers]  # logged only: (b) never reads it
+                label_ok.append(float(majority == gold_key))
+                if mode == "majority" and share < args.min_agreement:  # too split to trust its vote: skip
+                    skipped += 1
+                    continue
                 rewards = O.student_rewards(answers, label, [O.has_final_line(c.text) for c in group], cfg)
                 adv = O.group_advantages(torch.tensor([rewards], dtype=torch.float64), cfg.adv_eps)[0]
                 rounds.append([O.TrainSeq(c.prompt_ids, c.ids, [1] * len(c.ids), float(a), "student")
                                for c, a in zip(group, adv)])
-                true_acc += [float(a == gold_key) for a in answers]  # logged only: (b) never reads it
-                label_ok.append(float(majority == gold_key))
             stats = O.optimise(policy, frozen, optimizer, scheduler, rounds, cfg, None)
             rec = {"step": step, "train_true_acc": float(np.mean(true_acc)),
-                   "majority_label_acc": float(np.mean(label_ok)), **stats, "sec": time.perf_counter() - t0}
+                   "majority_label_acc": float(np.mean(label_ok)), "skipped_groups": skipped,
+                   "agreement": shares, "rungs": [T.toy_rung(t) for t, _ in batch], **stats,
+                   "sec": time.perf_counter() - t0}
             f.write(json.dumps(rec) + "\n")
             f.flush()
             if step % args.eval_every == 0 or step == args.steps:
@@ -260,12 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=O.TOY_DEFAULTS["lr"])
     p.add_argument("--beta", type=float, default=0.04, help="KL weight against the initial toy model")
     p.add_argument("--group", type=int, default=8, help="(a, b) samples per problem, G")
-    p.add_argument("--problems_per_step", type=int, default=8, help="(a, b) student groups per step")
+    p.add_argument("--problems_per_step", type=int, default=16, help="(a, b) student groups per step")
+    p.add_argument("--rungs", type=int, nargs="+", default=None, help="(a, b) train on these toy rungs only "
+                   "(default: all five); evaluation still covers every rung")
+    p.add_argument("--min_agreement", type=float, default=0.5, help="(b) train on a group only if its majority "
+                   "answer holds at least this share of its parsed answers (label-free; 0: every group)")
     p.add_argument("--fixed_per_rung", type=int, default=24, help="(b) the fixed training set: problems per rung")
     p.add_argument("--rounds_per_step", type=int, default=0, help="(c) 0: TOY_DEFAULTS")
     p.add_argument("--max_new_tokens", type=int, default=64, help="student budget, training and evaluation")
     p.add_argument("--split", choices=["heldout", "dev"], default="heldout", help="evaluation set; tune on dev")
-    p.add_argument("--eval_per_rung", type=int, default=24, help="evaluation problems per rung (fewer where a "
+    p.add_argument("--eval_per_rung", type=int, default=40, help="evaluation problems per rung (fewer where a "
                    "rung has fewer in the split)")
     p.add_argument("--eval_samples", type=int, default=16)
     p.add_argument("--eval_seed", type=int, default=0, help="sampling seed of the evaluation")
@@ -281,6 +292,8 @@ def main(argv: Optional[list] = None) -> dict:
     args.out = args.out or os.path.join("demo_runs", args.mode)
     if args.steps < 1 or args.eval_every < 1 or args.eval_samples < 1 or args.group < 2:
         raise SystemExit("need --steps, --eval_every, --eval_samples >= 1 and --group >= 2")
+    if not 0.0 <= args.min_agreement <= 1.0 or any(r not in range(len(T.TOY_RUNGS)) for r in args.rungs or []):
+        raise SystemExit(f"need 0 <= --min_agreement <= 1 and --rungs among 0..{len(T.TOY_RUNGS) - 1}")
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "log.txt"), "a")
 

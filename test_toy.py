@@ -32,6 +32,33 @@ def test_ladder_answers_rungs_and_concepts():
         assert O.parse_teacher(f"<problem>What is 2 + 3?</problem>\n<concepts>{main}, {second}</concepts>").legal
 
 
+def test_slips_are_off_by_one_to_nine_and_carried_forward():
+    """A slipped step's result is wrong by 1 to 9, later steps compute from it, the answer is the chain's
+    last result; with p = 0 the chain is the true worked solution, and at TOY_SLIP about that share of
+    steps slip."""
+    rng = random.Random(0)
+    slipped = total = 0
+    for rung in range(len(T.TOY_RUNGS)):
+        for _ in range(200):
+            text, steps, ans = T.toy_problem(rng, rung)
+            assert T._slipped(text, rung, rng, p=0.0) == (steps, ans)
+            bad, bad_ans = T._slipped(text, rung, rng, p=1.0)
+            assert len(bad) == len(steps)
+            prev = None
+            for line in bad:
+                a, op, b, _, r = line[:-1].split()
+                true = int(a) + int(b) if op == "+" else int(a) * int(b)
+                assert 1 <= abs(int(r) - true) <= 9 and int(r) >= 0
+                assert prev is None or prev in (int(a), int(b))  # computed from the slipped value
+                prev = int(r)
+            assert bad_ans == prev
+            for line in T._slipped(text, rung, rng)[0]:  # a step slipped if its own arithmetic is wrong
+                a, op, b, _, r = line[:-1].split()
+                slipped += int(r) != (int(a) + int(b) if op == "+" else int(a) * int(b))
+                total += 1
+    assert abs(slipped / total - T.TOY_SLIP) < 0.05
+
+
 def test_splits_are_fixed_and_held_out_never_drawn_for_training():
     held = T.toy_problem_set("heldout", 24, seed=0)
     dev = T.toy_problem_set("dev", 24, seed=0)
@@ -83,13 +110,17 @@ def test_demo_modes_run_a_few_steps(quick_toy):
     for mode in ("trainer", "majority"):
         out = str(quick_toy / mode)
         res = demo.main([mode, "--out", out, "--problems_per_step", "2", "--group", "2", "--fixed_per_rung", "2",
-                         *common])
+                         "--rungs", "2", "3", "--min_agreement", "0.9", *common])
         rows = res["variants"][mode]["rows"]
         assert {(r["setting"], r["metric"]) for r in rows} == {(s, m) for s in demo.SETTINGS for m in ("mean", "maj")}
         assert sorted({r["step"] for r in rows}) == [0, 1, 2]
         assert all(r["diff"][0][0] == 0.0 for r in rows if r["step"] == 0)
         train = [json.loads(line) for line in open(os.path.join(out, "seed1", "train.jsonl"))]
         assert [t["step"] for t in train] == [1, 2] and all(0 <= t["train_true_acc"] <= 1 for t in train)
+        assert all(set(t["rungs"]) <= {2, 3} and len(t["agreement"]) == 2 for t in train)  # --rungs 2 3
+        # (b) skips exactly the groups whose majority holds under 0.9 of their answers; (a) skips none
+        want = [sum(a < 0.9 for a in t["agreement"]) if mode == "majority" else 0 for t in train]
+        assert [t["skipped_groups"] for t in train] == want
         assert os.path.exists(os.path.join(out, "results.md"))
         assert len(res["problems"]) == 5 and all(T.toy_split(t) == "heldout" for t, _, _ in res["problems"])
     out = str(quick_toy / "opensir")

@@ -192,28 +192,33 @@ def _ensure_built(path: str, build, seed: int, what: str) -> str:
 # The toy world behind `--model toy`: a difficulty ladder that a model can learn to climb.
 # ------------------------------------------------------------------------------------------------
 # The tiny model above is for reading the loop; it has almost no head-room (one-fact problems, weak
-# votes). The toy world is for showing learning: five rungs of arithmetic, each a chain of one-fact
-# steps written out, so a partly trained model gets easy rungs mostly right, hard rungs sometimes,
-# and a majority of samples beats a single sample there. Problems are split by a hash of their
-# text into train / dev / held-out; the builder and every training path draw only "train" problems.
+# votes). The toy world is for showing learning: five rungs of arithmetic, each a chain of one to
+# three one-fact steps written out. The facts are few enough for the model to learn (at most ~180 a
+# rung), and pre-training solutions slip now and then (TOY_SLIP), so single samples err more often the
+# longer the chain, their errors scatter, and a majority of samples beats a single sample: head-room
+# that rewards can reach. Version 1 used sums of products whose hundreds of two-digit addition facts
+# the model never learned; its errors were per fact, and no reward moved held-out problems (README).
+# Problems are split by a hash of their text into train / dev / held-out; the builder and every
+# training path draw only "train" problems.
 
-TOY_VERSION = "1"  # part of the cache directory name: bump it whenever the recipe below changes
+TOY_VERSION = "2"  # part of the cache directory name: bump it whenever the recipe below changes
 TOY_ARCH = dict(TINY_ARCH, num_hidden_layers=3)  # one more layer: copying an intermediate result
 TOY_TRAIN = dict(examples=6000, steps=500, student_batch=48, teacher_batch=8, lr=3e-3, warmup=20)
+TOY_SLIP = 0.15  # chance that a worked step of a pre-training solution carries a wrong result (a slip)
 TOY_RUNGS = [  # (main concept, second concept); the rung is the index
     ("single-digit addition", "addition"),
     ("multiplication facts", "multiplication"),
-    ("order of operations", "multiplication"),
+    ("adding three numbers", "multi-step arithmetic"),
     ("parentheses", "multi-step arithmetic"),
-    ("sum of two products", "multi-step arithmetic"),
+    ("adding four numbers", "multi-step arithmetic"),
 ]
 TOY_SPLITS = ("train", "dev", "heldout")
 _TOY_RE = [  # the problem text of each rung, for toy_rung()
     re.compile(r"^What is (\d+) \+ (\d+)\?$"),
     re.compile(r"^What is (\d+) \* (\d+)\?$"),
-    re.compile(r"^What is (\d+) \+ (\d+) \* (\d+)\?$"),
+    re.compile(r"^What is (\d+) \+ (\d+) \+ (\d+)\?$"),
     re.compile(r"^What is \((\d+) \+ (\d+)\) \* (\d+)\?$"),
-    re.compile(r"^What is (\d+) \* (\d+) \+ (\d+) \* (\d+)\?$"),
+    re.compile(r"^What is (\d+) \+ (\d+) \+ (\d+) \+ (\d+)\?$"),
 ]
 
 
@@ -225,13 +230,13 @@ def toy_problem(rng: random.Random, rung: int) -> tuple:
     if rung == 1:
         return f"What is {a} * {b}?", [f"{a} * {b} = {a * b}."], a * b
     if rung == 2:
-        return f"What is {a} + {b} * {c}?", [f"{b} * {c} = {b * c}.", f"{a} + {b * c} = {a + b * c}."], a + b * c
+        return f"What is {a} + {b} + {c}?", [f"{a} + {b} = {a + b}.", f"{a + b} + {c} = {a + b + c}."], a + b + c
     if rung == 3:
         return (f"What is ({a} + {b}) * {c}?", [f"{a} + {b} = {a + b}.", f"{a + b} * {c} = {(a + b) * c}."],
                 (a + b) * c)
-    return (f"What is {a} * {b} + {c} * {d}?",
-            [f"{a} * {b} = {a * b}.", f"{c} * {d} = {c * d}.", f"{a * b} + {c * d} = {a * b + c * d}."],
-            a * b + c * d)
+    return (f"What is {a} + {b} + {c} + {d}?",
+            [f"{a} + {b} = {a + b}.", f"{a + b} + {c} = {a + b + c}.", f"{a + b + c} + {d} = {a + b + c + d}."],
+            a + b + c + d)
 
 
 def toy_split(text: str) -> str:
@@ -257,9 +262,7 @@ def toy_answer(text: str) -> Optional[int]:
     n = [int(x) for x in _TOY_RE[r].match(text.strip()).groups()]
     if r <= 1:
         return n[0] + n[1] if r == 0 else n[0] * n[1]
-    if r <= 3:
-        return n[0] + n[1] * n[2] if r == 2 else (n[0] + n[1]) * n[2]
-    return n[0] * n[1] + n[2] * n[3]
+    return sum(n) if r in (2, 4) else (n[0] + n[1]) * n[2]
 
 
 def toy_draw(rng: random.Random, split: str = "train", rungs: Optional[list] = None) -> tuple:
@@ -289,6 +292,27 @@ def toy_problem_set(split: str, n_per_rung: int, seed: int, rungs: Optional[list
     return out
 
 
+def _slipped(text: str, rung: int, rng: random.Random, p: float = TOY_SLIP) -> tuple:
+    """The worked steps of a toy problem and their final answer, where each step's result is off by 1 to 9
+    (either way, never below 0) with probability p and later steps use the slipped value, as a person
+    who slips carries on. So the model learns to slip now and then: its single samples err, their errors
+    scatter over many values, and the majority of several samples is usually right (the regime in which
+    voting on answers is a useful label). Returns (steps, answer)."""
+    n = [int(x) for x in _TOY_RE[rung].match(text).groups()]
+    ops = {0: [("+", 0, 1)], 1: [("*", 0, 1)], 2: [("+", 0, 1), ("+", "r", 2)], 3: [("+", 0, 1), ("*", "r", 2)],
+           4: [("+", 0, 1), ("+", "r", 2), ("+", "r", 3)]}[rung]
+    steps, results = [], []
+    for op, x, y in ops:
+        get = lambda k: n[k] if isinstance(k, int) else results[-1] if k == "r" else results[int(k[1])]  # noqa: E731
+        a, b = get(x), get(y)
+        r = a + b if op == "+" else a * b
+        if rng.random() < p:
+            r = max(0, r + rng.choice([-1, 1]) * rng.randint(1, 9)) or r + rng.randint(1, 9)
+        steps.append(f"{a} {op} {b} = {r}.")
+        results.append(r)
+    return steps, results[-1]
+
+
 def _toy_examples(rng: random.Random) -> list:
     """One teacher and one student example, as (user text, assistant completion) pairs, train split only.
     The teacher writes a problem of another rung than its reference, uniformly: RL has to learn which."""
@@ -303,6 +327,7 @@ def _toy_examples(rng: random.Random) -> list:
     style = rng.random()  # ~10% without <think> (legal, no format reward), ~10% illegal concepts
     teacher = ((think if style >= 0.1 else "") + f"<problem>{text}</problem>"
                + (f"\n<concepts>{main}, {second}</concepts>" if style < 0.9 else f"\n<concepts>{main[:4]}</concepts>"))
+    steps, ans = _slipped(text, rung, rng)
     student = "\n".join(steps) + f"\nTherefore, the final answer is: $\\boxed{{{ans}}}$"
     return [(teacher_prompt(ref), teacher), (student_prompt(text), student)]
 
@@ -318,5 +343,5 @@ def toy_model_path(seed: int = 0) -> str:
 
 
 def ensure_toy_model(seed: int = 0) -> str:
-    """The toy model's directory, built on first use (about a minute or two on a CPU)."""
-    return _ensure_built(toy_model_path(seed), build_toy_model, seed, "toy-world model (once, ~1-2 min)")
+    """The toy model's directory, built on first use (about 3 minutes on one CPU thread)."""
+    return _ensure_built(toy_model_path(seed), build_toy_model, seed, "toy-world model (once, ~3 min)")
