@@ -106,9 +106,10 @@ def student_only(mode: str, seed: int, args, problems: list, log) -> dict:
     """GRPO on student groups only. mode "trainer": reward = agreeing with the TRUE answer (labels; a
     diagnostic, not OpenSIR); mode "majority": reward = agreeing with the group's majority (no labels).
     Returns {step: evaluate(...)}; also writes train.jsonl."""
+    temperature, top_k, top_p = SETTINGS[args.sampling]  # log-probs are taken at this temperature too
     cfg = O.Config(**{**O.TOY_DEFAULTS, "model": "toy", "seed": seed, "lr": args.lr, "beta": args.beta,
-                      "student_group": args.group, "warmup_steps": 0,
-                      "student_max_new_tokens": args.max_new_tokens})
+                      "student_group": args.group, "warmup_steps": 0, "temperature": temperature,
+                      "top_k": top_k, "top_p": top_p, "student_max_new_tokens": args.max_new_tokens})
     torch.set_num_threads(args.threads)
     policy, tok = O.load_model("toy", device="cpu", dtype="fp32")
     frozen, _ = O.load_model("toy", device="cpu", dtype="fp32")
@@ -153,7 +154,8 @@ def student_only(mode: str, seed: int, args, problems: list, log) -> dict:
             stats = O.optimise(policy, frozen, optimizer, scheduler, rounds, cfg, None)
             rec = {"step": step, "train_true_acc": float(np.mean(true_acc)),
                    "majority_label_acc": float(np.mean(label_ok)), "skipped_groups": skipped,
-                   "agreement": shares, "rungs": [T.toy_rung(t) for t, _ in batch], **stats,
+                   "agreement": shares, "rungs": [T.toy_rung(t) for t, _ in batch], "temperature": cfg.temperature,
+                   **stats,
                    "sec": time.perf_counter() - t0}
             f.write(json.dumps(rec) + "\n")
             f.flush()
@@ -270,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems_per_step", type=int, default=16, help="(a, b) student groups per step")
     p.add_argument("--rungs", type=int, nargs="+", default=None, help="(a, b) train on these toy rungs only "
                    "(default: all five); evaluation still covers every rung")
+    p.add_argument("--sampling", choices=list(SETTINGS), default="T1.0", help="(a, b) the sampling that "
+                   "training samples, votes and takes log-probs with (T1.0: opensir's; T0.6: eval.py's)")
     p.add_argument("--min_agreement", type=float, default=0.5, help="(b) train on a group only if its majority "
                    "answer holds at least this share of its parsed answers (label-free; 0: every group)")
     p.add_argument("--fixed_per_rung", type=int, default=24, help="(b) the fixed training set: problems per rung")

@@ -111,11 +111,12 @@ def test_two_runs_side_by_side_and_clear_errors(run_dir, tmp_path):
         A.main([str(run_dir), "--out", str(tmp_path / "r3"), "--frozen-model", "no such model"])
 
 
-def test_real_tiny_run_with_frozen_model(tmp_path):
-    """A 2-step tiny run through opensir.train, then the report with the frozen tiny model."""
+@pytest.mark.parametrize("recipe", ["code", "paper"])
+def test_real_tiny_run_with_frozen_model(tmp_path, recipe):
+    """A 2-step tiny run of each recipe through opensir.train, then the report with the frozen tiny model."""
     import opensir as O
-    cfg = O.Config(**{**O.TINY_DEFAULTS, "steps": 2, "out": str(tmp_path / "run"), "n_refs": 2})
-    O.train(cfg)
+    O.train(O.config_from_args(["--model", "tiny", "--recipe", recipe, "--steps", "2", "--n_refs", "2",
+                                "--out", str(tmp_path / "run")]))
     rep = A.main([str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--stages", "2", "--quiet",
                   "--frozen-model", "tiny", "--frozen-problems", "4", "--frozen-samples", "4"])
     r = rep["runs"][0]

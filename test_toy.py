@@ -107,10 +107,10 @@ def test_demo_modes_run_a_few_steps(quick_toy):
     import demo
     common = ["--seeds", "1", "--steps", "2", "--eval_every", "1", "--eval_per_rung", "1", "--eval_samples", "2",
               "--max_new_tokens", "16"]
-    for mode in ("trainer", "majority"):
+    for mode, sampling in (("trainer", "T1.0"), ("majority", "T0.6")):
         out = str(quick_toy / mode)
         res = demo.main([mode, "--out", out, "--problems_per_step", "2", "--group", "2", "--fixed_per_rung", "2",
-                         "--rungs", "2", "3", "--min_agreement", "0.9", *common])
+                         "--rungs", "2", "3", "--min_agreement", "0.9", "--sampling", sampling, *common])
         rows = res["variants"][mode]["rows"]
         assert {(r["setting"], r["metric"]) for r in rows} == {(s, m) for s in demo.SETTINGS for m in ("mean", "maj")}
         assert sorted({r["step"] for r in rows}) == [0, 1, 2]
@@ -118,6 +118,7 @@ def test_demo_modes_run_a_few_steps(quick_toy):
         train = [json.loads(line) for line in open(os.path.join(out, "seed1", "train.jsonl"))]
         assert [t["step"] for t in train] == [1, 2] and all(0 <= t["train_true_acc"] <= 1 for t in train)
         assert all(set(t["rungs"]) <= {2, 3} and len(t["agreement"]) == 2 for t in train)  # --rungs 2 3
+        assert all(t["temperature"] == demo.SETTINGS[sampling][0] for t in train)
         # (b) skips exactly the groups whose majority holds under 0.9 of their answers; (a) skips none
         want = [sum(a < 0.9 for a in t["agreement"]) if mode == "majority" else 0 for t in train]
         assert [t["skipped_groups"] for t in train] == want
