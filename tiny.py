@@ -303,8 +303,7 @@ def _slipped(text: str, rung: int, rng: random.Random, p: float = TOY_SLIP) -> t
            4: [("+", 0, 1), ("+", "r", 2), ("+", "r", 3)]}[rung]
     steps, results = [], []
     for op, x, y in ops:
-        get = lambda k: n[k] if isinstance(k, int) else results[-1] if k == "r" else results[int(k[1])]  # noqa: E731
-        a, b = get(x), get(y)
+        a, b = (results[-1] if k == "r" else n[k] for k in (x, y))  # "r": the previous step's result
         r = a + b if op == "+" else a * b
         if rng.random() < p:
             r = max(0, r + rng.choice([-1, 1]) * rng.randint(1, 9)) or r + rng.randint(1, 9)
