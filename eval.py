@@ -358,8 +358,9 @@ def main(argv: Optional[list] = None) -> dict:
         path = model_path(args.model)
     except ValueError as err:
         sys.exit(f"eval.py: {err}")
+    say = print if opensir.dist_env()[0] == 0 else (lambda *a, **k: None)  # under torchrun, rank 0 speaks
     if path != args.model:
-        print(f"{args.model}: evaluating its newest checkpoint, {path}")
+        say(f"{args.model}: evaluating its newest checkpoint, {path}")
     trained = run_config(path)
     if args.max_new_tokens is None:  # a built-in model (or a run of it) answers in a few dozen tokens, or rambles on
         small = opensir.SMALL_MODEL_DEFAULTS.get(trained.get("model", args.model))
@@ -397,6 +398,8 @@ def main(argv: Optional[list] = None) -> dict:
     settings["prompt"] = opensir.STUDENT_PROMPT
     if os.path.isfile(out) or (os.path.exists(out) and not os.access(out, os.W_OK)):
         sys.exit(f"eval.py: --out {out} is a file or cannot be written; choose another --out")
+    if opensir.dist_env()[0] == 0:  # rank 0 alone writes OUT: a second eval into it would interleave samples
+        opensir.lock_out(out)
     try:
         done = read_samples(samples_path, repair=opensir.dist_env()[0] == 0)  # an eval stopped before its first sample left nothing to protect
     except ValueError as err:
@@ -411,8 +414,8 @@ def main(argv: Optional[list] = None) -> dict:
             sys.exit(f"eval.py: --resume with settings other than {out} was run with: {changed}")
     have = {(s["benchmark"], s["id"], s["sample"]) for s in done}
     todo = [(p, k) for p in problems for k in range(args.n) if (p.benchmark, p.id, k) not in have]
-    print(f"{len(problems)} problems x {args.n} samples: {len(todo)} to generate, {len(have)} already in {out}")
-    print(f"evaluating {', '.join(names)}: {set_description(names)}")
+    say(f"{len(problems)} problems x {args.n} samples: {len(todo)} to generate, {len(have)} already in {out}")
+    say(f"evaluating {', '.join(names)}: {set_description(names)}")
 
     # Under torchrun (WORLD_SIZE > 1) the chunks are dealt out to the ranks in turn (chunk c to rank c mod N);
     # each wave of N chunks is gathered to rank 0, which appends it in chunk order: the same samples.jsonl
@@ -433,7 +436,7 @@ def main(argv: Optional[list] = None) -> dict:
     if todo:
         model, tok = opensir.load_model(model_path(args.model), device=args.device, dtype=args.dtype)
         try:
-            print(f"engine: {opensir.resolve_engine(args.engine, model)}")
+            say(f"engine: {opensir.resolve_engine(args.engine, model)}")
         except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
             sys.exit(f"eval.py: {err}")
         from tqdm.auto import tqdm

@@ -114,6 +114,28 @@ def test_cli_errors_before_any_model_loads(tmp_path, capsys):
     assert "unknown model 'gemma2b'" in msg and "gemma-2-2b-it" in msg
 
 
+def test_second_eval_into_the_same_out_refuses(tmp_path, capsys):
+    """An eval holding OUT/.lock (here: this test, through its own open file) makes a second refuse before
+    it reads or repairs samples.jsonl; once the lock is gone the same command gets past the check."""
+    import fcntl
+    d, out = tmp_path / "data", tmp_path / "out"
+    write_rows(d, "gsm8k", ROWS["gsm8k"])
+    out.mkdir()
+    row = json.dumps({"benchmark": "gsm8k", "id": 0, "sample": 0, "completion": "", "extracted": None,
+                      "gold": "1", "correct": False, "truncated": False, "tokens": 0})
+    torn = row + "\n" + '{"benchmark": "gsm8k", "id": 0, "sa'  # a killed eval's torn last line
+    (out / "samples.jsonl").write_text(torn)
+    # the model is never loaded here: a directory keeps the hub check quiet
+    args = ["--model", str(tmp_path), "--benchmarks", "gsm8k", "--data-dir", str(d), "--out", str(out)]
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        msg, _ = run_main(args, capsys)
+        assert "another run is writing to" in msg and str(out) in msg
+        assert (out / "samples.jsonl").read_text() == torn  # not repaired under another run's feet
+    msg, _ = run_main(args, capsys)  # unlocked: the torn line is dropped, then --resume is asked for
+    assert "pass --resume" in msg and (out / "samples.jsonl").read_text() == row + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # Scoring, compare
 # ------------------------------------------------------------------------------------------------
