@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import sys
 import time
 from collections import Counter
@@ -217,6 +218,7 @@ def opensir_run(seed: int, variant: str, args, problems: list, log) -> dict:
         flags += ["--rounds_per_step", str(args.rounds_per_step)]
     if variant == "frozen_teacher":
         flags.append("--no-train_teacher")
+    flags += shlex.split(args.opensir_args)  # last: they win over the flags above
     if os.path.exists(os.path.join(out_dir, "config.json")):
         flags.append("--resume")  # finish an interrupted run; a finished one is only evaluated
     cfg = O.config_from_args(flags)
@@ -284,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "rung has fewer in the split)")
     p.add_argument("--eval_samples", type=int, default=16)
     p.add_argument("--eval_seed", type=int, default=0, help="sampling seed of the evaluation")
+    p.add_argument("--opensir_args", default="", help="(c) more opensir.py flags, e.g. \"--band_lo 0.3 --band_hi 0.7\"")
     p.add_argument("--stages", type=int, default=3, help="(c) stages for the rung shift")
     p.add_argument("--variants", nargs="+", choices=["full", "frozen_teacher"], default=["full", "frozen_teacher"],
                    help="(c) which runs: the full loop and/or the frozen-teacher ablation")

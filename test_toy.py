@@ -125,7 +125,8 @@ def test_demo_modes_run_a_few_steps(quick_toy):
         assert os.path.exists(os.path.join(out, "results.md"))
         assert len(res["problems"]) == 5 and all(T.toy_split(t) == "heldout" for t, _, _ in res["problems"])
     out = str(quick_toy / "opensir")
-    res = demo.main(["opensir", "--out", out, "--rounds_per_step", "1", "--stages", "2", *common])
+    res = demo.main(["opensir", "--out", out, "--rounds_per_step", "1", "--stages", "2", *common,
+                     "--opensir_args", "--band_lo 0.4 --band_hi 0.8"])
     assert set(res["variants"]) == {"full", "frozen_teacher"}
     for variant, teacher_seqs in (("full", O.Config.teacher_group), ("frozen_teacher", 0)):
         metrics = [json.loads(line) for line in open(os.path.join(out, f"{variant}-seed1", "metrics.jsonl"))]
@@ -134,4 +135,5 @@ def test_demo_modes_run_a_few_steps(quick_toy):
         assert any(r["trained_as_teacher"] for r in rows) == (teacher_seqs > 0)  # the log says what was trained
         shift = res["variants"][variant]["rung_shift"]["1"]
         assert shift and all(abs(sum(s["rung_share"].values()) - 1) < 1e-9 for s in shift if s["legal"])
-    assert json.load(open(os.path.join(out, "frozen_teacher-seed1", "config.json")))["train_teacher"] is False
+    cfg = json.load(open(os.path.join(out, "frozen_teacher-seed1", "config.json")))
+    assert cfg["train_teacher"] is False and (cfg["band_lo"], cfg["band_hi"]) == (0.4, 0.8)  # --opensir_args
