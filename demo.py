@@ -128,8 +128,8 @@ def student_only(mode: str, seed: int, args, problems: list, log) -> dict:
         for step in range(1, args.steps + 1):
             t0 = time.perf_counter()
             if mode == "trainer":
-                batch = [T.toy_draw(rng, rungs=args.rungs) for _ in range(args.problems_per_step)]  # (text, steps, answer, rung)
-                batch = [(t, a) for t, _, a, _ in batch]
+                drawn = [T.toy_draw(rng, rungs=args.rungs) for _ in range(args.problems_per_step)]
+                batch = [(text, answer) for text, _, answer, _ in drawn]  # toy_draw: (text, steps, answer, rung)
             else:
                 batch = [(t, a) for t, a, _ in rng.sample(fixed, min(args.problems_per_step, len(fixed)))]
             prompts = [O.chat(tok, O.student_prompt(t)) for t, _ in batch for _ in range(cfg.student_group)]
@@ -155,9 +155,8 @@ def student_only(mode: str, seed: int, args, problems: list, log) -> dict:
             stats = O.optimise(policy, frozen, optimizer, scheduler, rounds, cfg, None)
             rec = {"step": step, "train_true_acc": float(np.mean(true_acc)),
                    "majority_label_acc": float(np.mean(label_ok)), "skipped_groups": skipped,
-                   "agreement": shares, "rungs": [T.toy_rung(t) for t, _ in batch], "temperature": cfg.temperature,
-                   **stats,
-                   "sec": time.perf_counter() - t0}
+                   "agreement": shares, "rungs": [T.toy_rung(t) for t, _ in batch],
+                   "temperature": cfg.temperature, **stats, "sec": time.perf_counter() - t0}
             f.write(json.dumps(rec) + "\n")
             f.flush()
             if step % args.eval_every == 0 or step == args.steps:
