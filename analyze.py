@@ -396,28 +396,21 @@ def make_figures(runs: list, out: str) -> dict:
         ax.set_xlabel("stage")
         ax.legend(fontsize=7)
         save(fig, "frozen")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for r in runs:
-        ps = r["per_step"]
-        axes[0].plot(ps["step"], nz(ps["legal_rate"]), label=r["label"])
-        axes[1].plot(ps["step"], ps["unique_concepts_cum"], label=r["label"])
-    axes[0].set_title("legal rate of teacher outputs", fontsize=10)
-    axes[1].set_title("unique concepts explored (cumulative)", fontsize=10)
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    save(fig, "legal_concepts")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for r in runs:
-        ps = r["per_step"]
-        axes[0].plot(ps["step"], nz(ps["question_words_mean"]), label=r["label"])
-        axes[1].plot(ps["step"], nz(ps["solution_tokens_mean"]), label=r["label"])
-    axes[0].set_title("question length (words)", fontsize=10)
-    axes[1].set_title("student solution length (tokens, metrics.jsonl)", fontsize=10)
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    save(fig, "lengths")
+    def per_step_pair(name, panels):
+        """Two per-step line plots side by side, one line per run: panels = [(per_step key, title)] x 2."""
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, (key, title) in zip(axes, panels):
+            for r in runs:
+                ax.plot(r["per_step"]["step"], nz(r["per_step"][key]), label=r["label"])
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        save(fig, name)
+
+    per_step_pair("legal_concepts", [("legal_rate", "legal rate of teacher outputs"),
+                                     ("unique_concepts_cum", "unique concepts explored (cumulative)")])
+    per_step_pair("lengths", [("question_words_mean", "question length (words)"),
+                              ("solution_tokens_mean", "student solution length (tokens, metrics.jsonl)")])
     for i, r in enumerate(runs):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, key, t in zip(axes, ["concept_overlap", "rouge_l"], ["concept overlap (Jaccard)", "ROUGE-L F1"]):

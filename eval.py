@@ -358,7 +358,8 @@ def main(argv: Optional[list] = None) -> dict:
         path = model_path(args.model)
     except ValueError as err:
         sys.exit(f"eval.py: {err}")
-    say = print if opensir.dist_env()[0] == 0 else (lambda *a, **k: None)  # under torchrun, rank 0 speaks
+    rank, world = opensir.dist_env()
+    say = print if rank == 0 else (lambda *a, **k: None)  # under torchrun, rank 0 speaks
     if path != args.model:
         say(f"{args.model}: evaluating its newest checkpoint, {path}")
     trained = run_config(path)
@@ -398,10 +399,10 @@ def main(argv: Optional[list] = None) -> dict:
     settings["prompt"] = opensir.STUDENT_PROMPT
     if os.path.isfile(out) or (os.path.exists(out) and not os.access(out, os.W_OK)):
         sys.exit(f"eval.py: --out {out} is a file or cannot be written; choose another --out")
-    if opensir.dist_env()[0] == 0:  # rank 0 alone writes OUT: a second eval into it would interleave samples
+    if rank == 0:  # rank 0 alone writes OUT: a second eval into it would interleave samples
         opensir.lock_out(out)
     try:
-        done = read_samples(samples_path, repair=opensir.dist_env()[0] == 0)  # an eval stopped before its first sample left nothing to protect
+        done = read_samples(samples_path, repair=rank == 0)  # an eval stopped before its first sample left nothing to protect
     except ValueError as err:
         sys.exit(f"eval.py: {err}")
     if done and not args.resume:
@@ -420,7 +421,6 @@ def main(argv: Optional[list] = None) -> dict:
     # Under torchrun (WORLD_SIZE > 1) the chunks are dealt out to the ranks in turn (chunk c to rank c mod N);
     # each wave of N chunks is gathered to rank 0, which appends it in chunk order: the same samples.jsonl
     # as one process, because every chunk is seeded from (--seed, c) alone, whoever generates it.
-    rank, world = opensir.dist_env()
     if world > 1 and todo:
         import datetime
         import torch
