@@ -1,11 +1,13 @@
-"""The evaluation answer checker: is a predicted final answer the gold one?
+"""Answer strings and the evaluation answer checker: is a predicted final answer the gold one?
 
-eval.py scores benchmarks with answers_equal. Training never calls it: its vote key is
-opensir.normalize_answer (string work only). This module shares that clean-up and adds structure
-(tuples, intervals, sets, matrices), exact numbers, and sympy for what is left.
+Plumbing beside opensir.py; a first reading can skip it. Two parts: the answer strings training uses
+(final_answer reads a completion's last \\boxed{}, normalize_answer is the vote key, string work only),
+then the evaluation checker: eval.py scores benchmarks with answers_equal, which shares that clean-up
+and adds structure (tuples, intervals, sets, matrices), exact numbers, and sympy for what is left.
+Training never calls answers_equal.
 
 Model outputs can be anything, so: the whole comparison runs under a time budget (SIGALRM); the
-string work is linear in the input (opensir's clean-up collapses white space first and uses no
+string work is linear in the input (the clean-up collapses white space first and uses no
 pattern that can backtrack; answers over MAX_ANSWER_CHARS are equal only to the same text); exact
 big-number arithmetic, which runs in C where no alarm reaches it, is bounded before sympy starts
 (_small); and no exception leaves answers_equal.
@@ -19,7 +21,186 @@ import time
 from fractions import Fraction
 from typing import Optional
 
-from opensir import MAX_ANSWER_CHARS, _clean_parts, _parse_number
+
+# ================================================================================================
+# Answer strings: the final answer of a completion, and the training vote key
+# ================================================================================================
+# normalize_answer is the training vote key: string work only (cheap, deterministic), so `1/2`, `\dfrac12` and
+# `0.5` land on one key. The evaluation checker below (used by eval.py) builds on the same
+# clean-up and adds structure, exact numbers and symbolic algebra; training never needs it.
+# Students write anything, so every step here is linear in the input: runs of white space are first
+# collapsed to one space, no pattern repeats a group whose matches can overlap, and an answer longer
+# than MAX_ANSWER_CHARS gets no key (no real final answer is that long: the longest gold of the five
+# benchmarks has 993 characters).
+MAX_ANSWER_CHARS = 2000
+_MAX_NUMBER_CHARS = 1000  # a longer "number" is compared as text (int() refuses over 4,300 digits)
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*")
+_BARE_BOX = re.compile(r"[^\s${}]+")
+
+
+def extract_boxed(text: str, last: bool = False) -> Optional[str]:
+    """Content of the first (or last) \\boxed{...} / \\fbox{...} with balanced braces, or None.
+    Also takes the brace-less `\\boxed 5` form (one token). One pass over the text: the matching
+    brace of every `{` is found with a stack, so unclosed boxes cost nothing extra."""
+    starts = [m.end() for m in _BOX.finditer(text)]
+    if not starts:
+        return None
+    closes, stack = {}, []
+    for m in re.finditer(r"\\[\\{}]|[{}]", text[starts[0]:]):  # `\{ \}` are printed braces (`\\` a break)
+        if m.group()[0] == "\\":
+            continue
+        if m.group() == "{":
+            stack.append(m.start() + starts[0])
+        elif stack:
+            closes[stack.pop()] = m.start() + starts[0]
+    for i in (reversed(starts) if last else starts):
+        if i < len(text) and text[i] == "{":
+            if i in closes:
+                return text[i + 1:closes[i]]
+        else:
+            m = _BARE_BOX.match(text, i)
+            if m:
+                return m.group(0)
+    return None
+
+
+def final_answer(completion: str) -> Optional[str]:
+    """The answer a completion gives: its last \\boxed{} (the authors' math-verify `first_match`
+    takes the right-most match), so a solution that corrects itself is read at its end. Training's
+    vote and eval.py both read answers here."""
+    return extract_boxed(completion, last=True)
+
+
+_UNIT_WORD = re.compile(  # a unit or currency word, dropped after a number; one word, no repetition
+    r"(?:sq|square|cubic)?(?:units?|cm|mm|km|m|meters?|metres?|inch(?:es)?|in|feet|foot|ft|"
+    r"yards?|miles?|mph|kg|g|grams?|pounds?|lbs?|ounces?|oz|liters?|litres?|gallons?|ml|l|seconds?|"
+    r"s|sec|minutes?|mins?|hours?|hrs?|h|days?|weeks?|months?|years?|dollars?|cents?|usd|euros?|"
+    r"degrees?|deg|radians?|rad|percent|students?|people|persons?|men|women|children|boys|girls|"
+    r"apples?|books?|cookies?|eggs?|marbles?|pages?|points?|ways?|times|items?|pieces?|coins?|"
+    r"cars?|trees?|balls?)\.?(?:\^\{?\d\}?)?|sq|square|cubic", re.I)
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname|rm)\s*\{([^{}]*)\}")
+_TEXT_UNIT_TAIL = re.compile(r"([\d}).])\s?" + _TEXT_CMD.pattern + r"\s?(\^\{?\d\}?)?\s?$")
+_SPACING = re.compile(r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])|"
+                      r"(?<!\\)\\[,;:! ]|\\q?quad|\\displaystyle|\\mathstrut|~")
+_NAME = r"[a-zA-Z](?:_\w|_\{[^{}]*\})?(?:\s?\(\s?[a-zA-Z]\s?\))?"  # x, y_2, a_{n}, f(x)
+_NAMED = re.compile(r"(" + _NAME + r")\s?(?:=|\\in)\s?(.+)")
+_NAME_RE = re.compile(_NAME)
+
+
+def _clean(ans: Optional[str], units: bool = True) -> str:
+    """String clean-up shared by the vote key and the checker; returns a space-free string."""
+    return _clean_parts(ans, units)[1]
+
+
+def _clean_parts(ans: Optional[str], units: bool = True) -> tuple[str, str]:
+    """(name, answer): `y_2 = x e^x` -> ("y_2", "xe^x"), and `x e^x = y_2` the same; name "" when
+    the answer is not named. units=False keeps trailing words and \\text{} (to compare `37/4 m` with
+    `37/4m` as written). ("", "") for an answer over MAX_ANSWER_CHARS."""
+    if ans is None:
+        return "", ""
+    s = str(ans)
+    if "\\boxed" in s or "\\fbox" in s:
+        s = extract_boxed(s, last=True) or s
+    s = " ".join(s.split())  # one space per run: from here no pattern can backtrack over spaces
+    if len(s) > MAX_ANSWER_CHARS:
+        return "", ""
+    s = re.sub(r"\\[\[\]()]", "", s)  # \( \) \[ \] math delimiters
+    s = s.replace("\\$", "").replace("$", "")  # math mode and currency
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = " ".join(_SPACING.sub(" ", s).split())
+    s = s.replace("{,}", ",").replace("\\%", "%").replace("\u2212", "-").replace("\u03c0", "\\pi ")
+    s = s.replace("\u221e", "\\infty ").replace("\u00d7", "\\times ").replace("\u221a", "\\sqrt")
+    s = re.sub(r"\^\s?\{?\s?\\circ\s?\}?|\\circ|\u00b0|\\degree", "", s)  # degrees
+    s = re.sub(r"^\s*[\u20ac\u00a3\u00a5]", "", s)  # other currencies (\$ went above)
+    if units:  # a trailing \text{unit} after a number goes, and plain unit words after a plain number
+        m = _TEXT_UNIT_TAIL.search(s)
+        if m and not re.search(r"\d", m.group(2)):
+            s = s[:m.start() + 1]
+        s = _strip_unit_words(s)
+    s = _TEXT_CMD.sub(lambda t: t.group(1), s)  # any other \text{} is unwrapped
+    s = s.strip().rstrip(".").strip()
+    # `x = 5`, `f(x) = 2x`, `x \in [1,2]`: a lone variable on the left names the answer, it is not
+    # part of it (so `y = 2x + 3` meets `2x + 3`; `x + y = 1` stays an equation). On the right it
+    # names it too: `5 = x` is `x = 5`.
+    name = ""
+    m = _NAMED.fullmatch(s)
+    if m and "=" not in m.group(2):
+        name, s = m.group(1), m.group(2)
+    elif s.count("=") == 1:
+        left, right = s.split("=")
+        if left.strip() and left.rstrip()[-1] not in "<>!:" and _NAME_RE.fullmatch(right.strip()):
+            name, s = right, left  # (not in `a <= b`)
+    name = re.sub(r"[\s{}]", "", name)
+    s = re.sub(r"\s+", "", s)
+    if re.fullmatch(r"\(\w\)", s):  # multiple-choice letter `(C)`
+        s = s[1]
+    return name, s
+
+
+def _strip_unit_words(s: str) -> str:
+    """`1000 dollars` -> `1000`, `5 sq ft` -> `5`: trailing unit words go when a number is left."""
+    words = s.split(" ")
+    k = len(words)
+    while k > 1 and _UNIT_WORD.fullmatch(words[k - 1]):
+        k -= 1
+    if k < len(words) and _parse_number("".join(words[:k])) is not None:
+        return " ".join(words[:k])
+    return s
+
+
+def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool, int]]:
+    """(value, written as a decimal?, a percent?, decimal places) for a plain number in a cleaned
+    string: integers, `1,000`, decimals, `4.5e33`, `4.5\\times10^{33}`, `a/b`, `\\frac{a}{b}`,
+    `\\frac ab`, mixed `1\\frac{4}{5}`, a trailing `%`; None for anything else, and for strings over
+    _MAX_NUMBER_CHARS."""
+    if len(s) > _MAX_NUMBER_CHARS:
+        return None
+    pct = s.endswith("%")
+    s = s.rstrip("%")
+    sign = -1 if s.startswith("-") else 1
+    if s[:1] in ("-", "+"):
+        s = s[1:]
+    if re.fullmatch(r"\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:e([-+]?\d+)|(?:\\times|\\cdot|\*)10\^\{?([-+]?\d+)\}?)?", s)
+    if m:
+        exp = int(m.group(2) or m.group(3) or 0)
+        if abs(exp) > 400:  # keep Fraction arithmetic small
+            return None
+        dec = "." in m.group(1) or m.group(2) is not None or m.group(3) is not None
+        places = max(0, len(m.group(1).partition(".")[2]) - exp)
+        return sign * Fraction(m.group(1)) * Fraction(10) ** exp, dec, pct, places
+    m = (re.fullmatch(r"(\d+)?\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(\d+)?\\frac(\d)(\d)", s)
+         or re.fullmatch(r"()(-?\d+)/(-?\d+)", s) or re.fullmatch(r"()\\frac\{(-?\d+)\}(\d)", s)
+         or re.fullmatch(r"()\\frac(\d)\{(-?\d+)\}", s))
+    if m and int(m.group(3)) != 0:
+        whole = int(m.group(1) or 0)  # `1\frac{4}{5}` is the mixed number 9/5 (MATH's convention)
+        return sign * (whole + Fraction(int(m.group(2)), int(m.group(3)))), False, pct, 0
+    return None
+
+
+def normalize_answer(ans: Optional[str]) -> Optional[str]:
+    """Canonical string used as the vote key: equal keys mean the same answer. Numbers become the
+    exact fraction `p/q`: 0.5, 1/2 and \\dfrac12 all give `1/2`; `50\\%` gives `50` (answers to
+    "what percent" usually drop the sign). Other answers: the cleaned, space-free LaTeX.
+    String work only (no symbolic algebra), linear time: this runs for every training sample. None (no vote)
+    for an empty answer, one over MAX_ANSWER_CHARS, and anything the clean-up cannot read."""
+    try:
+        s = _clean(ans)
+        if not s:
+            return None
+        num = _parse_number(s)
+        if num is not None:
+            v = num[0]
+            return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+        return s
+    except Exception:  # never expected (a ValueError, a RecursionError): one bad answer must not end training
+        return None
+
+
+# ================================================================================================
+# The evaluation checker
+# ================================================================================================
 
 
 def _split_top(s: str, seps: tuple[str, ...] = (",",)) -> list[str]:

@@ -64,7 +64,7 @@ BENCHMARKS = {b.name: b for b in [
     Benchmark("gsm8k", "question", "answer", _gsm8k_gold, f"{QWEN}/gsm8k/test.jsonl"),
     Benchmark("math500", "problem", "answer", lambda r: r["answer"],
               "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"),
-    Benchmark("minerva_math", "problem", "solution", lambda r: opensir.extract_boxed(r["solution"], last=True),
+    Benchmark("minerva_math", "problem", "solution", lambda r: checker.extract_boxed(r["solution"], last=True),
               f"{QWEN}/minerva_math/test.jsonl"),
     Benchmark("olympiadbench", "question", "final_answer", _olympiad_gold, f"{QWEN}/olympiadbench/test.jsonl"),
     Benchmark("college_math", "question", "answer", lambda r: r["answer"], f"{QWEN}/college_math/test.jsonl"),

@@ -15,7 +15,7 @@ import checker
 import eval as ev
 import opensir as O
 from checker import answers_equal
-from opensir import extract_boxed, final_answer, normalize_answer
+from checker import extract_boxed, final_answer, normalize_answer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -225,7 +225,7 @@ def test_vote_key_of_degenerate_answers():
     assert normalize_answer("9" * 1500) == "9" * 1500  # too long to be read as a number: kept as text
     assert normalize_answer("9" * 4400) is None  # over MAX_ANSWER_CHARS (and int()'s limit): no vote, no error
     assert normalize_answer("{" * 1000 + "1" + "}" * 1000) is None  # over MAX_ANSWER_CHARS: no vote
-    assert normalize_answer("x" * (O.MAX_ANSWER_CHARS + 1)) is None
+    assert normalize_answer("x" * (checker.MAX_ANSWER_CHARS + 1)) is None
     assert normalize_answer("5 = x") == normalize_answer("x = 5") == "5"
 
 
