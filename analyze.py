@@ -566,9 +566,9 @@ def main(argv: Optional[list] = None) -> dict:
         if not os.path.exists(os.path.join(run, "problems.jsonl")):
             raise SystemExit(f"{run}: no problems.jsonl (is it the --out directory of an opensir.py run?)")
     if args.frozen_model:
-        import opensir as O
-        if O.model_name_error(args.frozen_model):
-            raise SystemExit(O.model_name_error(args.frozen_model))
+        import models
+        if models.model_name_error(args.frozen_model):
+            raise SystemExit(models.model_name_error(args.frozen_model))
     os.makedirs(args.out, exist_ok=True)
     runs = [analyse_run(run, args) for run in args.runs]
     figs = make_figures(runs, args.out)

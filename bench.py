@@ -25,6 +25,8 @@ import time
 
 import torch
 
+import engines
+import models
 import opensir as O
 
 # Peak memory bandwidth (bytes/s) by a substring of torch.cuda.get_device_name(); --bandwidth_tbs overrides.
@@ -45,7 +47,7 @@ PAPER_STEPS, PAPER_TEACHER_SAMPLES, PAPER_STUDENT_SAMPLES = 200, 16 * 4 * 8, 16 
 
 def build(name: str, device: str, seed: int):
     """(model, tokenizer) with random weights, built on the device directly (no CPU detour for 3B)."""
-    if name in O.ARCHITECTURES:
+    if name in models.ARCHITECTURES:
         with torch.device(device if device == "cuda" else "cpu"):
             return O.load_model(name, device=device, random_init=True, seed=seed)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -53,9 +55,9 @@ def build(name: str, device: str, seed: int):
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0  # synthetic_tokenizer's
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=O.compute_dtype(torch.device(device)),
+    model = AutoModelForCausalLM.from_config(config, dtype=models.compute_dtype(torch.device(device)),
                                              attn_implementation="sdpa")
-    return model.to(device).eval(), O.synthetic_tokenizer(config.vocab_size)
+    return model.to(device).eval(), models.synthetic_tokenizer(config.vocab_size)
 
 
 def length_spread_eos(model, tokenizer, mean_len: int) -> list:
@@ -129,7 +131,7 @@ def bench_model(name: str, args) -> list:
     rows, ok = [], []
     for engine in args.engines:
         try:
-            O.resolve_engine(engine, model)
+            engines.resolve_engine(engine, model)
         except ValueError as err:
             print(f"  {engine}: refused: {err}")
             rows.append(dict(model=name, engine=engine, refused=str(err)))
@@ -218,13 +220,13 @@ def main(argv=None) -> list:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.engines = args.engines.split(",")
-    models = args.models.split(",") if args.models else (
-        ["smoke"] if args.smoke else ["cpu-29m"] if args.device == "cpu" else list(O.ARCHITECTURES)[:2])
+    names = args.models.split(",") if args.models else (
+        ["smoke"] if args.smoke else ["cpu-29m"] if args.device == "cpu" else list(models.ARCHITECTURES)[:2])
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"bench.py {' '.join(argv) if argv else ''}: torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}, rounds {args.rounds}")
-    rows = [r for m in models for r in bench_model(m, args)]
+    rows = [r for m in names for r in bench_model(m, args)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import opensir as O
+import runs
 import tiny as T
 
 SETTINGS = {  # name: (temperature, top_k, top_p)
@@ -221,12 +222,12 @@ def opensir_run(seed: int, variant: str, args, problems: list, log) -> dict:
     if os.path.exists(os.path.join(out_dir, "config.json")):
         flags.append("--resume")  # finish an interrupted run; a finished one is only evaluated
     cfg = O.config_from_args(flags)
-    if not os.path.exists(O.checkpoint_dir(out_dir, args.steps)):
+    if not os.path.exists(runs.checkpoint_dir(out_dir, args.steps)):
         O.train(cfg)
     model, tok = O.load_model("toy", device="cpu", dtype="fp32")
     evals = {0: evaluate(model, tok, problems, args.eval_samples, args.max_new_tokens, args.eval_seed)}
     for step in range(args.eval_every, args.steps + 1, args.eval_every):
-        ckpt = O.checkpoint_dir(out_dir, step)
+        ckpt = runs.checkpoint_dir(out_dir, step)
         if os.path.exists(ckpt):
             model, tok = O.load_model(ckpt, device="cpu", dtype="fp32")
             evals[step] = evaluate(model, tok, problems, args.eval_samples, args.max_new_tokens, args.eval_seed)

@@ -86,7 +86,7 @@ def min_blocks(prompt_lens: list, max_new_tokens: int) -> int:
     return math.ceil((max(prompt_lens) + max_new_tokens) / PAGE_TOKENS) + 1
 
 
-def _is_oom_text(text: str) -> bool:
+def is_oom_text(text: str) -> bool:
     return "out of memory" in text.lower() or "memoryerror" in text.lower() or "memory footprint" in text.lower()
 
 
@@ -145,7 +145,7 @@ def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int)
         todo = [i for i in todo if out[i] is None]
         if not todo:
             break
-        oom = any(_is_oom_text(e) for e in errors)
+        oom = any(is_oom_text(e) for e in errors)
         if not oom or blocks <= floor:  # not a budget problem, or no smaller budget fits one request
             hint = (" transformers saw no memory at all: on CPU it reads it with psutil (pip install psutil)."
                     if "available memory 0" in " ".join(errors) else "")
@@ -210,3 +210,35 @@ def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> l
     fatal = manager.background_thread_status.fatal_error
     return [(list(results[i].generated_tokens), None) if i in results and results[i].error is None
             else (None, str(results[i].error) if i in results else f"no result ({fatal})") for i in ids]
+
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# The two generation engines (--engine). "continuous" is transformers' own continuous batching
+# (engines.py): a finished sequence's slot goes to a waiting one instead of idling until its batch's
+# longest member ends. "auto" picks per device, by measurement (README, "Generation engines"); on CUDA
+# `generate` until a GPU has measured the two side by side.
+ENGINES = {"generate": "HF model.generate, padded batches of --gen_batch",
+           "continuous": "transformers continuous batching, paged KV cache (engines.py)"}
+
+
+AUTO_ENGINE = {"cpu": "continuous", "cuda": "generate"}
+
+
+def resolve_engine(engine: str, model) -> str:
+    """The engine that runs `model`: "auto" by device, falling back to `generate` where the continuous
+    engine would change the model's distribution (Gemma-2's soft-capping); asked for, that is an error."""
+    if engine == "generate" or (engine == "auto" and AUTO_ENGINE.get(model.device.type) != "continuous"):
+        return "generate"
+    refusal = softcap_refusal(model)
+    if refusal and engine == "continuous":
+        raise ValueError(refusal)
+    return "generate" if refusal else "continuous"
+
+
+def progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not desc)

@@ -30,7 +30,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import checker
+import engines
+import models
 import opensir
+import parallel
+import runs
 
 # ================================================================================================
 # Benchmarks: where the problem and the gold answer live in each public copy
@@ -110,7 +114,7 @@ class Problem:
 
 
 def default_cache_dir() -> str:
-    return os.path.join(opensir.cache_root(), "benchmarks")  # beside the tiny model: one cache root
+    return os.path.join(models.cache_root(), "benchmarks")  # beside the tiny model: one cache root
 
 
 def download(url: str, dest: str, timeout: float = 60.0) -> None:
@@ -147,7 +151,7 @@ def load_benchmark(name: str, path: str, limit: Optional[int] = None) -> list[Pr
     """Problems with their gold answers; any malformed line is an error naming file and line."""
     b = BENCHMARKS[name]
     problems = []
-    for where, row in opensir.jsonl_objects(path):
+    for where, row in runs.jsonl_objects(path):
         missing = [k for k in (b.problem_field, b.gold_field) if k not in row]
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing} ({name} needs "
@@ -286,7 +290,7 @@ def read_samples(path: str, repair: bool = True) -> list[dict]:
 def model_path(name: str) -> str:
     """An opensir.py run directory (one holding ckpt-NNNNN directories) stands for its newest complete
     checkpoint (state.pt is written last); anything else is passed on as given."""
-    ckpts = opensir.checkpoints(name) if os.path.isdir(name) else []
+    ckpts = runs.checkpoints(name) if os.path.isdir(name) else []
     if not ckpts:
         return name
     done = [d for d in ckpts if os.path.exists(os.path.join(d, "state.pt"))]
@@ -331,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a run of one), that run's student budget (opensir.SMALL_MODEL_DEFAULTS). Reasoning models (DeepSeek-R1-Distill, Qwen3) think "
                    "at length: the paper's later version gives them 38912")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
-    p.add_argument("--engine", default="auto", choices=["auto", *opensir.ENGINES],
+    p.add_argument("--engine", default="auto", choices=["auto", *engines.ENGINES],
                    help="generation engine (as opensir.py --engine); 'auto': by device")
     p.add_argument("--kv-cache-gib", type=float, default=0.0, help="cap on the continuous engine's KV cache")
     p.add_argument("--device", default="auto")
@@ -358,7 +362,7 @@ def main(argv: Optional[list] = None) -> dict:
         path = model_path(args.model)
     except ValueError as err:
         sys.exit(f"eval.py: {err}")
-    rank, world = opensir.dist_env()
+    rank, world = parallel.dist_env()
     say = print if rank == 0 else (lambda *a, **k: None)  # under torchrun, rank 0 speaks
     if path != args.model:
         say(f"{args.model}: evaluating its newest checkpoint, {path}")
@@ -371,8 +375,8 @@ def main(argv: Optional[list] = None) -> dict:
     if not (math.isfinite(args.temperature) and args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
         sys.exit("eval.py: need a finite --temperature > 0, --top-p in (0, 1] and --top-k >= 0 (0: off); got "
                  f"{args.temperature}, {args.top_p}, {args.top_k}")
-    if opensir.model_name_error(model_path(args.model)):
-        sys.exit(f"eval.py: {opensir.model_name_error(model_path(args.model))}")
+    if models.model_name_error(model_path(args.model)):
+        sys.exit(f"eval.py: {models.model_name_error(model_path(args.model))}")
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:
@@ -385,7 +389,7 @@ def main(argv: Optional[list] = None) -> dict:
             n, benchmark_file(n, args.data_dir, args.cache_dir, not args.no_download), args.limit)]
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"eval.py: {err}")
-    unreachable = opensir.hub_error(opensir.MODELS.get(path, path))
+    unreachable = models.hub_error(models.MODELS.get(path, path))
     if unreachable:  # before transformers spends ~30 s retrying a hub it cannot reach
         sys.exit(f"eval.py: {unreachable}")
 
@@ -400,7 +404,7 @@ def main(argv: Optional[list] = None) -> dict:
     if os.path.isfile(out) or (os.path.exists(out) and not os.access(out, os.W_OK)):
         sys.exit(f"eval.py: --out {out} is a file or cannot be written; choose another --out")
     if rank == 0:  # rank 0 alone writes OUT: a second eval into it would interleave samples
-        opensir.lock_out(out)
+        runs.lock_out(out)
     try:
         done = read_samples(samples_path, repair=rank == 0)  # an eval stopped before its first sample left nothing to protect
     except ValueError as err:
@@ -425,7 +429,7 @@ def main(argv: Optional[list] = None) -> dict:
         import datetime
         import torch
         import torch.distributed as dist
-        cuda = opensir.pick_device(args.device).type == "cuda"
+        cuda = models.pick_device(args.device).type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=1800))
@@ -436,7 +440,7 @@ def main(argv: Optional[list] = None) -> dict:
     if todo:
         model, tok = opensir.load_model(model_path(args.model), device=args.device, dtype=args.dtype)
         try:
-            say(f"engine: {opensir.resolve_engine(args.engine, model)}")
+            say(f"engine: {engines.resolve_engine(args.engine, model)}")
         except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
             sys.exit(f"eval.py: {err}")
         from tqdm.auto import tqdm
@@ -454,7 +458,7 @@ def main(argv: Optional[list] = None) -> dict:
                                              args.top_k, args.top_p, args.batch_size, engine=args.engine,
                                              kv_cache_gib=args.kv_cache_gib)
                     for (p, k), c in zip(chunk, comps):
-                        ans = opensir.final_answer(c.text)  # the last \boxed{}, as math-verify's first_match
+                        ans = checker.final_answer(c.text)  # the last \boxed{}, as math-verify's first_match
                         ok = score_answer(ans, p.gold, f"{p.benchmark} problem {p.id} sample {k}")
                         rows.append({
                             "benchmark": p.benchmark, "id": p.id, "sample": k, "completion": c.text,

@@ -18,11 +18,8 @@ Read top to bottom; the sections follow one round of the algorithm:
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import errno
 import json
-import math
 import os
 import random
 import re
@@ -35,6 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cli
+import engines
+import models
+import parallel
+import runs
 from checker import extract_boxed, final_answer, normalize_answer
 
 # ================================================================================================
@@ -49,7 +51,7 @@ class Config:
 
     # run
     recipe: str = "code"  # preset applied under your flags: "code" (authors' released code) or "paper" (v3/v4 text); see RECIPES
-    model: str = "tiny"  # short name (see MODELS), hub id, local path, or "tiny" (built in-process)
+    model: str = "tiny"  # short name (see models.MODELS), hub id, local path, or "tiny" (built in-process)
     out: str = "runs/opensir"  # output directory: checkpoints, metrics.jsonl, problems.jsonl
     resume: bool = False  # continue from the latest checkpoint in --out
     resume_from: str = ""  # continue from this checkpoint of --out (an older one, when the newest is damaged)
@@ -115,77 +117,22 @@ class Config:
     train_micro_batch: int = 4  # sequences per forward/backward
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no full-vocab tensor for the batch)
     grad_ckpt: bool = True  # gradient checkpointing (on cuda)
-    random_init: bool = False  # random weights from the architecture in MODELS (no download)
-    engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache); "auto": AUTO_ENGINE by device
+    random_init: bool = False  # random weights from the architecture in models.MODELS (no download)
+    engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache); "auto": engines.AUTO_ENGINE by device
     kv_cache_gib: float = 0.0  # cap on the continuous engine's KV cache in GiB (0: sized from free memory)
     # several processes (torchrun --nproc_per_node N): rounds of a step shared out across N ranks
     dist_timeout: int = 1800  # seconds a rank waits for the others at a collective before the run stops (a rank that died)
     train_teacher: bool = True  # False: the frozen-teacher ablation (teacher groups get no gradient)
     fsdp: bool = False  # torchrun only: shard fp32 weights, gradients and AdamW state over the ranks (FSDP2); generation and reference stay whole per rank
 
-    def validate(self) -> None:
-        """Reject contradictory settings before any model loads."""
-        errors = []
-        if not 0.0 <= self.band_lo <= self.band_hi <= 1.0:
-            errors.append(f"need 0 <= band_lo <= band_hi <= 1, got {self.band_lo}, {self.band_hi}")
-        for name in ("teacher_group", "student_group"):
-            if getattr(self, name) < 2:
-                errors.append(f"--{name} must be >= 2 (a group of one has no variance), got {getattr(self, name)}")
-        for name in ("n_refs", "rounds_per_step", "updates_per_rollout", "steps", "save_every",
-                     "teacher_max_new_tokens", "student_max_new_tokens", "len_cap", "div_topk",
-                     "gen_batch", "train_micro_batch", "logprob_chunk"):
-            if getattr(self, name) < 1:
-                errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("w_solv", "w_div", "w_len", "w_teacher_format", "w_correct", "w_student_format",
-                     "beta", "clip_eps", "lr", "init_pool_size", "warmup_steps", "max_grad_norm", "threads"):
-            if getattr(self, name) < 0:
-                errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            errors.append("--temperature must be > 0 (log-probs are divided by it)")
-        if not 0 < self.top_p <= 1:
-            errors.append(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.loss_agg not in LOSS_AGGS:
-            errors.append(f"--loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
-        errors += recipe_errors(self)  # the recipe fields: RECIPES, below
-        if self.div_embed not in ("center", "raw"):
-            errors.append(f"--div_embed must be 'center' or 'raw', got {self.div_embed!r}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            errors.append(f"--dtype must be auto, bf16 or fp32, got {self.dtype!r}")
-        if self.engine not in ("auto", *ENGINES):
-            errors.append(f"--engine must be auto or one of {tuple(ENGINES)}, got {self.engine!r}")
-        if self.kv_cache_gib < 0:
-            errors.append(f"--kv_cache_gib must be >= 0, got {self.kv_cache_gib}")
-        if self.device not in ("auto", "cuda", "cpu"):
-            errors.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
-        errors += input_errors(self)  # NaN and infinity in any float field, --seed, --seed_problem, --init_pool
-        if model_name_error(self.model, self.random_init):
-            errors.append(model_name_error(self.model, self.random_init))
+    def validate(self, given: Optional[dict] = None) -> None:
+        """Refuse a bad setting before any model loads: CHOICES, BOUNDS and config_rules below, and what no
+        setting may be (cli.value_errors: NaN, an unknown model, an unreadable --init_pool). `given`, the
+        flags typed, also refuses a flag that the other settings would ignore (NEEDS)."""
+        errors = cli.table_errors(self, CHOICES, BOUNDS) + config_rules(self, given) + cli.value_errors(self)
         if errors:
             raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
-
-LOSS_AGGS = ("token", "sequence", "role", "constant")
-
-
-def input_errors(cfg: Config) -> list:
-    """What no setting may be, whatever the recipe: a float that is NaN or infinite (every comparison
-    with NaN is false, so range checks alone let it through), a seed numpy refuses, a blank seed
-    problem, a starting-pool file that does not parse."""
-    errors = [f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-              if f.type == "float" and not math.isfinite(getattr(cfg, f.name))]
-    if not 0 <= cfg.seed < 2**32:
-        errors.append(f"--seed must be in [0, 2**32), got {cfg.seed}")
-    for name, lo in (("top_k", 0), ("init_pool_max_rounds", 1), ("init_pool_min_chars", 0)):
-        if getattr(cfg, name) < lo:
-            errors.append(f"--{name} must be >= {lo}, got {getattr(cfg, name)}")
-    if not cfg.seed_problem.strip():
-        errors.append("--seed_problem is blank: the pool needs one problem to grow from")
-    if cfg.init_pool:
-        try:
-            read_init_pool(cfg.init_pool)
-        except ValueError as err:
-            errors.append(str(err))
-    return errors
 
 # The tiny model is for reading the code run on a laptop: same loop, smaller numbers. Applied only
 # to fields the user did not set on the command line; printed at start.
@@ -211,54 +158,48 @@ RECIPES = {
                   student_format="boxed", select_key="total", select_scope="step", warmup_steps=20,
                   start_pool="seed"),
 }
-RECIPE_CHOICES = dict(solve_rate_over=("parsed", "group"), tent_floor=("band", "group"), div_mode=("topk", "nearest"),
-                      teacher_format=("think", "tags"), student_format=("final_line", "boxed"),
-                      select_key=("combined", "total"), select_scope=("round", "step"), start_pool=("grow", "seed"))
+# What each field may be, written once, next to the fields; cli.table_errors applies them and names the
+# flag in each message. A bound is ">= x", "> x" or an interval "[a, b]", "(a, b]", "[a, b)".
+CHOICES = dict(
+    recipe=tuple(RECIPES), solve_rate_over=("parsed", "group"), tent_floor=("band", "group"),
+    div_mode=("topk", "nearest"), teacher_format=("think", "tags"), student_format=("final_line", "boxed"),
+    select_key=("combined", "total"), select_scope=("round", "step"), start_pool=("grow", "seed"),
+    loss_agg=("token", "sequence", "role", "constant"), div_embed=("center", "raw"), dtype=("auto", "bf16", "fp32"),
+    engine=("auto", *engines.ENGINES), device=("auto", "cuda", "cpu"))
+BOUNDS = {
+    **dict.fromkeys(("teacher_group", "student_group"), ">= 2"),  # a group of one has no variance
+    **dict.fromkeys(("n_refs", "rounds_per_step", "updates_per_rollout", "steps", "save_every", "teacher_max_new_tokens",
+                     "student_max_new_tokens", "len_cap", "div_topk", "gen_batch", "train_micro_batch",
+                     "logprob_chunk", "init_pool_max_rounds", "dist_timeout"), ">= 1"),
+    **dict.fromkeys(("w_solv", "w_div", "w_len", "w_teacher_format", "w_correct", "w_student_format", "beta",
+                     "clip_eps", "lr", "init_pool_size", "warmup_steps", "max_grad_norm", "threads", "top_k",
+                     "init_pool_min_chars", "kv_cache_gib"), ">= 0"),
+    **dict.fromkeys(("band_lo", "band_hi"), "[0, 1]"),
+    **dict.fromkeys(("top_p", "select_teacher_frac", "select_student_frac"), "(0, 1]"),
+    "temperature": "> 0",  # log-probs are divided by it
+    "seed": "[0, 4294967296)",  # what numpy accepts
+}
+# A flag that only acts under another setting: typing it without that setting is refused, not ignored.
+NEEDS = {"select_teacher_frac": ("select_scope", "step"), "select_student_frac": ("select_scope", "step"),
+         "div_topk": ("div_mode", "topk"), "init_pool_size": ("start_pool", "grow"),
+         "init_pool_max_rounds": ("start_pool", "grow"), "init_pool_min_chars": ("start_pool", "grow")}
 
 
-def recipe_errors(values, given: Optional[dict] = None) -> list:
-    """What is wrong with the recipe fields of a config (a Config, or a dict field -> value), one message
-    per flag. `given` (the flags the user typed) also catches flags that the chosen settings would ignore."""
-    values = values if isinstance(values, dict) else vars(values)
-    errors, recipe = [], values["recipe"]
-    if recipe not in RECIPES:
-        errors.append(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-    for name, choices in RECIPE_CHOICES.items():
-        if values[name] not in choices:
-            errors.append(f"--{name} must be one of {', '.join(choices)}, got {values[name]!r}")
-    for name in ("select_teacher_frac", "select_student_frac"):
-        if not 0 < values[name] <= 1:  # also false for NaN
-            errors.append(f"--{name} must be in (0, 1], got {values[name]}")
-    if values["start_pool"] == "seed" and values["init_pool"]:
-        errors.append(f"--init_pool {values['init_pool']} loads a starting pool, but --start_pool is 'seed' "
-                      f"(recipe {recipe!r}): pass --start_pool grow to use the file")
-    ignored = {"select_teacher_frac": ("select_scope", "step"), "select_student_frac": ("select_scope", "step"),
-               "div_topk": ("div_mode", "topk"), "init_pool_size": ("start_pool", "grow"),
-               "init_pool_max_rounds": ("start_pool", "grow"), "init_pool_min_chars": ("start_pool", "grow")}
-    for name, (field_name, needed) in ignored.items():
-        if given and name in given and values[field_name] != needed:
-            errors.append(f"--{name} has no effect with --{field_name} {values[field_name]} "
-                          f"(recipe {recipe!r}); pass --{field_name} {needed} as well, or drop --{name}")
+def config_rules(cfg: Config, given: Optional[dict] = None) -> list:
+    """The rules that tie fields together, one message each."""
+    errors = []
+    if cfg.band_lo > cfg.band_hi:
+        errors.append(f"need band_lo <= band_hi, got {cfg.band_lo}, {cfg.band_hi}")
+    if not cfg.seed_problem.strip():
+        errors.append("--seed_problem is blank: the pool needs one problem to grow from")
+    if cfg.start_pool == "seed" and cfg.init_pool:
+        errors.append(f"--init_pool {cfg.init_pool} loads a starting pool, but --start_pool is 'seed' "
+                      f"(recipe {cfg.recipe!r}): pass --start_pool grow to use the file")
+    for name, (other, needed) in NEEDS.items():
+        if given and name in given and getattr(cfg, other) != needed:
+            errors.append(f"--{name} has no effect with --{other} {getattr(cfg, other)} (recipe {cfg.recipe!r}); "
+                          f"pass --{other} {needed} as well, or drop --{name}")
     return errors
-
-
-def recipe_preset(given: dict) -> dict:
-    """The --recipe preset's values for the fields that neither your flags nor the tiny model's smaller
-    defaults set (so a tiny run keeps no warm-up). Prints the recipe; a bad recipe flag stops here
-    (SystemExit naming the flag), before any model loads."""
-    recipe = given.get("recipe", Config.recipe)
-    if recipe not in RECIPES:
-        raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-    small = SMALL_MODEL_DEFAULTS.get(given.get("model", Config.model), {})
-    preset = {k: v for k, v in RECIPES[recipe].items()  # only what differs from Config's defaults
-              if k not in given and k not in small and v != getattr(Config, k)}
-    values = {**{f.name: f.default for f in dataclasses.fields(Config)}, **small, **preset, **given}
-    errors = recipe_errors(values, given)
-    if errors:
-        raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
-    print(f"recipe {recipe}: " + ", ".join(f"{k}={values[k]}" for k in RECIPE_FIELDS)
-          + (f" (your flags: {', '.join(k for k in RECIPE_FIELDS if k in given)})" if set(given) & set(RECIPE_FIELDS) else ""))
-    return preset
 
 
 # ================================================================================================
@@ -527,31 +468,6 @@ def pad_batch(seqs: list, pad_id: int, left: bool = False) -> tuple:
     return ids, mask
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-# The two generation engines (--engine). "continuous" is transformers' own continuous batching
-# (engines.py): a finished sequence's slot goes to a waiting one instead of idling until its batch's
-# longest member ends. "auto" picks per device, by measurement (README, "Generation engines"); on CUDA
-# `generate` until a GPU has measured the two side by side.
-ENGINES = {"generate": "HF model.generate, padded batches of --gen_batch",
-           "continuous": "transformers continuous batching, paged KV cache (engines.py)"}
-AUTO_ENGINE = {"cpu": "continuous", "cuda": "generate"}
-
-
-def resolve_engine(engine: str, model) -> str:
-    """The engine that runs `model`: "auto" by device, falling back to `generate` where the continuous
-    engine would change the model's distribution (Gemma-2's soft-capping); asked for, that is an error."""
-    if engine == "generate" or (engine == "auto" and AUTO_ENGINE.get(model.device.type) != "continuous"):
-        return "generate"
-    import engines  # beside this file; only the continuous engine needs it
-    refusal = engines.softcap_refusal(model)
-    if refusal and engine == "continuous":
-        raise ValueError(refusal)
-    return "generate" if refusal else "continuous"
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, batch_size: int, desc: str = "", min_new_tokens: int = 0, engine: str = "generate",
@@ -565,10 +481,9 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # template has BOS
     out: list = [None] * len(prompts)
-    if resolve_engine(engine, model) == "continuous":
+    if engines.resolve_engine(engine, model) == "continuous":
         if min_new_tokens:
             raise ValueError("--engine continuous has no min_new_tokens (transformers drops that processor)")
-        import engines  # beside this file; only the continuous engine needs it
         gen = engines.generate_continuous(model, encoded, eos_ids, max_new_tokens, temperature, top_k, top_p,
                                           greedy=greedy, kv_cache_gib=kv_cache_gib, log=print, desc=desc)
         for i, g in enumerate(gen):
@@ -576,7 +491,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
             out[i] = Completion(encoded[i], ids, tokenizer.decode(ids, skip_special_tokens=True), truncated)
         return out
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    bar = _progress(total=len(prompts), desc=desc)
+    bar = engines.progress(total=len(prompts), desc=desc)
     pos = 0
     while pos < len(order):
         idx = order[pos: pos + batch_size]
@@ -590,7 +505,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_ids,
                 pad_token_id=pad_id, use_cache=True)
         except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _is_oom(err) or batch_size == 1:
+            if not engines.is_oom(err) or batch_size == 1:
                 raise
             batch_size = max(1, batch_size // 2)
             torch.cuda.empty_cache()
@@ -603,11 +518,6 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         pos += len(idx)
     bar.close()
     return out
-
-
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not desc)
 
 
 # ================================================================================================
@@ -876,157 +786,13 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: Option
 # 9. Models and checkpoints
 # ================================================================================================
 
-MODELS = {  # short names -> hub ids; any hub id or local directory works too
-    "gemma-2-2b-it": "google/gemma-2-2b-it",
-    "llama-3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
-    "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
-}
 
-# The architectures behind the short names, written down so `--random_init` can build any of them
-# with random weights and no download: enough to measure memory and speed before fetching weights.
-ARCHITECTURES = {
-    "gemma-2-2b-it": dict(
-        model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
-        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6,
-        rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
-        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True),
-    "llama-3.2-3b-instruct": dict(
-        model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
-        num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
-        hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192), tie_word_embeddings=True),
-    "qwen2.5-1.5b-instruct": dict(
-        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-        num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, hidden_act="silu",
-        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        tie_word_embeddings=True),
-}
+PROMPTS = (teacher_prompt, student_prompt)  # what the built-in tiny and toy models learn to answer (tiny.py)
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no GPU (use --device cpu)")
-    return torch.device(device)
-
-
-def compute_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    """bf16 on GPU (Gemma-2 is unstable in fp16), fp32 on CPU."""
-    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
-        return torch.float32
-    return torch.bfloat16
-
-
-def model_name_error(name: str, random_init: bool = False) -> Optional[str]:
-    """Why `name` cannot name a model, or None. Checked before anything loads."""
-    if random_init:
-        return None if name in ARCHITECTURES else (
-            f"--random_init builds the architectures of {', '.join(ARCHITECTURES)}, not {name!r}")
-    if name in ("tiny", "toy") or name in MODELS or os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return None
-    return (f"unknown model {name!r}. Short names: {', '.join(['tiny', 'toy', *MODELS])}. "
-            "Or pass a hub id (org/name) or the path of a local directory holding a saved model.")
-
-
-def hub_error(path: str) -> Optional[str]:
-    """For a hub id not in the local cache, why it cannot be fetched now (offline mode, or no route to
-    the hub), in one sentence: transformers would spend ~30 s retrying and end in a long traceback."""
-    if os.path.isdir(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        return None
-    import socket
-    from urllib.parse import urlparse
-    from huggingface_hub import constants, try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(path, "config.json"), str):
-        return None
-    fix = (f"download it on a machine with access (`hf download {path} --local-dir DIR`), copy DIR here "
-           "and pass DIR instead of the hub id")
-    if constants.HF_HUB_OFFLINE:
-        return f"{path} is neither a local directory nor in the local hub cache, and HF_HUB_OFFLINE is set: {fix}"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # a proxy decides what is reachable; let transformers try
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=10).close()
-    except OSError as err:
-        return f"{path} is neither a local directory nor in the local hub cache, and {url.hostname} cannot be reached ({err}): {fix}"
-    return None
-
-
-def resolve_model(name: str) -> str:
-    """Short name -> hub id; "tiny" -> its cache directory (built on first use); else as given."""
-    if model_name_error(name):
-        raise ValueError(model_name_error(name))
-    if name == "tiny":
-        import tiny  # the toy model's builder lives beside this file; only --model tiny needs it
-        return tiny.ensure_tiny_model()
-    if name == "toy":
-        import tiny
-        return tiny.ensure_toy_model()
-    return MODELS.get(name, name)
-
-
-def attention_for(model_type: str, attn: str = "auto") -> str:
-    """Gemma-2 soft-caps its attention logits; SDPA kernels drop the cap, eager attention keeps it."""
-    if attn != "auto":
-        return attn
-    return "eager" if model_type.startswith("gemma2") else "sdpa"
-
-
-def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer with exactly `vocab_size` entries and a chat template, for random weights."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
-                                  eos_token="<eos>", unk_token="<unk>")
-    tok.add_special_tokens({"additional_special_tokens": ["<user>", "<assistant>"]})
-    tok.chat_template = ("<bos>{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos>{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant> {% endif %}")
-    return tok
-
-
-def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", attn: str = "auto",
-               random_init: bool = False, seed: int = 0):
-    """(model, tokenizer) on the device, in eval mode. dtype "fp32" for trained (master) weights."""
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    dev = pick_device(device)
-    torch_dtype = compute_dtype(dev, dtype)
-    if random_init:
-        if model_name_error(name_or_path, random_init=True):
-            raise ValueError(model_name_error(name_or_path, random_init=True))
-        arch = dict(ARCHITECTURES[name_or_path])
-        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0  # synthetic_tokenizer's
-        tokenizer = synthetic_tokenizer(config.vocab_size)
-        torch.manual_seed(seed)  # the same seed gives the same "initial weights" (policy and reference)
-        with torch.device(dev):  # initialised where it runs: 2-3 B random weights take minutes on a CPU
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
-    else:
-        path = resolve_model(name_or_path)
-        unreachable = hub_error(path)
-        if unreachable:
-            raise OSError(unreachable)
-        try:
-            config = AutoConfig.from_pretrained(path)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype, attn_implementation=attention_for(config.model_type, attn))
-        except (OSError, ValueError, SafetensorError) as err:  # missing or damaged files, no network, not a model
-            hint = ("Its files may be damaged or incomplete (for a checkpoint, use an older one)." if os.path.isdir(path)
-                    else "If this machine is offline, download the model elsewhere and pass its local directory.")
-            raise OSError(f"could not load {path!r}: {(str(err).strip().splitlines() or [''])[0]}\n{hint}") from err
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(dev).eval(), tokenizer
+def load_model(name_or_path: str, **kwargs):
+    """models.load_model: (model, tokenizer) on the device, in eval mode; builds --model tiny or toy on PROMPTS."""
+    return models.load_model(name_or_path, prompts=PROMPTS, **kwargs)
 
 
 @torch.no_grad()
@@ -1067,60 +833,6 @@ class Pool:
         return {"problems": self.problems, "concepts": self.concepts, "embeddings": self.embeddings}
 
 
-def jsonl_objects(path: str, label: str = "", expected: str = "a JSON object"):
-    """(where, row) for each non-blank line of a JSONL file, `where` naming the file and line; a line
-    that is not a JSON object is a ValueError that says where and what was `expected`. Lazy: a large
-    file streams."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{label}{path}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected {expected}")
-            yield where, row
-
-
-def read_init_pool(path: str) -> list:
-    """--init_pool rows: one JSON object a line with a non-blank "problem" and optional "concepts" (a
-    list of strings), as init_pool.jsonl is written. Anything else is an error naming file and line."""
-    rows = []
-    try:
-        expected = 'a JSON object with a non-blank "problem" string'
-        for where, row in jsonl_objects(path, "--init_pool ", expected):
-            if not isinstance(row.get("problem"), str) or not row["problem"].strip():
-                raise ValueError(f"{where}: expected {expected}")
-            concepts = row.get("concepts", [])
-            if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
-                raise ValueError(f'{where}: "concepts" must be a list of strings')
-            rows.append({"problem": row["problem"], "concepts": concepts})
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"--init_pool {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
-    if not rows:
-        raise ValueError(f"--init_pool {path} holds no problems; pass a JSONL of problems or leave "
-                         "--init_pool out to grow the starting pool")
-    return rows
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -1131,77 +843,6 @@ def round_seed(seed: int, step: int, rnd: int) -> int:
     """The seed of one round of training: a function of (seed, step, round) alone, so the round samples
     the same whichever rank plays it and however many ranks there are, and a resume needs no RNG state."""
     return int(np.random.SeedSequence([seed, step, rnd]).generate_state(1)[0])
-
-
-def checkpoint_dir(out: str, step: int) -> str:
-    return os.path.join(out, f"ckpt-{step:05d}")
-
-
-def checkpoints(out: str) -> list:
-    """Every ckpt-NNNNN directory in out, oldest first (complete or not)."""
-    if not os.path.isdir(out):
-        return []
-    return sorted(os.path.join(out, d) for d in os.listdir(out)
-                  if re.fullmatch(r"ckpt-\d{5}", d) and os.path.isdir(os.path.join(out, d)))
-
-
-def checkpoint_step(path: str) -> int:
-    return int(os.path.basename(os.path.normpath(path))[5:])
-
-
-def latest_checkpoint(out: str) -> Optional[str]:
-    """The newest checkpoint that can be resumed: complete (state.pt is written last) and holding
-    optimizer.pt."""
-    done = [d for d in checkpoints(out) if all(os.path.exists(os.path.join(d, f)) for f in ("state.pt", "optimizer.pt"))]
-    return done[-1] if done else None
-
-
-def load_pt(path: str):
-    """torch.load with an error that names the file and what to do, instead of a pickle traceback."""
-    try:
-        return torch.load(path, weights_only=False)
-    except Exception as err:  # truncated zip, unpickling errors, I/O errors: all mean a damaged file
-        why = (str(err).splitlines() or [""])[0][:160]
-        raise SystemExit(f"{path} is damaged or unreadable ({type(err).__name__}: {why}). Continue from an older "
-                         f"checkpoint with --resume_from {os.path.join(os.path.dirname(os.path.dirname(path)) or '.', 'ckpt-NNNNN')}, "
-                         "or start a new --out.") from None
-
-
-def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler, pool: Pool,
-                    rng: dict, cfg: Config, full: Optional[tuple] = None) -> str:
-    """Model and tokenizer by save_pretrained (loadable by transformers and eval.py), optimizer.pt, and
-    state.pt with the rest an exact resume needs. Older checkpoints keep their weights and state but
-    drop optimizer.pt: AdamW state is twice the fp32 weights, and only the newest is resumed from.
-    A save that fails (a full disk) removes its half-written directory, so --resume finds the last good one.
-    full: --fsdp's gathered (model, optimizer) state dicts, written in place of the sharded objects'."""
-    import shutil
-    path = checkpoint_dir(out, step)
-    if os.path.exists(os.path.join(path, "state.pt")):
-        os.remove(os.path.join(path, "state.pt"))  # overwriting: incomplete until the new state.pt lands
-    try:
-        policy.save_pretrained(path, **({"state_dict": full[0]} if full else {}))
-        tokenizer.save_pretrained(path)
-        state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
-                 "config": dataclasses.asdict(cfg)}
-        for obj, name in ((full[1] if full else optimizer.state_dict(), "optimizer.pt"), (state, "state.tmp")):
-            with open(os.path.join(path, name), "wb") as f:  # a Python file: a full disk is ENOSPC, not basic_ios
-                torch.save(obj, f)
-        os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
-    except (OSError, RuntimeError) as err:
-        shutil.rmtree(path, ignore_errors=True)
-        full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2**26
-        raise OSError(errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
-                      f"could not save checkpoint {path}" + (" (disk full)" if full else f" ({err})")) from err
-    for d in checkpoints(out):
-        old = os.path.join(d, "optimizer.pt")
-        if d != path and os.path.exists(old):
-            os.remove(old)
-    return path
-
-
-def cache_root() -> str:
-    """Where the project keeps what it builds or downloads: $OPENSIR_CACHE, else ~/.cache/opensir."""
-    return os.environ.get("OPENSIR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "opensir")
 
 
 # ================================================================================================
@@ -1219,175 +860,13 @@ def cache_root() -> str:
 # touches torch.distributed.
 
 
-def dist_env() -> tuple:
-    """(rank, world size) from torchrun's environment; (0, 1) for a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def dist_errors(cfg: Config) -> list:
-    """What torchrun's N and the config cannot be together (checked before any model loads)."""
-    _, world = dist_env()
-    errors = []
-    if cfg.rounds_per_step % world:
-        errors.append(f"--rounds_per_step {cfg.rounds_per_step} cannot be shared out over {world} processes "
-                      f"(torchrun --nproc_per_node x --nnodes = {world}): pass a --rounds_per_step that "
-                      f"{world} divides, or start a number of processes that divides {cfg.rounds_per_step}")
-    if cfg.dist_timeout < 1:
-        errors.append(f"--dist_timeout must be >= 1 second, got {cfg.dist_timeout}")
-    if cfg.fsdp and world == 1:
-        errors.append("--fsdp shards the training state over torchrun's processes: start the run with "
-                      "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
-    if cfg.fsdp and not hasattr(torch.nn.utils, "clip_grads_with_norm_"):
-        errors.append(f"--fsdp needs a newer torch than {torch.__version__} (FSDP2 with summed gradients and "
-                      "sharded clipping; tested on 2.13): upgrade torch, or drop --fsdp")
-    return errors
-
-
-def _dist():
-    """torch.distributed when this run has several processes, else None."""
-    import torch.distributed as dist
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def rank() -> int:
-    return _dist().get_rank() if _dist() else 0
-
-
-def dist_init(cfg: Config) -> None:
-    """Join torchrun's process group (gloo on CPU, nccl on GPUs; only when WORLD_SIZE > 1), then refuse
-    a config that differs across ranks (another flag on another node)."""
-    import datetime
-    import hashlib
-    import torch.distributed as dist
-    rk, world = dist_env()
-    if world == 1 or dist.is_initialized():
-        return
-    cuda = pick_device(cfg.device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" below means this rank's GPU
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-    digest = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in CONFIG_RUN_ONLY},
-                                       sort_keys=True).encode()).hexdigest()
-    digests = dist_call("all_gather_object", [None] * world, digest)
-    if len(set(digests)) > 1:
-        bad = [r for r, d in enumerate(digests) if d != digests[0]]
-        raise SystemExit(f"rank {rk}: ranks {bad} were started with a config other than rank 0's; start every "
-                         "node with the same flags")
-
-
-def dist_call(name: str, *args):
-    """One collective of torch.distributed, with a clear message when it fails: another rank died, or did
-    not arrive within --dist_timeout. all_gather_object and broadcast_object_list return their list."""
-    dist = _dist()
-    try:
-        getattr(dist, name)(*args)
-    except (RuntimeError, ValueError) as err:  # DistBackendError (a peer closed its socket), timeouts
-        raise SystemExit(f"rank {dist.get_rank()}: {name} failed: another rank stopped or did not arrive "
-                         f"within --dist_timeout ({(str(err).splitlines() or [''])[0][:200]})") from None
-    return args[0] if name.endswith("_object") or name.endswith("_object_list") else None
-
-
-def _slim(c: Candidate) -> Candidate:
-    """A candidate to send to the other ranks: without prompt tokens (they only train their own rounds)."""
-    return dataclasses.replace(c, completion=dataclasses.replace(c.completion, prompt_ids=[]),
-                               solutions=[dataclasses.replace(s, prompt_ids=[]) for s in c.solutions])
-
-
-def share_rounds(mine: dict, n_rounds: int) -> list:
-    """Every round's candidates, in round order, on every rank; a rank keeps its own rounds as they are."""
-    if _dist() is None:
-        return [mine[r] for r in range(n_rounds)]
-    parts = dist_call("all_gather_object", [None] * _dist().get_world_size(), {r: [_slim(c) for c in cs] for r, cs in mine.items()})
-    every = {r: cs for part in parts for r, cs in part.items()}
-    return [mine.get(r, every[r]) for r in range(n_rounds)]
-
-
-def same_on_every_rank(pool: Pool, policy) -> str:
-    """Check, at every checkpoint, that the ranks still hold the same pool and weights (they should by
-    construction: a difference is a bug or a broken GPU, and stops the run). Returns the pool's digest."""
-    import hashlib
-    h = hashlib.sha256(json.dumps([pool.problems, pool.concepts]).encode())
-    if pool.embeddings is not None:
-        h.update(pool.embeddings.numpy().tobytes())
-    with torch.no_grad():
-        weights = float(sum(p.double().sum() for p in policy.parameters()))  # one checksum of the weights
-    if _dist() is None:
-        return h.hexdigest()
-    seen = dist_call("all_gather_object", [None] * _dist().get_world_size(), (h.hexdigest(), weights))
-    if len(set(seen)) > 1:
-        raise SystemExit(f"rank {rank()}: the ranks' pools or weights differ (pool digest, weight sum per rank: "
-                         f"{seen}); this is a bug, please report it with the command line")
-    return h.hexdigest()
-
-
-def sum_gradients(params: list) -> None:
-    """Sum every gradient over the ranks (each rank's loss already carries its share of 1 / rounds)."""
-    if _dist() is None:
-        return
-    for p in params:
-        if p.grad is None:  # a rank none of whose sequences were selected still takes part
-            p.grad = torch.zeros_like(p)
-        dist_call("all_reduce", p.grad)
-
-
 # --fsdp: FSDP2 (fully_shard) holds 1/N of the fp32 weights, gradients and AdamW state on each rank.
 # sequence_logprobs calls the decoder and the lm_head separately (never the whole model's forward), so
 # the units are every decoder layer and, when untied, the input embedding and the lm_head; the rest (the
 # final norm; a tied embedding/lm_head, which one unit cannot serve from two call sites) stays whole on
-# every rank and is summed by sum_gradients. FSDP's reduce-scatter sums the sharded gradients (divide
+# every rank and is summed by parallel.sum_gradients. FSDP's reduce-scatter sums the sharded gradients (divide
 # factor 1). Generation and the reference use whole per-rank copies (the sampler), so only training
 # runs FSDP's collectives, and every rank runs as many passes (optimise pads).
-
-
-def shard_policy(policy) -> None:
-    """fully_shard every decoder layer and, untied, the embedding and the lm_head; gradients summed."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-    head, embed = policy.get_output_embeddings(), policy.get_input_embeddings()
-    units = [m for m in policy.get_decoder().modules() if type(m).__name__ in set(policy._no_split_modules or ())]
-    for m in units + ([embed, head] if head.weight is not embed.weight else []):
-        # every unit is its own root (no whole-model forward), and FSDP keeps a root's weights gathered
-        # after its forward unless told: reshard, or each rank holds the whole fp32 model until backward
-        fully_shard(m, reshard_after_forward=True)
-    for m in policy.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)  # each rank's loss already carries its share of 1 / rounds
-            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
-
-
-def clip_gradients(params: list, max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ over the whole model's gradient: sharded (DTensor) and whole parameters together."""
-    from torch.distributed.tensor import DTensor
-    grads = [p.grad for p in params if p.grad is not None]
-    parts = [torch.nn.utils.get_total_norm([g for g in grads if isinstance(g, DTensor) == d]) for d in (True, False)]
-    parts = [n.full_tensor() if isinstance(n, DTensor) else n for n in parts]  # DTensor: the norm over all shards
-    total = torch.sqrt(sum(n.float() ** 2 for n in parts))
-    for d in (True, False):  # foreach kernels take no mix of the two
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if isinstance(p, DTensor) == d], max_norm, total)
-    return total
-
-
-def refresh_sampler(sampler, policy) -> None:
-    """Copy the updated weights into the generation copy; with --fsdp one parameter gathered at a time."""
-    from torch.distributed.tensor import DTensor
-    full = dict(policy.named_parameters())
-    with torch.no_grad():
-        for name, ps in sampler.named_parameters():
-            pp = full[name]
-            ps.copy_(pp.full_tensor() if isinstance(pp, DTensor) else pp)
-
-
-def full_training_state(policy, optimizer) -> tuple:
-    """--fsdp: the whole model and optimizer state dicts, on rank 0's CPU (a collective: every rank calls)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(policy, options=opts), get_optimizer_state_dict(policy, optimizer, options=opts)
-
-
-def load_sharded_optimizer(policy, optimizer, path: str) -> None:
-    """--fsdp resume: every rank reads the full optimizer state and keeps its shard (any N)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(policy, optimizer, optim_state_dict=load_pt(path),
-                             options=StateDictOptions(full_state_dict=True))
 
 
 def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
@@ -1399,7 +878,7 @@ def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
 
 
 def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, timers: Counter,
-               step_pool: Optional[torch.Tensor] = None) -> list:  # step_pool: the pool before the step (div_mode nearest)
+               pool_before: Optional[torch.Tensor] = None) -> list:  # the pool's embeddings at the step's start (div_mode nearest)
     """One round of self-play: teacher writes problems, student solves them, rewards are computed.
     Returns the n_refs * g Candidates, grouped by reference (group = index into refs)."""
     sample = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.gen_batch,
@@ -1422,8 +901,8 @@ def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, 
     if legal and cfg.w_div > 0:
         for c, e in zip(legal, embed_texts(frozen, tokenizer, [c.parsed.problem for c in legal])):
             c.embedding = e
-    nearest = cfg.div_mode == "nearest" and step_pool is not None
-    score_candidates(cands, step_pool if nearest else pool.embeddings, cfg)
+    nearest = cfg.div_mode == "nearest" and pool_before is not None
+    score_candidates(cands, pool_before if nearest else pool.embeddings, cfg)
     timers["teacher_gen"] += t1 - t0
     timers["student_gen"] += t2 - t1
     timers["teacher_tokens"] += sum(len(o.ids) for o in outs)
@@ -1504,7 +983,7 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
     seed_emb = embed_texts(frozen, tokenizer, [cfg.seed_problem]) if cfg.w_div > 0 else None
     pool.add([cfg.seed_problem], [[]], seed_emb)
     if cfg.init_pool:  # a saved pool: one JSON object with a "problem" (and "concepts") per line
-        rows = read_init_pool(cfg.init_pool)  # already checked by Config.validate
+        rows = runs.read_init_pool(cfg.init_pool)  # already checked by Config.validate
         emb = embed_texts(frozen, tokenizer, [r["problem"] for r in rows]) if cfg.w_div > 0 and rows else None
         pool.add([r["problem"] for r in rows], [r.get("concepts", []) for r in rows], emb)
         log(f"starting pool: {len(rows)} problems from {cfg.init_pool}")
@@ -1512,7 +991,7 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
     if cfg.init_pool_size == 0 or cfg.start_pool == "seed":  # recipe paper starts RL from the seed alone
         return pool
     kept, timers = [], Counter()
-    bar = _progress(total=cfg.init_pool_size, desc="starting pool")
+    bar = engines.progress(total=cfg.init_pool_size, desc="starting pool")
     for r in range(cfg.init_pool_max_rounds):
         if len(kept) >= cfg.init_pool_size:
             break
@@ -1525,7 +1004,7 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
     bar.close()
     log(f"starting pool: {len(kept)} of {cfg.init_pool_size} in-band problems after {r + 1} rounds"
         + ("" if len(kept) >= cfg.init_pool_size else " (stopped at --init_pool_max_rounds)"))
-    if rank() != 0:  # every rank grows the same pool (same seed); rank 0 alone writes it
+    if parallel.rank() != 0:  # every rank grows the same pool (same seed); rank 0 alone writes it
         return pool
     with open(os.path.join(cfg.out, "init_pool.jsonl"), "w") as f:
         for c in kept:
@@ -1535,7 +1014,7 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
 
 
 def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, autocast_dtype,
-             guard: Optional["StepGuard"] = None, own: Optional[list] = None) -> dict:
+             guard: Optional[runs.StepGuard] = None, own: Optional[list] = None) -> dict:
     """updates_per_rollout optimiser steps on one batch of rounds. L = mean over rounds of L_round.
     Several ranks: the weights come from all the step's rounds, each rank backpropagates only `own` (its
     rounds' sequences), and the gradients are summed across ranks before the one clip: the sum of the
@@ -1544,9 +1023,9 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
     seqs = sorted(own if own is not None else (s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
     trained = any(len(r) for r in rounds)  # the same on every rank: `rounds` holds the whole step's sequences
     batches = [seqs[i: i + cfg.train_micro_batch] for i in range(0, len(seqs), cfg.train_micro_batch)]
-    if cfg.fsdp and _dist() is not None:  # FSDP gathers in every pass: all ranks run the same number of them
+    if cfg.fsdp and parallel.active() is not None:  # FSDP gathers in every pass: all ranks run the same number of them
         most = torch.tensor([len(batches)], device=next(policy.parameters()).device)
-        dist_call("all_reduce", most, _dist().ReduceOp.MAX)
+        parallel.dist_call("all_reduce", most, parallel.active().ReduceOp.MAX)
         batches += [[TrainSeq([0], [0], [0], 0.0, "teacher")] for _ in range(int(most) - len(batches))]  # weight 0
     with torch.no_grad():  # fixed targets of this rollout: reference and (for mu > 1) old log-probs
         for mb in batches:
@@ -1579,10 +1058,10 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
             grad_norm = torch.zeros(())
         elif cfg.fsdp:  # FSDP has reduce-scattered (summed) the sharded ones; the whole ones are summed here
             from torch.distributed.tensor import DTensor
-            sum_gradients([p for p in policy.parameters() if not isinstance(p, DTensor)])
-            grad_norm = clip_gradients(list(policy.parameters()), cfg.max_grad_norm)
+            parallel.sum_gradients([p for p in policy.parameters() if not isinstance(p, DTensor)])
+            grad_norm = parallel.clip_gradients(list(policy.parameters()), cfg.max_grad_norm)
         else:
-            sum_gradients(list(policy.parameters()))
+            parallel.sum_gradients(list(policy.parameters()))
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if guard is not None:
             guard.begin()  # from the first weight update until the step is recorded, Ctrl-C waits
@@ -1591,38 +1070,16 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
         stats["grad_norm"] += float(grad_norm)
     optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next generation phase
     policy.eval()
-    if _dist() is not None:  # the step's loss, KL and clip share over every rank's tokens
+    if parallel.active() is not None:  # the step's loss, KL and clip share over every rank's tokens
         keys = ("loss", "kl_sum", "tokens", "clipped")
         total = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=next(policy.parameters()).device)
-        dist_call("all_reduce", total)
+        parallel.dist_call("all_reduce", total)
         for k, v in zip(keys, total.tolist()):
             stats[k] = v  # (Counter.update would add)
     n = cfg.updates_per_rollout
     return {"loss": stats["loss"] / n, "kl": stats["kl_sum"] / max(stats["tokens"], 1),
             "clip_frac": stats["clipped"] / max(stats["tokens"], 1), "grad_norm": stats["grad_norm"] / n,
             "lr": scheduler.get_last_lr()[0]}
-
-
-class StepGuard:
-    """Ctrl-C stops the run at once, except between a step's first weight update and the moment the
-    step is recorded: then it waits, so the checkpoint saved on exit is never half a step."""
-
-    def __init__(self):
-        self.critical = self.pending = False
-
-    def handler(self, *_):
-        if self.critical:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    def begin(self):
-        self.critical = True
-
-    def end(self):
-        self.critical = False
-        if self.pending:
-            raise KeyboardInterrupt
 
 
 def step_metrics(step: int, rounds_cands: list, rounds: list, chosen: list, pool: Pool, cfg: Config, opt: dict,
@@ -1635,8 +1092,7 @@ def step_metrics(step: int, rounds_cands: list, rounds: list, chosen: list, pool
     stud = [s for s in seqs if s.role == "student"]
     mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
     hist = np.histogram([c.solve_rate for c in legal if c.n_parsed], bins=10, range=(0, 1))[0]
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
-            else _rss_gib())
+    peak = runs.peak_memory_gib()
     return {
         "step": step, "recipe": cfg.recipe, **opt,
         "teacher/legal_rate": len(legal) / max(len(cands), 1),
@@ -1667,11 +1123,6 @@ def step_metrics(step: int, rounds_cands: list, rounds: list, chosen: list, pool
     }
 
 
-def _rss_gib() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, groups: list, students: list) -> list:
     """problems.jsonl rows: every teacher output of the round with its reference and scores."""
     rows = []
@@ -1688,180 +1139,22 @@ def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, groups: list
     return rows
 
 
-CONFIG_RUN_ONLY = {"out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
-                   "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout", "threads", "engine",
-                   "kv_cache_gib"}  # may change between a run and its resume
-
-_OUT_LOCKS: dict = {}  # real path of --out -> its open .lock file, held for the life of the process
-
-
-def lock_out(out: str) -> None:
-    """Create --out and hold an exclusive flock on OUT/.lock: a second run into the same --out refuses at
-    once. The kernel drops the lock when the process ends, however it ends, so none is ever stale."""
-    import fcntl
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"--out {out} is a file, not a directory; choose another --out")
-    try:
-        os.makedirs(out, exist_ok=True)
-        if os.path.realpath(out) in _OUT_LOCKS:
-            return
-        f = open(os.path.join(out, ".lock"), "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise SystemExit(f"another run is writing to {out} (it holds {os.path.join(out, '.lock')}). Wait "
-                             "for it to end or stop it, or choose another --out.") from None
-    except OSError as err:
-        raise SystemExit(f"--out {out} cannot be written ({err.strerror or err}); choose a writable directory") from None
-    _OUT_LOCKS[os.path.realpath(out)] = f
-
-
-def _scan_log(path: str, keep_to: Optional[int] = None) -> int:
-    """The last step logged in a metrics/problems JSONL (0 if none). A torn last line (a run killed
-    mid-append, or a full disk) is dropped with a warning; a bad line elsewhere is an error naming file
-    and line. With keep_to, the file is cut (in place: logs are appended in step order) before the torn
-    line or the first line of a later step."""
-    if not os.path.exists(path):
-        return 0
-    last, torn, cut, offset = 0, None, None, 0
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            start, offset = offset, offset + len(line)
-            if not line.strip():
-                continue
-            if torn is not None:
-                raise SystemExit(f"{path}, line {torn}: not a valid log line, and lines follow it. Fix or "
-                                 "delete that line, then resume again.")
-            try:
-                step = json.loads(line)["step"]
-                assert isinstance(step, int)
-            except (ValueError, KeyError, TypeError, AssertionError):
-                torn, cut = lineno, start if cut is None else cut
-                continue
-            last = max(last, step)
-            if keep_to is not None and step > keep_to and cut is None:
-                cut = start
-    if keep_to is not None:
-        if torn is not None:
-            print(f"warning: {path}, line {torn}: torn last line (a run killed mid-write or a full disk); dropped")
-        if cut is not None:
-            os.truncate(path, cut)
-        with open(path, "rb+") as f:  # a last line cut just before its newline: the next append needs one
-            if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
-                f.write(b"\n")
-    return last
-
-
-def prepare_out(cfg: Config) -> Optional[str]:
-    """Check --out before any model loads and return the checkpoint to resume from, if any. Refuses
-    whenever going on would drop or overwrite what an earlier run left without the user asking.
-    config.json is written only once the models have loaded, so a failed start blocks nothing."""
-    lock_out(cfg.out)
-    metrics, problems = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
-    ckpts, logged = checkpoints(cfg.out), _scan_log(metrics)
-    grown = os.path.exists(os.path.join(cfg.out, "init_pool.jsonl"))
-    names = [os.path.basename(d) for d in ckpts]
-    found = ", ".join(([f"checkpoints {names[0]} to {names[-1]}" if len(names) > 1 else f"checkpoint {names[0]}"] if names else [])
-                      + [f"steps logged up to {logged}"] * bool(logged) + ["a grown init_pool.jsonl"] * grown)
-    resume = cfg.resume or bool(cfg.resume_from)
-    cfg_path = os.path.join(cfg.out, "config.json")
-    if not found:  # nothing a run finished is here: a failed or interrupted start blocks nothing
-        if os.path.exists(cfg_path):
-            print(f"{cfg.out} holds a run that stopped before its first step; starting it afresh")
-        return None
-    if not ckpts and not cfg.resume_from:
-        raise SystemExit(f"{cfg.out} holds {found} but no checkpoint to resume from. To start over, choose "
-                         "another --out" + (f" (to reuse the grown starting pool, pass --init_pool "
-                                            f"{os.path.join(cfg.out, 'init_pool.jsonl')})" if grown else "") + ".")
-    if not resume:
-        raise SystemExit(f"{cfg.out} already holds a run ({found}). Pass --resume to continue it, or choose "
-                         "another --out.")
-    if os.path.exists(cfg_path):
-        try:
-            saved = json.load(open(cfg_path))
-        except ValueError as err:
-            raise SystemExit(f"{cfg_path} is damaged ({err}); restore it or choose another --out") from None
-        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in CONFIG_RUN_ONLY and saved.get(k) != v}
-        if diff:
-            raise SystemExit(f"{cfg.out} holds a run with a different config; refusing to touch it. "
-                             "Differences (saved, now): " + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items()))
-    if cfg.resume_from:
-        path = cfg.resume_from if os.path.isdir(cfg.resume_from) else os.path.join(cfg.out, cfg.resume_from)
-        if not (os.path.isdir(path) and os.path.samefile(os.path.dirname(os.path.abspath(path)), cfg.out)
-                and re.fullmatch(r"ckpt-\d{5}", os.path.basename(os.path.normpath(path)))):
-            raise SystemExit(f"--resume_from {cfg.resume_from}: not a checkpoint directory of --out {cfg.out} "
-                             f"(found: {found})")
-        if not os.path.exists(os.path.join(path, "state.pt")):
-            raise SystemExit(f"--resume_from {path}: no state.pt, so it cannot be resumed; pick an older checkpoint")
-        step = checkpoint_step(path)
-        import shutil
-        for d in checkpoints(cfg.out):  # kept under another name: nothing is overwritten or lost
-            if checkpoint_step(d) > step:
-                aside = d + f".before-resume-from-{step:05d}"
-                shutil.move(d, aside)
-                print(f"moved {d} aside to {aside}")
-        resume_from = path
-    else:
-        newest, older = ckpts[-1], [d for d in ckpts if os.path.exists(os.path.join(d, "state.pt"))]
-        missing = [f for f in ("state.pt", "optimizer.pt") if not os.path.exists(os.path.join(newest, f))]
-        if missing:
-            why = ("only the newest checkpoint keeps optimizer.pt, so a newer one was deleted or its save was cut off"
-                   if missing == ["optimizer.pt"] else "deleted, or a save that was cut off")
-            offer = (f"To continue from the newest checkpoint with state.pt, pass --resume_from {older[-1]} (steps after "
-                     f"{checkpoint_step(older[-1])} are dropped from the logs and redone; newer checkpoint "
-                     "directories are moved aside, not deleted" + ("" if os.path.exists(os.path.join(
-                         older[-1], "optimizer.pt")) else "; AdamW restarts from zero moments: only the newest "
-                         "checkpoint keeps optimizer state") + ").") if older else "No checkpoint has state.pt."
-            raise SystemExit(f"--resume: the newest checkpoint {newest} has no {' and no '.join(missing)} "
-                             f"({why}), so the run cannot be resumed exactly. Found: "
-                             f"{found}. {offer}")
-        resume_from = newest
-    for p in (metrics, problems):  # steps after the checkpoint are redone
-        _scan_log(p, keep_to=checkpoint_step(resume_from))
-    return resume_from
-
-
-def train(cfg: Config) -> str:
-    """The whole method. Returns the path of the final checkpoint."""
-    cfg.validate()
-    errors = dist_errors(cfg)
-    if errors:
-        raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
-    dist_init(cfg)
-    rk, world = dist_env()
-    if rk == 0:  # one rank owns --out (its lock, the logs, the checkpoints); the others learn what it decided
-        try:
-            resume_from, why = prepare_out(cfg), None
-        except SystemExit as err:
-            resume_from, why = None, err.code
-    if world > 1:
-        resume_from, why = dist_call("broadcast_object_list", [resume_from, why] if rk == 0 else [None, None], 0)
-    if why is not None:
-        raise SystemExit(why if rk == 0 else 1)  # rank 0 says why, once
-    state = load_pt(os.path.join(resume_from, "state.pt")) if resume_from else None  # damage shows before loading
-    log = print if rk == 0 else (lambda *a, **k: None)
-    if world > 1:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not cfg.random_init:
-            resolve_model(cfg.model)  # the tiny model is built once a node, not by N processes at the same time
-        dist_call("barrier")
+def load_models(cfg: Config, resume_from: Optional[str]) -> tuple:
+    """(policy, frozen, sampler, tokenizer). policy: fp32 master weights (at lr 3e-7 a bf16 weight cannot
+    move), from the checkpoint on resume. frozen: the initial weights in the compute dtype, never trained,
+    for the KL term and the diversity embedding (None when neither is on). sampler: what generates, the
+    policy itself in fp32, else a compute-dtype copy refreshed after every update."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    cdtype = compute_dtype(device, cfg.dtype)
-    autocast_dtype = cdtype if cdtype != torch.float32 else None
     load = dict(device=cfg.device, attn=cfg.attn, seed=cfg.seed)
-
-    # policy: fp32 master weights (at lr 3e-7 a bf16 weight cannot move); frozen: the initial weights,
-    # for the KL term and the diversity embedding, in the compute dtype and never trained.
     policy, tokenizer = load_model(resume_from or cfg.model, dtype="fp32",
                                    random_init=cfg.random_init and not resume_from, **load)
     frozen = None
     if cfg.beta > 0 or cfg.w_div > 0:
         frozen, _ = load_model(cfg.model, dtype=cfg.dtype, random_init=cfg.random_init, **load)
         frozen.requires_grad_(False)
-    # sampler: the policy itself in fp32, else a compute-dtype copy refreshed after every update
+    device = models.pick_device(cfg.device)
+    cdtype = models.compute_dtype(device, cfg.dtype)
     sampler = policy
     if cdtype != torch.float32 or cfg.fsdp:  # --fsdp: the policy is sharded; generation needs it whole
         import copy
@@ -1869,63 +1162,47 @@ def train(cfg: Config) -> str:
     if device.type == "cuda" and cfg.grad_ckpt:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.fsdp:
-        shard_policy(policy)
+        parallel.shard_policy(policy)
+    return policy, frozen, sampler, tokenizer
+
+
+def make_optimizer(policy, cfg: Config) -> tuple:
+    """AdamW, and a linear warm-up reaching lr at step `warmup_steps`, then constant (lr/warmup on the first
+    step, not 0, so the first step's rollouts are not thrown away)."""
     groups = list(policy.parameters())
     if cfg.fsdp:  # sharded and whole parameters in separate groups: AdamW's foreach kernels take no mix
         from torch.distributed.tensor import DTensor
         groups = [{"params": [p for p in groups if isinstance(p, DTensor) == d]} for d in (True, False)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # linear warm-up reaching lr at step `warmup_steps`, then constant (lr/warmup on the first step,
-    # not 0, so the first step's rollouts are not thrown away)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    n_params = sum(p.numel() for p in policy.parameters())
+    return optimizer, scheduler
+
+
+def train(cfg: Config) -> str:
+    """The whole method (the paper's Algorithm 1). cfg: a validated Config (config_from_args). Returns the
+    path of the final checkpoint."""
+    run = runs.Run(cfg, PROMPTS)  # processes, --out and the checkpoint to resume: checked before loading
+    policy, frozen, sampler, tokenizer = load_models(cfg, run.resume_from)
+    optimizer, scheduler = make_optimizer(policy, cfg)
+    device = models.pick_device(cfg.device)
+    cdtype = models.compute_dtype(device, cfg.dtype)
+    autocast_dtype = cdtype if cdtype != torch.float32 else None
     try:
-        engine = resolve_engine(cfg.engine, sampler)
+        engine = engines.resolve_engine(cfg.engine, sampler)
     except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
         raise SystemExit(str(err))
-    log(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters on {device}, compute {cdtype}, "
-        f"reference model {'yes' if frozen is not None else 'no'}, engine {engine}")
+    run.log(f"model {cfg.model}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters on {device}, "
+            f"compute {cdtype}, reference model {'yes' if frozen is not None else 'no'}, engine {engine}")
 
     set_seed(cfg.seed)  # after loading: building the tiny model or initialising weights draws random numbers
-    if rk == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    metrics_path, problems_path = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
-    if resume_from:
-        opt_path = os.path.join(resume_from, "optimizer.pt")
-        if os.path.exists(opt_path) and cfg.fsdp:
-            load_sharded_optimizer(policy, optimizer, opt_path)
-        elif os.path.exists(opt_path):
-            optimizer.load_state_dict(load_pt(opt_path))
-        else:  # only an explicit --resume_from of an older checkpoint gets here
-            log(f"{resume_from} keeps no optimizer state: AdamW restarts from zero moments")
-        scheduler.load_state_dict(state["scheduler"])
-        pool = Pool(**state["pool"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        log(f"resumed from {resume_from} at step {start}, pool of {len(pool.problems)}")
-    else:
-        for p in (metrics_path, problems_path) if rk == 0 else ():
-            open(p, "w").close()
-        pool = grow_starting_pool(sampler, frozen, tokenizer, cfg, log)
-        if world > 1:  # every rank grew it alike; rank 0's copy makes the pools identical to the bit
-            pool = Pool(**dist_call("broadcast_object_list", [pool.state()], 0)[0])
-        start = 0
-    if world > 1:
-        log(f"{world} processes: rounds {cfg.rounds_per_step // world} per rank per step")
+    start, saved_pool = run.start(policy, optimizer, scheduler)  # on resume: optimizer, scheduler, RNG
+    if saved_pool is not None:
+        pool = Pool(**saved_pool)
+    else:  # every rank grew it alike; rank 0's copy makes the pools identical to the bit
+        pool = Pool(**parallel.broadcast(grow_starting_pool(sampler, frozen, tokenizer, cfg, run.log).state()))
 
-    # the state at the end of the last completed step: what Ctrl-C saves
-    completed, snapshot, pool_len = start, rng_state(), len(pool.problems)
-    final, guard = None, StepGuard()
-    import signal
-    # under torchrun, Ctrl-C reaches every rank (torchrun passes SIGINT on): rank 0 saves the last completed
-    # step and exits, and torchrun then stops the others, which ignore it
-    old_handler = signal.signal(signal.SIGINT, guard.handler if rk == 0 else signal.SIG_IGN)
-    per = cfg.rounds_per_step // world
-    mine = range(rk * per, (rk + 1) * per)  # this rank's rounds of every step
-    try:
+    with run.interrupts(start, policy, sampler, tokenizer, optimizer, scheduler, pool) as guard:
         for step in range(start + 1, cfg.steps + 1):
             timers, t_step = Counter(), time.perf_counter()
             # Every round of the step draws its references from, and compares diversity with, the pool as
@@ -1935,106 +1212,39 @@ def train(cfg: Config) -> str:
             # which rank played the rounds before it, and 1 and N processes run the same rollouts. Recipe
             # code's diversity is thus against the step-start pool plus the round's own candidates; recipe
             # paper's "pool before this step" is the same pool.
-            step_pool = pool.embeddings
+            pool_before = pool.embeddings
             played, rounds_refs = {}, []
             for rnd in range(cfg.rounds_per_step):
                 set_seed(round_seed(cfg.seed, step, rnd))  # references and sampling: (seed, step, round) alone
                 refs = [random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)]
                 rounds_refs.append([pool.problems[r] for r in refs])
-                if rnd in mine:
-                    played[rnd] = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers, step_pool)
-            rounds_cands = share_rounds(played, cfg.rounds_per_step)  # every round, on every rank
+                if rnd in run.mine:  # this rank's share of the rounds
+                    played[rnd] = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers, pool_before)
+            rounds_cands = parallel.share_rounds(played, cfg.rounds_per_step)  # every round, on every rank
             for cands in rounds_cands:
                 add_to_pool(pool, cands, cfg)
-            rounds, chosen, own = training_batch(rounds_cands, tokenizer, cfg, mine)
-            rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
-                    for row in problem_rows(step, rnd, refs, cands, groups if cfg.train_teacher else [], studs)]
+
+            rounds, chosen, own = training_batch(rounds_cands, tokenizer, cfg, run.mine)  # selection, advantages
             t0 = time.perf_counter()
             opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard, own)
             if sampler is not policy:
-                refresh_sampler(sampler, policy)
+                parallel.refresh_sampler(sampler, policy)
             timers["train"] += time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
-            m = {**step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, opt, timers), "ranks": world}  # sec/, tok_per_sec/: rank 0's
-            if rk == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                with open(problems_path, "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
-            log(f"step {step}/{cfg.steps} | teacher R {m['teacher/reward']:.3f} legal {m['teacher/legal_rate']:.0%}"
-                f" | student R {m['student/reward']:.3f} | solve {m['solve_rate/mean']:.2f} in-band "
-                f"{m['solve_rate/in_band']:.0%} | pool {m['pool']} | loss {m['loss']:+.4f} kl {m['kl']:.2e} "
-                f"gnorm {m['grad_norm']:.3f} | {timers['step']:.1f}s")
-            completed, snapshot, pool_len = step, rng_state(), len(pool.problems)
-            guard.end()
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                if world > 1:
-                    log(f"pool {same_on_every_rank(pool, sampler if cfg.fsdp else policy)[:12]} and weights identical on all {world} ranks")
-                full = full_training_state(policy, optimizer) if cfg.fsdp else None  # gathered on rank 0
-                if rk == 0:  # every rank holds the same weights, optimizer state and pool; one writes them
-                    final = save_checkpoint(cfg.out, step, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg, full)
-                if world > 1:
-                    dist_call("barrier")
-    except KeyboardInterrupt:
-        pool.truncate(pool_len)  # drop problems of the unfinished step; weights are still `completed`'s
-        if cfg.fsdp and latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, completed):
-            log(f"\ninterrupted: with --fsdp one rank cannot gather the sharded state, so step {completed} is not "
-                f"saved; --resume continues from {latest_checkpoint(cfg.out) or 'the start'}")
-        elif latest_checkpoint(cfg.out) != checkpoint_dir(cfg.out, completed):
-            path = save_checkpoint(cfg.out, completed, policy, tokenizer, optimizer, scheduler, pool, snapshot, cfg)
-            log(f"\ninterrupted: saved {path}; continue with --resume")
-        else:
-            log(f"\ninterrupted: step {completed} is already saved in {checkpoint_dir(cfg.out, completed)}; "
-                "continue with --resume")
-        raise SystemExit(130)
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
-    if _dist() is not None:
-        _dist().destroy_process_group()
-    return final or latest_checkpoint(cfg.out)
+
+            rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
+                    for row in problem_rows(step, rnd, refs, cands, groups if cfg.train_teacher else [], studs)]
+            run.log_step(step, step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, opt, timers), rows)
+            run.end_step(step)  # what Ctrl-C saves from now; a checkpoint every --save_every
+    return run.finish()
 
 
 # --- command line: generated from Config, help text from its field comments ----------------------
 
-def _field_help() -> dict:
-    import inspect
-    src = inspect.getsource(Config)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=]+=[^#\n]*#(.*)$", src, re.M)}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="OpenSIR self-play training (arXiv 2511.00602). Every flag is "
-                                "a Config field; --snake_case and --kebab-case both work.")
-    helps = _field_help()
-    types = {"int": int, "float": float, "str": str}
-    for f in dataclasses.fields(Config):
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        if f.type == "bool":
-            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{helps.get(f.name, '')} (default: {f.default})")
-        else:
-            p.add_argument(*names, type=types[f.type], default=None, metavar=f.type.upper(),
-                           help=f"{helps.get(f.name, '')} (default: {f.default})")
-    return p
-
-
-def config_from_args(argv: Optional[list] = None) -> Config:
-    """Flags the user set win; then, for --model tiny, TINY_DEFAULTS (smaller numbers); then the --recipe
-    preset (RECIPES, see recipe_preset); then Config's defaults."""
-    args = vars(build_parser().parse_args(argv))
-    given = {k: v for k, v in args.items() if v is not None}
-    given = {**recipe_preset(given), **given}  # the preset fills what you and the tiny defaults leave open
-    model = given.get("model", Config.model)
-    defaults = SMALL_MODEL_DEFAULTS.get(model, {})
-    tiny = {k: v for k, v in defaults.items() if k not in given}
-    if tiny:
-        print(f"{model} model defaults (override with flags): " + ", ".join(f"{k}={v}" for k, v in tiny.items()))
-    return Config(**{**tiny, **given})
-
 
 def main(argv: Optional[list] = None) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
-    if dist_env()[0]:  # under torchrun: one set of progress bars (rank 0's); the bars import tqdm.auto.tqdm
+    if parallel.dist_env()[0]:  # under torchrun: one set of progress bars (rank 0's); the bars import tqdm.auto.tqdm
         import tqdm.auto
 
         class Quiet(tqdm.auto.tqdm):
@@ -2042,10 +1252,6 @@ def main(argv: Optional[list] = None) -> None:
                 super().__init__(*args, **{**kwargs, "disable": True})
         tqdm.auto.tqdm = Quiet
     cfg = config_from_args(argv)
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise SystemExit(str(err))
     try:
         train(cfg)
     except KeyboardInterrupt:  # before the first step (loading, starting pool): there is nothing to save
@@ -2056,7 +1262,12 @@ def main(argv: Optional[list] = None) -> None:
             raise
         raise SystemExit(f"disk full while writing {err.filename or cfg.out} ({err.strerror}). Free some space, "
                          f"then continue with --resume (the newest complete checkpoint: "
-                         f"{latest_checkpoint(cfg.out)}).") from None
+                         f"{runs.latest_checkpoint(cfg.out)}).") from None
+
+
+def config_from_args(argv: Optional[list] = None) -> Config:
+    """The Config of a command line (cli.config_from_args: flags > small-model defaults > recipe > defaults)."""
+    return cli.config_from_args(argv, Config, RECIPES, RECIPE_FIELDS, SMALL_MODEL_DEFAULTS)
 
 
 if __name__ == "__main__":

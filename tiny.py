@@ -1,6 +1,7 @@
 """The built-in tiny model behind `--model tiny`: a toy Llama and its tokenizer, built in-process.
 
-opensir.py imports this module only when `--model tiny` is asked for; nothing here is part of the method.
+models.py imports this module only when `--model tiny` or `toy` is asked for; nothing here is part of the
+method. The prompts the models learn to answer and the cache directory come from the caller.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Optional
 
 import torch
 
-from opensir import cache_root, chat, pad_batch, student_prompt, teacher_prompt
 
 # `--model tiny` runs the real loop on a laptop with no download. A randomly initialised model would
 # never write a legal problem or a \boxed{} answer, so every round would be empty; instead we build a
@@ -60,7 +60,7 @@ def _tiny_problem(rng: random.Random) -> tuple:
     ])
 
 
-def _tiny_examples(rng: random.Random) -> list:
+def _tiny_examples(rng: random.Random, prompts: tuple) -> list:
     """One teacher and one student example, as (user text, assistant completion) pairs."""
     ref = ("What is 1+1?", None, None, ["addition"]) if rng.random() < 0.2 else _tiny_problem(rng)
     new = _tiny_problem(rng)
@@ -72,6 +72,7 @@ def _tiny_examples(rng: random.Random) -> list:
     teacher = ((think if style >= 0.1 else "") + f"<problem>{new[0]}</problem>"
                + (concepts if style < 0.9 else f"\n<concepts>{new[3][0][:4]}</concepts>"))
     student = "\n".join(new[1]) + f"\nTherefore, the final answer is: $\\boxed{{{new[2]}}}$"
+    teacher_prompt, student_prompt = prompts
     return [(teacher_prompt(ref[0]), teacher), (student_prompt(new[0]), student)]
 
 
@@ -98,30 +99,35 @@ def _tiny_tokenizer(texts: list):
 
 def _tiny_batch(seqs: list, pad_id: int) -> tuple:
     """Right-padded (input_ids, attention_mask, labels); labels are -100 except on completion tokens."""
-    ids, mask = pad_batch([p + c for p, c in seqs], pad_id)
+    from torch.nn.utils.rnn import pad_sequence
+    ids = pad_sequence([torch.tensor(p + c) for p, c in seqs], batch_first=True, padding_value=pad_id)
+    mask = pad_sequence([torch.ones(len(p) + len(c), dtype=torch.long) for p, c in seqs], batch_first=True)
     labels = torch.full_like(ids, -100)
     for i, (p, c) in enumerate(seqs):
         labels[i, len(p): len(p) + len(c)] = torch.tensor(c)
     return ids, mask, labels
 
 
-def build_tiny_model(path: str, seed: int = 0) -> None:
+def build_tiny_model(path: str, prompts: tuple, seed: int = 0) -> None:
     """Build a tiny model + tokenizer, teach it the two output formats, save_pretrained to path.
+    prompts: the (teacher_prompt, student_prompt) functions of opensir.py, whose outputs it learns to answer.
     Deterministic given the seed; leaves the caller's RNG and thread settings as they were."""
-    _build(path, seed, _tiny_examples, TINY_ARCH, TINY_TRAIN)
+    _build(path, seed, _tiny_examples, TINY_ARCH, TINY_TRAIN, prompts)
 
 
-def _build(path: str, seed: int, examples, arch: dict, hp: dict) -> None:
-    """Shared by the tiny and the toy model: examples(rng) gives (user text, completion) pairs."""
+def _build(path: str, seed: int, examples, arch: dict, hp: dict, prompts: tuple) -> None:
+    """Shared by the tiny and the toy model: examples(rng, prompts) gives (user text, completion) pairs."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     rng = random.Random(seed)
-    pairs = [p for _ in range(hp["examples"]) for p in examples(rng)]
+    pairs = [p for _ in range(hp["examples"]) for p in examples(rng, prompts)]
     # the corpus is the training text itself, chat-formatted as TINY_CHAT_TEMPLATE renders it
     tok = _tiny_tokenizer([f"<|bos|><|user|>\n{p}<|eot|>\n<|assistant|>\n{c}<|eot|>\n"
                            for p, c in pairs[:2000]])
-    prompts = tok([chat(tok, p) for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p, _ in pairs]  # as opensir.chat renders a prompt
+    prompt_ids = tok(chats, add_special_tokens=False)["input_ids"]
     completions = tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-    seqs = [(p, c + [tok.eos_token_id]) for p, c in zip(prompts, completions)]  # learn to stop
+    seqs = [(p, c + [tok.eos_token_id]) for p, c in zip(prompt_ids, completions)]  # learn to stop
     roles = [seqs[0::2], seqs[1::2]]  # teacher, student: one-role batches pad less (lengths differ)
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
@@ -157,14 +163,15 @@ def _build(path: str, seed: int, examples, arch: dict, hp: dict) -> None:
     tok.save_pretrained(path)
 
 
-def tiny_model_path(seed: int = 0) -> str:
-    """The tiny model's cache directory: <cache_root()>/tiny-v<VERSION>-seed<seed>."""
-    return os.path.join(cache_root(), f"tiny-v{TINY_VERSION}-seed{seed}")
+def tiny_model_path(root: str, seed: int = 0) -> str:
+    """The tiny model's cache directory: <root>/tiny-v<VERSION>-seed<seed> (root: models.cache_root())."""
+    return os.path.join(root, f"tiny-v{TINY_VERSION}-seed{seed}")
 
 
-def ensure_tiny_model(seed: int = 0) -> str:
+def ensure_tiny_model(prompts: tuple, root: str, seed: int = 0) -> str:
     """The tiny model's directory, built on first use."""
-    return _ensure_built(tiny_model_path(seed), build_tiny_model, seed, "tiny model (once, ~30 s)")
+    return _ensure_built(tiny_model_path(root, seed), lambda p, s: build_tiny_model(p, prompts, s), seed,
+                         "tiny model (once, ~30 s)")
 
 
 def _ensure_built(path: str, build, seed: int, what: str) -> str:
@@ -312,7 +319,7 @@ def _slipped(text: str, rung: int, rng: random.Random, p: float = TOY_SLIP) -> t
     return steps, results[-1]
 
 
-def _toy_examples(rng: random.Random) -> list:
+def _toy_examples(rng: random.Random, prompts: tuple) -> list:
     """One teacher and one student example, as (user text, assistant completion) pairs, train split only.
     The teacher writes a problem of another rung than its reference, uniformly: RL has to learn which."""
     if rng.random() < 0.2:
@@ -328,19 +335,21 @@ def _toy_examples(rng: random.Random) -> list:
                + (f"\n<concepts>{main}, {second}</concepts>" if style < 0.9 else f"\n<concepts>{main[:4]}</concepts>"))
     steps, ans = _slipped(text, rung, rng)
     student = "\n".join(steps) + f"\nTherefore, the final answer is: $\\boxed{{{ans}}}$"
+    teacher_prompt, student_prompt = prompts
     return [(teacher_prompt(ref), teacher), (student_prompt(text), student)]
 
 
-def build_toy_model(path: str, seed: int = 0) -> None:
+def build_toy_model(path: str, prompts: tuple, seed: int = 0) -> None:
     """Build the toy-world model (TOY_ARCH, TOY_TRAIN) and save_pretrained to path. Deterministic."""
-    _build(path, seed, _toy_examples, TOY_ARCH, TOY_TRAIN)
+    _build(path, seed, _toy_examples, TOY_ARCH, TOY_TRAIN, prompts)
 
 
-def toy_model_path(seed: int = 0) -> str:
-    """The toy model's cache directory: <cache_root()>/toy-v<VERSION>-seed<seed>."""
-    return os.path.join(cache_root(), f"toy-v{TOY_VERSION}-seed{seed}")
+def toy_model_path(root: str, seed: int = 0) -> str:
+    """The toy model's cache directory: <root>/toy-v<VERSION>-seed<seed> (root: models.cache_root())."""
+    return os.path.join(root, f"toy-v{TOY_VERSION}-seed{seed}")
 
 
-def ensure_toy_model(seed: int = 0) -> str:
+def ensure_toy_model(prompts: tuple, root: str, seed: int = 0) -> str:
     """The toy model's directory, built on first use (about 3 minutes on one CPU thread)."""
-    return _ensure_built(toy_model_path(seed), build_toy_model, seed, "toy-world model (once, ~3 min)")
+    return _ensure_built(toy_model_path(root, seed), lambda p, s: build_toy_model(p, prompts, s), seed,
+                         "toy-world model (once, ~3 min)")

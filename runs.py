@@ -1,0 +1,439 @@
+"""Run directories: the --out lock, the logs, checkpoints, exact resume and interrupts.
+
+Plumbing beside opensir.py; a first reading can skip it. Nothing here changes a result: a run and its
+resume give the same bytes as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import random
+import re
+from typing import Optional
+
+import numpy as np
+import torch
+
+import parallel
+from models import resolve_model
+
+
+
+def jsonl_objects(path: str, label: str = "", expected: str = "a JSON object"):
+    """(where, row) for each non-blank line of a JSONL file, `where` naming the file and line; a line
+    that is not a JSON object is a ValueError that says where and what was `expected`. Lazy: a large
+    file streams."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{label}{path}, line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected {expected}")
+            yield where, row
+
+
+def read_init_pool(path: str) -> list:
+    """--init_pool rows: one JSON object a line with a non-blank "problem" and optional "concepts" (a
+    list of strings), as init_pool.jsonl is written. Anything else is an error naming file and line."""
+    rows = []
+    try:
+        expected = 'a JSON object with a non-blank "problem" string'
+        for where, row in jsonl_objects(path, "--init_pool ", expected):
+            if not isinstance(row.get("problem"), str) or not row["problem"].strip():
+                raise ValueError(f"{where}: expected {expected}")
+            concepts = row.get("concepts", [])
+            if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
+                raise ValueError(f'{where}: "concepts" must be a list of strings')
+            rows.append({"problem": row["problem"], "concepts": concepts})
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--init_pool {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    if not rows:
+        raise ValueError(f"--init_pool {path} holds no problems; pass a JSONL of problems or leave "
+                         "--init_pool out to grow the starting pool")
+    return rows
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(out: str, step: int) -> str:
+    return os.path.join(out, f"ckpt-{step:05d}")
+
+
+def checkpoints(out: str) -> list:
+    """Every ckpt-NNNNN directory in out, oldest first (complete or not)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(os.path.join(out, d) for d in os.listdir(out)
+                  if re.fullmatch(r"ckpt-\d{5}", d) and os.path.isdir(os.path.join(out, d)))
+
+
+def checkpoint_step(path: str) -> int:
+    return int(os.path.basename(os.path.normpath(path))[5:])
+
+
+def latest_checkpoint(out: str) -> Optional[str]:
+    """The newest checkpoint that can be resumed: complete (state.pt is written last) and holding
+    optimizer.pt."""
+    done = [d for d in checkpoints(out) if all(os.path.exists(os.path.join(d, f)) for f in ("state.pt", "optimizer.pt"))]
+    return done[-1] if done else None
+
+
+def load_pt(path: str):
+    """torch.load with an error that names the file and what to do, instead of a pickle traceback."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as err:  # truncated zip, unpickling errors, I/O errors: all mean a damaged file
+        why = (str(err).splitlines() or [""])[0][:160]
+        raise SystemExit(f"{path} is damaged or unreadable ({type(err).__name__}: {why}). Continue from an older "
+                         f"checkpoint with --resume_from {os.path.join(os.path.dirname(os.path.dirname(path)) or '.', 'ckpt-NNNNN')}, "
+                         "or start a new --out.") from None
+
+
+def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler, pool,
+                    rng: dict, cfg, full: Optional[tuple] = None) -> str:
+    """Model and tokenizer by save_pretrained (loadable by transformers and eval.py), optimizer.pt, and
+    state.pt with the rest an exact resume needs. Older checkpoints keep their weights and state but
+    drop optimizer.pt: AdamW state is twice the fp32 weights, and only the newest is resumed from.
+    A save that fails (a full disk) removes its half-written directory, so --resume finds the last good one.
+    full: --fsdp's gathered (model, optimizer) state dicts, written in place of the sharded objects'."""
+    import shutil
+    path = checkpoint_dir(out, step)
+    if os.path.exists(os.path.join(path, "state.pt")):
+        os.remove(os.path.join(path, "state.pt"))  # overwriting: incomplete until the new state.pt lands
+    try:
+        policy.save_pretrained(path, **({"state_dict": full[0]} if full else {}))
+        tokenizer.save_pretrained(path)
+        state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
+                 "config": dataclasses.asdict(cfg)}
+        for obj, name in ((full[1] if full else optimizer.state_dict(), "optimizer.pt"), (state, "state.tmp")):
+            with open(os.path.join(path, name), "wb") as f:  # a Python file: a full disk is ENOSPC, not basic_ios
+                torch.save(obj, f)
+        os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(path, ignore_errors=True)
+        full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2**26
+        raise OSError(errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
+                      f"could not save checkpoint {path}" + (" (disk full)" if full else f" ({err})")) from err
+    for d in checkpoints(out):
+        old = os.path.join(d, "optimizer.pt")
+        if d != path and os.path.exists(old):
+            os.remove(old)
+    return path
+
+
+class StepGuard:
+    """Ctrl-C stops the run at once, except between a step's first weight update and the moment the
+    step is recorded: then it waits, so the checkpoint saved on exit is never half a step."""
+
+    def __init__(self):
+        self.critical = self.pending = False
+
+    def handler(self, *_):
+        if self.critical:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def begin(self):
+        self.critical = True
+
+    def end(self):
+        self.critical = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+def peak_memory_gib() -> float:
+    """Peak memory so far: the CUDA allocator's peak on a GPU, else the process's peak resident size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+CONFIG_RUN_ONLY = {"out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
+                   "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout", "threads", "engine",
+                   "kv_cache_gib"}  # may change between a run and its resume
+
+
+_OUT_LOCKS: dict = {}  # real path of --out -> its open .lock file, held for the life of the process
+
+
+def lock_out(out: str) -> None:
+    """Create --out and hold an exclusive flock on OUT/.lock: a second run into the same --out refuses at
+    once. The kernel drops the lock when the process ends, however it ends, so none is ever stale."""
+    import fcntl
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out} is a file, not a directory; choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        if os.path.realpath(out) in _OUT_LOCKS:
+            return
+        f = open(os.path.join(out, ".lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise SystemExit(f"another run is writing to {out} (it holds {os.path.join(out, '.lock')}). Wait "
+                             "for it to end or stop it, or choose another --out.") from None
+    except OSError as err:
+        raise SystemExit(f"--out {out} cannot be written ({err.strerror or err}); choose a writable directory") from None
+    _OUT_LOCKS[os.path.realpath(out)] = f
+
+
+def _scan_log(path: str, keep_to: Optional[int] = None) -> int:
+    """The last step logged in a metrics/problems JSONL (0 if none). A torn last line (a run killed
+    mid-append, or a full disk) is dropped with a warning; a bad line elsewhere is an error naming file
+    and line. With keep_to, the file is cut (in place: logs are appended in step order) before the torn
+    line or the first line of a later step."""
+    if not os.path.exists(path):
+        return 0
+    last, torn, cut, offset = 0, None, None, 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            if torn is not None:
+                raise SystemExit(f"{path}, line {torn}: not a valid log line, and lines follow it. Fix or "
+                                 "delete that line, then resume again.")
+            try:
+                step = json.loads(line)["step"]
+                assert isinstance(step, int)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                torn, cut = lineno, start if cut is None else cut
+                continue
+            last = max(last, step)
+            if keep_to is not None and step > keep_to and cut is None:
+                cut = start
+    if keep_to is not None:
+        if torn is not None:
+            print(f"warning: {path}, line {torn}: torn last line (a run killed mid-write or a full disk); dropped")
+        if cut is not None:
+            os.truncate(path, cut)
+        with open(path, "rb+") as f:  # a last line cut just before its newline: the next append needs one
+            if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                f.write(b"\n")
+    return last
+
+
+def prepare_out(cfg) -> Optional[str]:
+    """Check --out before any model loads and return the checkpoint to resume from, if any. Refuses
+    whenever going on would drop or overwrite what an earlier run left without the user asking.
+    config.json is written only once the models have loaded, so a failed start blocks nothing."""
+    lock_out(cfg.out)
+    metrics, problems = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
+    ckpts, logged = checkpoints(cfg.out), _scan_log(metrics)
+    grown = os.path.exists(os.path.join(cfg.out, "init_pool.jsonl"))
+    names = [os.path.basename(d) for d in ckpts]
+    found = ", ".join(([f"checkpoints {names[0]} to {names[-1]}" if len(names) > 1 else f"checkpoint {names[0]}"] if names else [])
+                      + [f"steps logged up to {logged}"] * bool(logged) + ["a grown init_pool.jsonl"] * grown)
+    resume = cfg.resume or bool(cfg.resume_from)
+    cfg_path = os.path.join(cfg.out, "config.json")
+    if not found:  # nothing a run finished is here: a failed or interrupted start blocks nothing
+        if os.path.exists(cfg_path):
+            print(f"{cfg.out} holds a run that stopped before its first step; starting it afresh")
+        return None
+    if not ckpts and not cfg.resume_from:
+        raise SystemExit(f"{cfg.out} holds {found} but no checkpoint to resume from. To start over, choose "
+                         "another --out" + (f" (to reuse the grown starting pool, pass --init_pool "
+                                            f"{os.path.join(cfg.out, 'init_pool.jsonl')})" if grown else "") + ".")
+    if not resume:
+        raise SystemExit(f"{cfg.out} already holds a run ({found}). Pass --resume to continue it, or choose "
+                         "another --out.")
+    if os.path.exists(cfg_path):
+        try:
+            saved = json.load(open(cfg_path))
+        except ValueError as err:
+            raise SystemExit(f"{cfg_path} is damaged ({err}); restore it or choose another --out") from None
+        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+                if k not in CONFIG_RUN_ONLY and saved.get(k) != v}
+        if diff:
+            raise SystemExit(f"{cfg.out} holds a run with a different config; refusing to touch it. "
+                             "Differences (saved, now): " + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items()))
+    if cfg.resume_from:
+        path = cfg.resume_from if os.path.isdir(cfg.resume_from) else os.path.join(cfg.out, cfg.resume_from)
+        if not (os.path.isdir(path) and os.path.samefile(os.path.dirname(os.path.abspath(path)), cfg.out)
+                and re.fullmatch(r"ckpt-\d{5}", os.path.basename(os.path.normpath(path)))):
+            raise SystemExit(f"--resume_from {cfg.resume_from}: not a checkpoint directory of --out {cfg.out} "
+                             f"(found: {found})")
+        if not os.path.exists(os.path.join(path, "state.pt")):
+            raise SystemExit(f"--resume_from {path}: no state.pt, so it cannot be resumed; pick an older checkpoint")
+        step = checkpoint_step(path)
+        import shutil
+        for d in checkpoints(cfg.out):  # kept under another name: nothing is overwritten or lost
+            if checkpoint_step(d) > step:
+                aside = d + f".before-resume-from-{step:05d}"
+                shutil.move(d, aside)
+                print(f"moved {d} aside to {aside}")
+        resume_from = path
+    else:
+        newest, older = ckpts[-1], [d for d in ckpts if os.path.exists(os.path.join(d, "state.pt"))]
+        missing = [f for f in ("state.pt", "optimizer.pt") if not os.path.exists(os.path.join(newest, f))]
+        if missing:
+            why = ("only the newest checkpoint keeps optimizer.pt, so a newer one was deleted or its save was cut off"
+                   if missing == ["optimizer.pt"] else "deleted, or a save that was cut off")
+            offer = (f"To continue from the newest checkpoint with state.pt, pass --resume_from {older[-1]} (steps after "
+                     f"{checkpoint_step(older[-1])} are dropped from the logs and redone; newer checkpoint "
+                     "directories are moved aside, not deleted" + ("" if os.path.exists(os.path.join(
+                         older[-1], "optimizer.pt")) else "; AdamW restarts from zero moments: only the newest "
+                         "checkpoint keeps optimizer state") + ").") if older else "No checkpoint has state.pt."
+            raise SystemExit(f"--resume: the newest checkpoint {newest} has no {' and no '.join(missing)} "
+                             f"({why}), so the run cannot be resumed exactly. Found: "
+                             f"{found}. {offer}")
+        resume_from = newest
+    for p in (metrics, problems):  # steps after the checkpoint are redone
+        _scan_log(p, keep_to=checkpoint_step(resume_from))
+    return resume_from
+
+
+class Run:
+    """One training run's process group and output directory, for train(): what it checks before any model
+    loads, what it writes after each step, and what a stop leaves behind.
+
+    Several processes: rank 0 owns --out (its lock, the logs, the checkpoints) and the others learn what it
+    decided; every rank holds the same pool and weights, so one writes them. Ctrl-C (inside `interrupts`)
+    saves the last completed step and exits; under torchrun it reaches every rank, the others ignore it
+    and torchrun stops them."""
+
+    def __init__(self, cfg, prompts: tuple):
+        errors = parallel.dist_errors(cfg)
+        if errors:
+            raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
+        parallel.dist_init(cfg, CONFIG_RUN_ONLY)
+        self.cfg, (self.rank, self.world) = cfg, parallel.dist_env()
+        resume_from = why = None
+        if self.rank == 0:
+            try:
+                resume_from = prepare_out(cfg)
+            except SystemExit as err:
+                why = err.code
+        if self.world > 1:
+            resume_from, why = parallel.dist_call("broadcast_object_list", [resume_from, why], 0)
+        if why is not None:
+            raise SystemExit(why if self.rank == 0 else 1)  # rank 0 says why, once
+        self.resume_from = resume_from
+        self.state = load_pt(os.path.join(resume_from, "state.pt")) if resume_from else None  # damage shows before loading
+        self.log = print if self.rank == 0 else (lambda *a, **k: None)
+        if self.world > 1:
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not cfg.random_init:
+                resolve_model(cfg.model, prompts)  # the tiny model is built once a node, not by N processes at once
+            parallel.dist_call("barrier")
+        per = cfg.rounds_per_step // self.world
+        self.mine = range(self.rank * per, (self.rank + 1) * per)  # this rank's rounds of every step
+        self.metrics_path, self.problems_path = (os.path.join(cfg.out, f) for f in ("metrics.jsonl", "problems.jsonl"))
+        self.final = None
+
+    def start(self, policy, optimizer, scheduler) -> tuple:
+        """Write config.json; on resume restore the optimizer, scheduler and RNG. Returns (the step to start
+        after, the saved pool's state or None)."""
+        cfg = self.cfg
+        if self.rank == 0:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=1)
+        if self.world > 1:
+            self.log(f"{self.world} processes: rounds {cfg.rounds_per_step // self.world} per rank per step")
+        if not self.resume_from:
+            for p in (self.metrics_path, self.problems_path) if self.rank == 0 else ():
+                open(p, "w").close()
+            return 0, None
+        opt_path = os.path.join(self.resume_from, "optimizer.pt")
+        if os.path.exists(opt_path) and cfg.fsdp:
+            parallel.load_sharded_optimizer(policy, optimizer, load_pt(opt_path))
+        elif os.path.exists(opt_path):
+            optimizer.load_state_dict(load_pt(opt_path))
+        else:  # only an explicit --resume_from of an older checkpoint gets here
+            self.log(f"{self.resume_from} keeps no optimizer state: AdamW restarts from zero moments")
+        scheduler.load_state_dict(self.state["scheduler"])
+        set_rng_state(self.state["rng"])
+        self.log(f"resumed from {self.resume_from} at step {self.state['step']}, pool of {len(self.state['pool']['problems'])}")
+        return self.state["step"], self.state["pool"]
+
+    def log_step(self, step: int, m: dict, rows: list) -> None:
+        """Append the step's metrics.jsonl line and problems.jsonl rows (rank 0), and print its one-line summary."""
+        m["ranks"] = self.world  # sec/, tok_per_sec/: rank 0's
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            with open(self.problems_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.log(f"step {step}/{self.cfg.steps} | teacher R {m['teacher/reward']:.3f} legal {m['teacher/legal_rate']:.0%}"
+                 f" | student R {m['student/reward']:.3f} | solve {m['solve_rate/mean']:.2f} in-band "
+                 f"{m['solve_rate/in_band']:.0%} | pool {m['pool']} | loss {m['loss']:+.4f} kl {m['kl']:.2e} "
+                 f"gnorm {m['grad_norm']:.3f} | {m['sec/step']:.1f}s")
+
+    @contextlib.contextmanager
+    def interrupts(self, start: int, policy, sampler, tokenizer, optimizer, scheduler, pool):
+        """Inside: Ctrl-C waits for the step being recorded (StepGuard), then saves the last completed step
+        (weights, optimizer, pool cut back to that step, RNG) and exits with 130."""
+        import signal
+        self.models = (policy, sampler, tokenizer, optimizer, scheduler, pool)
+        self.completed, self.snapshot, self.pool_len = start, rng_state(), len(pool.problems)
+        self.guard = StepGuard()
+        old_handler = signal.signal(signal.SIGINT, self.guard.handler if self.rank == 0 else signal.SIG_IGN)
+        try:
+            yield self.guard
+        except KeyboardInterrupt:
+            self._save_interrupted()
+            raise SystemExit(130)
+        finally:
+            signal.signal(signal.SIGINT, old_handler)
+
+    def end_step(self, step: int) -> None:
+        """The step is complete: remember it for Ctrl-C, and checkpoint it every --save_every and at the end."""
+        policy, sampler, tokenizer, optimizer, scheduler, pool = self.models
+        cfg, out = self.cfg, self.cfg.out
+        self.completed, self.snapshot, self.pool_len = step, rng_state(), len(pool.problems)
+        self.guard.end()
+        if step % cfg.save_every and step != cfg.steps:
+            return
+        if self.world > 1:
+            self.log(f"pool {parallel.same_on_every_rank(pool, sampler if cfg.fsdp else policy)[:12]} and weights "
+                     f"identical on all {self.world} ranks")
+        full = parallel.full_training_state(policy, optimizer) if cfg.fsdp else None  # gathered on rank 0
+        if self.rank == 0:
+            self.final = save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler, pool, self.snapshot, cfg, full)
+        if self.world > 1:
+            parallel.dist_call("barrier")
+
+    def _save_interrupted(self) -> None:
+        policy, _, tokenizer, optimizer, scheduler, pool = self.models
+        out, completed = self.cfg.out, self.completed
+        pool.truncate(self.pool_len)  # drop problems of the unfinished step; weights are still `completed`'s
+        if self.cfg.fsdp and latest_checkpoint(out) != checkpoint_dir(out, completed):
+            self.log(f"\ninterrupted: with --fsdp one rank cannot gather the sharded state, so step {completed} is "
+                     f"not saved; --resume continues from {latest_checkpoint(out) or 'the start'}")
+        elif latest_checkpoint(out) != checkpoint_dir(out, completed):
+            path = save_checkpoint(out, completed, policy, tokenizer, optimizer, scheduler, pool, self.snapshot, self.cfg)
+            self.log(f"\ninterrupted: saved {path}; continue with --resume")
+        else:
+            self.log(f"\ninterrupted: step {completed} is already saved in {checkpoint_dir(out, completed)}; "
+                     "continue with --resume")
+
+    def finish(self) -> Optional[str]:
+        """Leave the process group; the path of the final checkpoint."""
+        if parallel.active() is not None:
+            parallel.active().destroy_process_group()
+        return self.final or latest_checkpoint(self.cfg.out)
