@@ -1,4 +1,11 @@
-"""The second generation engine: continuous batching from transformers itself (`--engine continuous`).
+"""Generation engines: HF `model.generate` (the reference), transformers' continuous batching, and vLLM.
+
+Plumbing beside opensir.py; a first reading can skip it. Every engine has one small interface: `generate`
+(raw token ids for tokenised prompts, one budget per call, the run's Sampling, one seed per prompt),
+`update` (take the new weights after an optimiser step), `sleep` and `wake` (free and retake generation
+memory around training). opensir.generate turns the ids into Completions (cut at the first EOS).
+
+The continuous engine: transformers' continuous batching (`--engine continuous`).
 
 `model.generate` pads each batch to its longest member and keeps every row's slot until the longest one
 ends. Continuous batching (transformers >= 5: `model.generate_batch`, a paged KV cache) lets a finished
@@ -15,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -211,6 +219,149 @@ def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> l
     return [(list(results[i].generated_tokens), None) if i in results and results[i].error is None
             else (None, str(results[i].error) if i in results else f"no result ({fatal})") for i in ids]
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeded sampling: each sequence draws from its own stream, so a completion depends on its prompt, the
+# weights and its seed, not on which other prompts share its batch (or its process, under torchrun).
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sampling:
+    """How every engine samples: temperature, then top-k, then top-p (HF's order), or argmax when greedy."""
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    greedy: bool = False
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, three rounds) on int64 tensors holding values < 2**32."""
+    for _ in range(3):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32  # the product stays below 2**59: no int64 overflow
+    return (x >> 16) ^ x
+
+
+def uniform(seeds: torch.Tensor, t: int) -> torch.Tensor:
+    """(b,) float64 in (0, 1): the t-th uniform draw of each seed's stream, a pure function of (seed, t)."""
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    x = _mix32(_mix32(lo) ^ hi ^ _mix32(torch.full_like(lo, t & _MASK32)))
+    return (x.double() + 0.5) / 2.0**32
+
+
+def seeded_sampler(sampling: Sampling, seeds: list, start: int):
+    """A logits processor for model.generate(do_sample=False): it applies HF's own temperature, top-k and
+    top-p warpers, then draws each row's next token by inverse CDF at uniform(seed_row, t), t the number of
+    tokens generated so far, and leaves that token the only finite logit, so the argmax takes it."""
+    from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    warpers = [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+
+    class SeededSampling(LogitsProcessor):
+        def __init__(self):
+            self.seeds = torch.tensor(seeds, dtype=torch.int64)
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            for w in warpers:
+                scores = w(input_ids, scores)  # (b, V)
+            cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)  # (b, V)
+            u = uniform(self.seeds, input_ids.shape[1] - start).to(cdf.device) * cdf[:, -1]  # (b,)
+            token = torch.searchsorted(cdf, u[:, None]).clamp_(max=scores.shape[-1] - 1)  # (b, 1)
+            return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+    return SeededSampling()
+
+
+class HFEngine:
+    """`--engine generate`: HF model.generate on left-padded batches of `batch_size` prompts sorted by length
+    (less padding), KV cache, every EOS id stops a row; a batch that runs out of memory is halved and rerun."""
+    name = "generate"
+
+    def __init__(self, model, eos_ids: list, pad_id: int, batch_size: int, log: Callable = print):
+        self.model, self.eos_ids, self.pad_id, self.batch_size, self.log = model, eos_ids, pad_id, batch_size, log
+
+    @torch.no_grad()
+    def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "") -> list:
+        from transformers import GenerationConfig, LogitsProcessorList
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
+                                   pad_token_id=self.pad_id, use_cache=True)  # the model's own defaults play no part
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list = [None] * len(prompts)
+        bar, pos = progress(total=len(prompts), desc=desc), 0
+        while pos < len(order):
+            idx = order[pos: pos + self.batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            input_ids = torch.tensor([[self.pad_id] * (width - len(prompts[i])) + prompts[i] for i in idx])  # (b, L)
+            attn = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])  # (b, L)
+            procs = [] if sampling.greedy else [seeded_sampler(sampling, [seeds[i] for i in idx], width)]
+            try:
+                gen = self.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                                          generation_config=gen_cfg, logits_processor=LogitsProcessorList(procs))
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not is_oom(err) or self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                torch.cuda.empty_cache()
+                bar.write(f"[{desc}] out of memory: retrying with --gen_batch {self.batch_size}")
+                continue
+            for row, i in enumerate(idx):
+                out[i] = gen[row, width:].tolist()
+            bar.update(len(idx))
+            pos += len(idx)
+        bar.close()
+        return out
+
+    def update(self, policy) -> None:
+        """Copy the updated weights into the generation copy (nothing to do when it is the policy itself);
+        with --fsdp one parameter gathered at a time."""
+        if self.model is policy:
+            return
+        from torch.distributed.tensor import DTensor
+        full = dict(policy.named_parameters())
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                q = full[name]
+                p.copy_(q.full_tensor() if isinstance(q, DTensor) else q)
+
+    def sleep(self) -> None:  # the HF engines keep no memory between calls
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+class ContinuousEngine(HFEngine):
+    """`--engine continuous`: transformers' continuous batching (generate_continuous above). It takes no
+    logits processor, so it samples from the global torch stream, seeded per call from the call's first
+    seed: reproducible for the same call, but a completion depends on the other prompts of its call."""
+    name = "continuous"
+
+    def __init__(self, model, eos_ids: list, pad_id: int, kv_cache_gib: float = 0.0, log: Callable = print):
+        super().__init__(model, eos_ids, pad_id, batch_size=0, log=log)
+        self.kv_cache_gib = kv_cache_gib
+
+    def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "") -> list:
+        if prompts:
+            torch.manual_seed(seeds[0] % 2**63)
+        return generate_continuous(self.model, prompts, self.eos_ids, max_new_tokens, sampling.temperature,
+                                   sampling.top_k, sampling.top_p, greedy=sampling.greedy,
+                                   kv_cache_gib=self.kv_cache_gib, log=self.log, desc=desc)
+
+
+def make_engine(name: str, model, eos_ids: list, pad_id: int, batch_size: int, kv_cache_gib: float = 0.0,
+                log: Callable = print):
+    """The engine `name` ("auto" resolved by resolve_engine) over `model`, the generation copy of the policy."""
+    if resolve_engine(name, model) == "continuous":
+        return ContinuousEngine(model, eos_ids, pad_id, kv_cache_gib, log)
+    return HFEngine(model, eos_ids, pad_id, batch_size, log)
 
 
 def is_oom(err: BaseException) -> bool:

@@ -468,55 +468,21 @@ def pad_batch(seqs: list, pad_id: int, left: bool = False) -> tuple:
     return ids, mask
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, top_k: int,
-             top_p: float, batch_size: int, desc: str = "", min_new_tokens: int = 0, engine: str = "generate",
-             kv_cache_gib: float = 0.0, greedy: bool = False) -> list:
-    """Sample one completion per prompt with either engine; both return Completions cut at the first EOS
-    with the token ids sampled. `generate`: left padding, KV cache, batches of `batch_size` prompts sorted
-    by length (less padding), halved on out-of-memory. `continuous`: engines.generate_continuous, every
-    prompt at once into a paged KV cache, its budget halved on out-of-memory. `greedy`: argmax (tests)."""
-    eos_ids = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    device = next(model.parameters()).device
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # template has BOS
-    out: list = [None] * len(prompts)
-    if engines.resolve_engine(engine, model) == "continuous":
-        if min_new_tokens:
-            raise ValueError("--engine continuous has no min_new_tokens (transformers drops that processor)")
-        gen = engines.generate_continuous(model, encoded, eos_ids, max_new_tokens, temperature, top_k, top_p,
-                                          greedy=greedy, kv_cache_gib=kv_cache_gib, log=print, desc=desc)
-        for i, g in enumerate(gen):
-            ids, truncated = cut_at_eos(g, eos_ids)
-            out[i] = Completion(encoded[i], ids, tokenizer.decode(ids, skip_special_tokens=True), truncated)
-        return out
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    bar = engines.progress(total=len(prompts), desc=desc)
-    pos = 0
-    while pos < len(order):
-        idx = order[pos: pos + batch_size]
-        input_ids, attn = pad_batch([encoded[i] for i in idx], pad_id, left=True)
-        width = input_ids.shape[1]
-        sample = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k,
-                                                           top_p=top_p)
-        try:
-            gen = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attn.to(device), **sample,
-                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_ids,
-                pad_token_id=pad_id, use_cache=True)
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not engines.is_oom(err) or batch_size == 1:
-                raise
-            batch_size = max(1, batch_size // 2)
-            torch.cuda.empty_cache()
-            bar.write(f"[{desc}] out of memory: retrying with --gen_batch {batch_size}")
-            continue
-        for row, i in enumerate(idx):
-            ids, truncated = cut_at_eos(gen[row, width:].tolist(), eos_ids)
-            out[i] = Completion(encoded[i], ids, tokenizer.decode(ids, skip_special_tokens=True), truncated)
-        bar.update(len(idx))
-        pos += len(idx)
-    bar.close()
+def sampling(cfg: Config) -> engines.Sampling:
+    """Both roles sample at the training temperature, top-k and top-p; log-probs are taken at the same T."""
+    return engines.Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def generate(engine, tokenizer, prompts: list, max_new_tokens: int, sampling: engines.Sampling, seeds: list,
+             desc: str = "") -> list:
+    """One Completion per chat-formatted prompt. The engine (engines.py; HFEngine runs HF model.generate)
+    returns raw token ids; the completion is cut at the first of the model's EOS ids, and its mask comes
+    from there. seeds: one per prompt (sample_seed)."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # the template has BOS
+    out = []
+    for prompt_ids, gen in zip(encoded, engine.generate(encoded, max_new_tokens, sampling, seeds, desc)):
+        ids, truncated = cut_at_eos(gen, engine.eos_ids)
+        out.append(Completion(prompt_ids, ids, tokenizer.decode(ids, skip_special_tokens=True), truncated))
     return out
 
 
@@ -840,34 +806,21 @@ def set_seed(seed: int) -> None:
 
 
 def round_seed(seed: int, step: int, rnd: int) -> int:
-    """The seed of one round of training: a function of (seed, step, round) alone, so the round samples
-    the same whichever rank plays it and however many ranks there are, and a resume needs no RNG state."""
+    """The seed of one round's references: a function of (seed, step, round) alone, so the round draws the
+    same whichever rank plays it and however many ranks there are, and a resume needs no RNG state."""
     return int(np.random.SeedSequence([seed, step, rnd]).generate_state(1)[0])
+
+
+def sample_seed(seed: int, step: int, rnd: int, role: int, i: int, j: int = 0) -> int:
+    """The seed of one sampled sequence (role 0: teacher output i; 1: student solution j of candidate i).
+    Each sequence draws from its own stream (engines.seeded_sampler), so a step's one big generation call
+    samples what per-round calls would, on any number of ranks. Step 0: the starting pool."""
+    return int(np.random.SeedSequence([seed, step, rnd, role, i, j]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ================================================================================================
 # 10. The loop and main()
 # ================================================================================================
-
-# --- several processes: `torchrun --nproc_per_node N opensir.py ...` -------------------------------
-# Every rank holds the whole model (policy, sampler, frozen reference) and plays rounds_per_step / N of
-# a step's rounds (contiguous blocks, rank 0 first). Each round is seeded from (seed, step, round) and
-# draws its references from the pool as it stood at the start of the step, so a round's rollouts do not
-# depend on N or on the rank that plays it. The ranks then swap their rounds' candidates, so every rank
-# holds the whole step (selection, the pool, the logs: the same code as one process), and each trains
-# only its own rounds' sequences; gradients are summed across ranks (the loss weights already divide by
-# the step's number of rounds), then clipped once. A plain `python opensir.py` run has N = 1 and never
-# touches torch.distributed.
-
-
-# --fsdp: FSDP2 (fully_shard) holds 1/N of the fp32 weights, gradients and AdamW state on each rank.
-# sequence_logprobs calls the decoder and the lm_head separately (never the whole model's forward), so
-# the units are every decoder layer and, when untied, the input embedding and the lm_head; the rest (the
-# final norm; a tied embedding/lm_head, which one unit cannot serve from two call sites) stays whole on
-# every rank and is summed by parallel.sum_gradients. FSDP's reduce-scatter sums the sharded gradients (divide
-# factor 1). Generation and the reference use whole per-rank copies (the sampler), so only training
-# runs FSDP's collectives, and every rank runs as many passes (optimise pads).
-
 
 def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
     """parse_teacher, except with --random_init, where every output counts as a legal problem so that
@@ -877,32 +830,38 @@ def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
     return parse_teacher(text)
 
 
-def play_round(sampler, frozen, tokenizer, pool: Pool, refs: list, cfg: Config, timers: Counter,
-               pool_before: Optional[torch.Tensor] = None) -> list:  # the pool's embeddings at the step's start (div_mode nearest)
-    """One round of self-play: teacher writes problems, student solves them, rewards are computed.
-    Returns the n_refs * g Candidates, grouped by reference (group = index into refs)."""
-    sample = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.gen_batch,
-                  engine=cfg.engine, kv_cache_gib=cfg.kv_cache_gib)
-    t0 = time.perf_counter()
-    prompts = [chat(tokenizer, teacher_prompt(pool.problems[r])) for r in refs for _ in range(cfg.teacher_group)]
-    outs = generate(sampler, tokenizer, prompts, cfg.teacher_max_new_tokens, desc="teacher", **sample)
-    cands = [Candidate(i // cfg.teacher_group, o, parse_candidate(o.text, cfg)) for i, o in enumerate(outs)]
-    legal = [c for c in cands if c.parsed.legal]
+def play_rounds(engine, frozen, tokenizer, pool: Pool, rounds_refs: dict, step: int, cfg: Config,
+                timers: Counter, pool_before: Optional[torch.Tensor] = None) -> dict:
+    """Rounds of self-play in two generation calls: every round's teacher prompts at once, then every legal
+    problem's G student prompts at once; then each round is scored on its own. rounds_refs: round -> its
+    reference indices into the pool. pool_before: the pool's embeddings at the step's start (div_mode
+    nearest). Returns round -> its n_refs * g Candidates, grouped by reference (group = index into refs)."""
+    g, G, t0 = cfg.teacher_group, cfg.student_group, time.perf_counter()
+    keys = [(rnd, i) for rnd, refs in rounds_refs.items() for i in range(len(refs) * g)]
+    outs = generate(engine, tokenizer, [chat(tokenizer, teacher_prompt(pool.problems[rounds_refs[rnd][i // g]]))
+                                        for rnd, i in keys], cfg.teacher_max_new_tokens, sampling(cfg),
+                    [sample_seed(cfg.seed, step, rnd, 0, i) for rnd, i in keys], "teacher")
+    cands = {rnd: [] for rnd in rounds_refs}
+    for (rnd, i), o in zip(keys, outs):
+        cands[rnd].append(Candidate(i // g, o, parse_candidate(o.text, cfg)))
+    legal = [(rnd, i, c) for rnd, cs in cands.items() for i, c in enumerate(cs) if c.parsed.legal]
     t1 = time.perf_counter()
-    prompts = [chat(tokenizer, student_prompt(c.parsed.problem)) for c in legal for _ in range(cfg.student_group)]
-    sols = generate(sampler, tokenizer, prompts, cfg.student_max_new_tokens, desc="student", **sample)
-    for j, c in enumerate(legal):
-        c.solutions = sols[j * cfg.student_group: (j + 1) * cfg.student_group]
+    sols = generate(engine, tokenizer, [chat(tokenizer, student_prompt(c.parsed.problem)) for *_, c in legal for _ in range(G)],
+                    cfg.student_max_new_tokens, sampling(cfg),
+                    [sample_seed(cfg.seed, step, rnd, 1, i, j) for rnd, i, _ in legal for j in range(G)], "student")
+    for k, (_, _, c) in enumerate(legal):
+        c.solutions = sols[k * G: (k + 1) * G]
         c.answers = [normalize_answer(final_answer(s.text)) for s in c.solutions]
-    t2 = time.perf_counter()
-    if cfg.random_init:  # random weights box nothing: their last words vote, so the student phase trains at full size
-        for c in legal:
+        if cfg.random_init:  # random weights box nothing: their last words vote, so the student phase trains at full size
             c.answers = [a if a is not None else (s.text.split() or ["?"])[-1] for a, s in zip(c.answers, c.solutions)]
-    if legal and cfg.w_div > 0:
-        for c, e in zip(legal, embed_texts(frozen, tokenizer, [c.parsed.problem for c in legal])):
-            c.embedding = e
+    t2 = time.perf_counter()
     nearest = cfg.div_mode == "nearest" and pool_before is not None
-    score_candidates(cands, pool_before if nearest else pool.embeddings, cfg)
+    for rnd, cs in cands.items():
+        mine = [c for c in cs if c.parsed.legal]
+        if mine and cfg.w_div > 0:
+            for c, e in zip(mine, embed_texts(frozen, tokenizer, [c.parsed.problem for c in mine])):
+                c.embedding = e
+        score_candidates(cs, pool_before if nearest else pool.embeddings, cfg)
     timers["teacher_gen"] += t1 - t0
     timers["student_gen"] += t2 - t1
     timers["teacher_tokens"] += sum(len(o.ids) for o in outs)
@@ -976,7 +935,7 @@ def starting_pool_filter(c: Candidate, cfg: Config) -> bool:
             and not states_answer(c.parsed.problem, c.majority))
 
 
-def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
+def grow_starting_pool(engine, frozen, tokenizer, cfg: Config, log) -> Pool:
     """Before RL, grow the pool from the seed problem with the untrained model: the same teacher and
     student steps, keeping only in-band problems that pass starting_pool_filter."""
     pool = Pool()
@@ -996,7 +955,7 @@ def grow_starting_pool(sampler, frozen, tokenizer, cfg: Config, log) -> Pool:
         if len(kept) >= cfg.init_pool_size:
             break
         refs = [random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)]
-        cands = [c for c in play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers)
+        cands = [c for c in play_rounds(engine, frozen, tokenizer, pool, {r: refs}, 0, cfg, timers)[r]
                  if starting_pool_filter(c, cfg)][: cfg.init_pool_size - len(kept)]
         add_to_pool(pool, cands, cfg)
         kept += cands
@@ -1188,19 +1147,21 @@ def train(cfg: Config) -> str:
     device = models.pick_device(cfg.device)
     cdtype = models.compute_dtype(device, cfg.dtype)
     autocast_dtype = cdtype if cdtype != torch.float32 else None
+    eos_ids = eos_token_ids(sampler, tokenizer)
     try:
-        engine = engines.resolve_engine(cfg.engine, sampler)
+        engine = engines.make_engine(cfg.engine, sampler, eos_ids, tokenizer.pad_token_id, cfg.gen_batch,
+                                     cfg.kv_cache_gib, run.log)
     except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
         raise SystemExit(str(err))
     run.log(f"model {cfg.model}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters on {device}, "
-            f"compute {cdtype}, reference model {'yes' if frozen is not None else 'no'}, engine {engine}")
+            f"compute {cdtype}, reference model {'yes' if frozen is not None else 'no'}, engine {engine.name}")
 
     set_seed(cfg.seed)  # after loading: building the tiny model or initialising weights draws random numbers
     start, saved_pool = run.start(policy, optimizer, scheduler)  # on resume: optimizer, scheduler, RNG
     if saved_pool is not None:
         pool = Pool(**saved_pool)
     else:  # every rank grew it alike; rank 0's copy makes the pools identical to the bit
-        pool = Pool(**parallel.broadcast(grow_starting_pool(sampler, frozen, tokenizer, cfg, run.log).state()))
+        pool = Pool(**parallel.broadcast(grow_starting_pool(engine, frozen, tokenizer, cfg, run.log).state()))
 
     with run.interrupts(start, policy, sampler, tokenizer, optimizer, scheduler, pool) as guard:
         for step in range(start + 1, cfg.steps + 1):
@@ -1212,14 +1173,14 @@ def train(cfg: Config) -> str:
             # which rank played the rounds before it, and 1 and N processes run the same rollouts. Recipe
             # code's diversity is thus against the step-start pool plus the round's own candidates; recipe
             # paper's "pool before this step" is the same pool.
-            pool_before = pool.embeddings
-            played, rounds_refs = {}, []
+            rounds_refs = []
             for rnd in range(cfg.rounds_per_step):
-                set_seed(round_seed(cfg.seed, step, rnd))  # references and sampling: (seed, step, round) alone
-                refs = [random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)]
-                rounds_refs.append([pool.problems[r] for r in refs])
-                if rnd in run.mine:  # this rank's share of the rounds
-                    played[rnd] = play_round(sampler, frozen, tokenizer, pool, refs, cfg, timers, pool_before)
+                set_seed(round_seed(cfg.seed, step, rnd))  # references: (seed, step, round) alone
+                rounds_refs.append([random.randrange(len(pool.problems)) for _ in range(cfg.n_refs)])
+            engine.wake()
+            played = play_rounds(engine, frozen, tokenizer, pool, {rnd: rounds_refs[rnd] for rnd in run.mine}, step,
+                                 cfg, timers, pool.embeddings)  # this rank's share of the rounds
+            engine.sleep()  # generation memory goes back for training
             rounds_cands = parallel.share_rounds(played, cfg.rounds_per_step)  # every round, on every rank
             for cands in rounds_cands:
                 add_to_pool(pool, cands, cfg)
@@ -1227,13 +1188,13 @@ def train(cfg: Config) -> str:
             rounds, chosen, own = training_batch(rounds_cands, tokenizer, cfg, run.mine)  # selection, advantages
             t0 = time.perf_counter()
             opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard, own)
-            if sampler is not policy:
-                parallel.refresh_sampler(sampler, policy)
+            engine.update(policy)  # the next step samples from the updated weights
             timers["train"] += time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
 
             rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
-                    for row in problem_rows(step, rnd, refs, cands, groups if cfg.train_teacher else [], studs)]
+                    for row in problem_rows(step, rnd, [pool.problems[r] for r in refs], cands,
+                                            groups if cfg.train_teacher else [], studs)]
             run.log_step(step, step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, opt, timers), rows)
             run.end_step(step)  # what Ctrl-C saves from now; a checkpoint every --save_every
     return run.finish()

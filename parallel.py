@@ -15,6 +15,26 @@ from models import pick_device
 
 
 
+# --- several processes: `torchrun --nproc_per_node N opensir.py ...` -------------------------------
+# Every rank holds the whole model (policy, sampler, frozen reference) and plays rounds_per_step / N of
+# a step's rounds (contiguous blocks, rank 0 first). Each round is seeded from (seed, step, round) and
+# draws its references from the pool as it stood at the start of the step, so a round's rollouts do not
+# depend on N or on the rank that plays it. The ranks then swap their rounds' candidates, so every rank
+# holds the whole step (selection, the pool, the logs: the same code as one process), and each trains
+# only its own rounds' sequences; gradients are summed across ranks (the loss weights already divide by
+# the step's number of rounds), then clipped once. A plain `python opensir.py` run has N = 1 and never
+# touches torch.distributed.
+
+
+# --fsdp: FSDP2 (fully_shard) holds 1/N of the fp32 weights, gradients and AdamW state on each rank.
+# sequence_logprobs calls the decoder and the lm_head separately (never the whole model's forward), so
+# the units are every decoder layer and, when untied, the input embedding and the lm_head; the rest (the
+# final norm; a tied embedding/lm_head, which one unit cannot serve from two call sites) stays whole on
+# every rank and is summed by sum_gradients. FSDP's reduce-scatter sums the sharded gradients (divide
+# factor 1). Generation and the reference use whole per-rank copies (the sampler), so only training
+# runs FSDP's collectives, and every rank runs as many passes (optimise pads).
+
+
 def dist_env() -> tuple:
     """(rank, world size) from torchrun's environment; (0, 1) for a plain run."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -156,16 +176,6 @@ def clip_gradients(params: list, max_norm: float) -> torch.Tensor:
     for d in (True, False):  # foreach kernels take no mix of the two
         torch.nn.utils.clip_grads_with_norm_([p for p in params if isinstance(p, DTensor) == d], max_norm, total)
     return total
-
-
-def refresh_sampler(sampler, policy) -> None:
-    """Copy the updated weights into the generation copy; with --fsdp one parameter gathered at a time."""
-    from torch.distributed.tensor import DTensor
-    full = dict(policy.named_parameters())
-    with torch.no_grad():
-        for name, ps in sampler.named_parameters():
-            pp = full[name]
-            ps.copy_(pp.full_tensor() if isinstance(pp, DTensor) else pp)
 
 
 def full_training_state(policy, optimizer) -> tuple:
