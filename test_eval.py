@@ -149,7 +149,7 @@ def test_score_standard_error_over_problems():
     assert (r["problems"], r["samples"]) == (3, 6)
 
 
-def test_compare(tmp_path, capsys):
+def test_compare_two_summaries_without_per_problem_scores_is_unpaired(tmp_path, capsys):
     def summary(scores):
         return {"benchmarks": {b: {"score": s, "se": 1.0} for b, s in scores.items()},
                 "average": {"score": sum(scores.values()) / len(scores), "se": 0.5}}
@@ -158,9 +158,43 @@ def test_compare(tmp_path, capsys):
     (tmp_path / "b.json").write_text(json.dumps(summary({"gsm8k": 45.5, "math500": 18.0})))
     ev.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b.json")])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[0] == "gsm8k" and lines[1].split()[-1] == "+5.5"
-    assert lines[2].split()[0] == "math500" and lines[2].split()[-1] == "-2.0"
-    assert lines[3].split()[0] == "average" and lines[3].split()[-1] == "+1.8"  # 31.75 - 30.0
+    assert lines[0].split() == ["benchmark", "a", "b"]  # an --out dir's name, a file's name less .json
+    assert lines[1].split() == ["gsm8k", "40.0", "±", "1.0", "45.5", "±", "1.0"]
+    diff = lines[lines.index("") + 3:]
+    # unpaired: se of the difference sqrt(1^2 + 1^2) = 1.4; the average's from the benchmarks' / 2 = 0.7
+    assert diff[0].split() == ["gsm8k", "+5.5", "±", "1.4", "u"]
+    assert diff[1].split() == ["math500", "-2.0", "±", "1.4", "u"]
+    assert diff[2].split() == ["average", "+1.8", "±", "1.0", "u"]  # 31.75 - 30.0; sqrt(2 + 2) / 2
+
+
+def scored_run(d, accs, problem_text="p"):
+    """An --out dir whose summary.json is summarize() of 2 samples a problem with the given per-problem
+    accuracies (1, .5 or 0) on gsm8k."""
+    problems = [ev.Problem("gsm8k", i, f"{problem_text}{i}", str(i)) for i in range(len(accs))]
+    samples = [{"benchmark": "gsm8k", "id": i, "sample": k, "correct": k < round(2 * a), "extracted": "1"}
+               for i, a in enumerate(accs) for k in range(2)]
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps(ev.summarize(samples, ["gsm8k"], problems)))
+    return str(d)
+
+
+def test_compare_pairs_by_problem_when_the_problems_match(tmp_path, capsys):
+    a = scored_run(tmp_path / "a", [1, .5, 0])
+    b = scored_run(tmp_path / "b", [1, 1, .5])  # same problems: paired
+    c = scored_run(tmp_path / "c", [1, 1, .5], problem_text="other")  # other problems: unpaired
+    got = ev.main(["--compare", a, b, c])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["benchmark", "a", "b", "c"]
+    assert lines[1].split() == ["gsm8k", "50.0", "±", "28.9", "83.3", "±", "16.7", "83.3", "±", "16.7"]
+    # paired: differences 0, 50, 50: mean 33.3, sd 28.87, se 28.87 / sqrt(3) = 16.67
+    # unpaired: sqrt(28.87^2 + 16.67^2) = 33.33
+    b_diff, c_diff = got["differences"]
+    assert b_diff["gsm8k"]["paired"] and b_diff["gsm8k"]["delta"] == pytest.approx(100 / 3)
+    assert b_diff["gsm8k"]["se"] == pytest.approx(50 / 3)
+    assert not c_diff["gsm8k"]["paired"] and c_diff["gsm8k"]["se"] == pytest.approx(100 / 3)
+    diff = lines[lines.index("") + 2:]
+    assert diff[0].split() == ["benchmark", "b", "-", "a", "c", "-", "a"]
+    assert diff[1].split() == ["gsm8k", "+33.3", "±", "16.7", "p", "+33.3", "±", "33.3", "u"]
 
 
 # ------------------------------------------------------------------------------------------------
