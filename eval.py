@@ -710,36 +710,38 @@ def _evaluate(args, path: str, out: str, names: list, problems: list, skipped: d
             sys.exit(f"eval.py: {err}")
         from tqdm.auto import tqdm
         bar = tqdm(total=todo, desc="eval", dynamic_ncols=True, disable=rank != 0)
-        with open_out(samples_path, "a") if rank == 0 else open(os.devnull, "w") as f:
-            # one generate call per chunk: samples are on disk (resumable) after every wave of chunks
-            for wave in range(0, len(chunks), world):
-                rows = []
-                if wave + rank < len(chunks):
-                    chunk = chunks[wave + rank]
-                    opensir.set_seed(chunk_seed(args.seed, chunk))
-                    prompts = [opensir.chat(tok, opensir.student_prompt(p.problem)) for p, _ in chunk]
-                    comps = opensir.generate(model, tok, prompts, max_new_tokens, args.temperature,
-                                             args.top_k, args.top_p, args.batch_size, engine=args.engine,
-                                             kv_cache_gib=args.kv_cache_gib)
-                    for (p, k), c in zip(chunk, comps):
-                        if (p.benchmark, p.id, k) in have:
-                            continue
-                        ans = opensir.final_answer(c.text)  # the last \boxed{}, as math-verify's first_match
-                        ok = score_answer(ans, p.gold, f"{p.benchmark} problem {p.id} sample {k}")
-                        rows.append({
-                            "benchmark": p.benchmark, "id": p.id, "sample": k, "completion": c.text,
-                            "extracted": ans, "gold": p.gold, "correct": ok,
-                            "truncated": c.truncated, "tokens": len(c.ids)})
-                parts = [rows]
-                if world > 1:
-                    parts = [None] * world
-                    dist.gather_object(rows, parts if rank == 0 else None, dst=0)
-                for part in parts if rank == 0 else ():
-                    f.writelines(json.dumps(r) + "\n" for r in part)
-                f.flush()
-                bar.update(sum((p.benchmark, p.id, k) not in have
-                               for c in chunks[wave:wave + world] for p, k in c))
-        bar.close()
+        try:  # the bar is closed before any message (Ctrl-C's included)
+            with open_out(samples_path, "a") if rank == 0 else open(os.devnull, "w") as f:
+                # one generate call per chunk: samples are on disk (resumable) after every wave of chunks
+                for wave in range(0, len(chunks), world):
+                    rows = []
+                    if wave + rank < len(chunks):
+                        chunk = chunks[wave + rank]
+                        opensir.set_seed(chunk_seed(args.seed, chunk))
+                        prompts = [opensir.chat(tok, opensir.student_prompt(p.problem)) for p, _ in chunk]
+                        comps = opensir.generate(model, tok, prompts, max_new_tokens, args.temperature,
+                                                 args.top_k, args.top_p, args.batch_size, engine=args.engine,
+                                                 kv_cache_gib=args.kv_cache_gib)
+                        for (p, k), c in zip(chunk, comps):
+                            if (p.benchmark, p.id, k) in have:
+                                continue
+                            ans = opensir.final_answer(c.text)  # the last \boxed{}, as math-verify's first_match
+                            ok = score_answer(ans, p.gold, f"{p.benchmark} problem {p.id} sample {k}")
+                            rows.append({
+                                "benchmark": p.benchmark, "id": p.id, "sample": k, "completion": c.text,
+                                "extracted": ans, "gold": p.gold, "correct": ok,
+                                "truncated": c.truncated, "tokens": len(c.ids)})
+                    parts = [rows]
+                    if world > 1:
+                        parts = [None] * world
+                        dist.gather_object(rows, parts if rank == 0 else None, dst=0)
+                    for part in parts if rank == 0 else ():
+                        f.writelines(json.dumps(r) + "\n" for r in part)
+                    f.flush()
+                    bar.update(sum((p.benchmark, p.id, k) not in have
+                                   for c in chunks[wave:wave + world] for p, k in c))
+        finally:
+            bar.close()
         if world > 1:
             dist.destroy_process_group()
     if rank:
