@@ -3,7 +3,8 @@
     python eval.py --model gemma-2-2b-it                   # the first version's five, the paper's settings
     python eval.py --model gemma-2-2b-it --benchmarks paper  # the later version's seven (adds AIME 2024, 2025)
     python eval.py --model runs/opensir --benchmarks gsm8k --limit 50
-    python eval.py --compare eval_results/a eval_results/b
+    python eval.py --compare eval_results/a eval_results/b eval_results/c   # any number of runs
+    python eval.py --model runs/opensir --all-checkpoints --out eval_results/opensir  # every checkpoint
 
 The paper's protocol: the student prompt of opensir.py, 16 samples per problem at temperature 0.6,
 top-p 0.95, up to 4096 new tokens; a benchmark's score is the mean accuracy over all samples x 100
@@ -16,6 +17,24 @@ rewards and what evaluation counts cannot drift apart.
 
 Data: `--data-dir/NAME.jsonl` in the layout of the public copies, else a cached download.
 Output in --out: samples.jsonl (one line per sample; `--resume` continues it), summary.json.
+
+Reproducible resume: each benchmark's samples, in order (problem, then sample index), are cut into
+chunks of --batch-size; a chunk is one generate call, seeded from (--seed, benchmark, problem id, sample
+index) of its first sample. opensir.generate samples a batch from one global RNG (one sample's tokens
+depend on the rest of its batch), so the seed is per chunk and the chunks are built from the sample keys
+alone, never from what is still missing: a resumed eval regenerates a partly written chunk whole, writes
+only its missing samples, and so equals an uninterrupted eval sample for sample (with the same --seed,
+--batch-size and --n; the same holds across torchrun ranks). Growing --n or --limit on resume adds
+samples; those are what an uninterrupted eval with the new values gives.
+
+Files in --out are never written through a symbolic link: one planted there is refused (O_NOFOLLOW).
+Ctrl-C keeps every sample written and prints the command that continues.
+
+--compare RUN ...: each benchmark's score per run, then each run's difference from the first with its
+standard error: paired by problem where both runs scored the same problems (summary.json keeps each
+problem's accuracy and a fingerprint of the problem set), unpaired otherwise; the table says which.
+--all-checkpoints: --model RUN_DIR's every complete checkpoint into OUT/ckpt-NNNNN, then one table (step x
+benchmark, also OUT/checkpoints.json); with --resume it continues, keeping checkpoints already done.
 """
 from __future__ import annotations
 

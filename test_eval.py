@@ -347,18 +347,14 @@ def test_a_link_planted_in_out_is_refused_and_its_target_untouched(tmp_path, cap
     assert target.read_text() == "precious\n" and os.path.islink(out / name)
 
 
-def test_open_out_refuses_a_link_planted_after_the_check(tmp_path):
+def test_open_out_refuses_a_link_planted_after_the_check(tmp_path, monkeypatch):
     target = tmp_path / "elsewhere.txt"
     target.write_text("precious\n")
     os.symlink(target, tmp_path / "summary.json")
-    # O_NOFOLLOW itself, below the islink check: the open refuses too
-    monkey = ev.refuse_link
-    ev.refuse_link = lambda path: None
-    try:
+    monkeypatch.setattr(ev, "refuse_link", lambda path: None)  # as if the link came after the check
+    for mode in ("w", "a"):  # O_NOFOLLOW itself refuses it
         with pytest.raises(SystemExit, match="is a symbolic link"):
-            ev.open_out(str(tmp_path / "summary.json"))
-    finally:
-        ev.refuse_link = monkey
+            ev.open_out(str(tmp_path / "summary.json"), mode)
     assert target.read_text() == "precious\n"
 
 
@@ -435,3 +431,19 @@ def test_all_checkpoints_evaluates_each_into_its_own_dir_and_prints_one_table(tm
     assert ev.main(args + ["--all-checkpoints", "--n", "1", "--resume"]) == table
     assert capsys.readouterr().out.count("0 to generate") == 2
     assert (out / "ckpt-00004" / "samples.jsonl").read_text() == before
+
+
+def test_all_checkpoints_refuses_a_link_planted_as_a_checkpoint_dir(tmp_path, capsys):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (run / "ckpt-00002").mkdir(parents=True)
+    (run / "ckpt-00002" / "state.pt").write_bytes(b"")
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(elsewhere, out / "ckpt-00002")
+    args = tiny_args(tmp_path, out)
+    args[args.index("tiny")] = str(run)
+    msg, _ = run_main(args + ["--all-checkpoints"], capsys)
+    assert f"{out / 'ckpt-00002'} is a symbolic link" in msg and os.listdir(elsewhere) == []
+    msg, _ = run_main(args[:1] + [str(tmp_path / "data")] + args[2:] + ["--all-checkpoints"], capsys)
+    assert "--all-checkpoints needs --model RUN_DIR" in msg
