@@ -73,13 +73,13 @@ class Benchmark:
 
 def as_text(value) -> Optional[str]:
     """A gold answer (or problem) as the string the checker compares, whatever JSON type a copy stores it
-    as: a string stripped; a number written plainly (70000.0 -> "70000"); a list of such parts joined with
+    as: a string as it is (if not blank); a number written plainly (70000.0 -> "70000"); a list of such parts joined with
     ", " (several parts form one answer: a set). None, an empty string or list, a bool, an object, NaN or
     infinity give None: that row has no usable value and is skipped (and counted), never scored 0."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, str):
-        return value.strip() or None
+        return value if value.strip() else None
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
@@ -92,13 +92,18 @@ def as_text(value) -> Optional[str]:
     return None
 
 
+def _stripped(value) -> Optional[str]:
+    text = as_text(value)
+    return text.strip() if text else None
+
+
 def _gsm8k_gold(row: dict) -> Optional[str]:
     """The solution text ends in `#### 70,000`; the number is the answer (a bare number is taken as is)."""
     answer = row["answer"]
     if not isinstance(answer, str):
         return as_text(answer)
     tail = answer.rsplit("####", 1)
-    return as_text(tail[1].replace(",", "")) if len(tail) == 2 else None
+    return as_text(tail[1].strip().replace(",", "")) if len(tail) == 2 else None
 
 
 def _boxed_gold(row: dict) -> Optional[str]:
@@ -117,8 +122,8 @@ BENCHMARKS = {b.name: b for b in [
               f"{QWEN}/olympiadbench/test.jsonl"),  # a list of LaTeX parts: one answer (a set)
     Benchmark("college_math", "question", "answer", lambda r: as_text(r["answer"]), f"{QWEN}/college_math/test.jsonl"),
     # AIME: 30 problems a year (I and II), integer answers 0-999 (some copies store numbers, some strings)
-    Benchmark("aime24", "problem", "answer", lambda r: as_text(r["answer"]), f"{QWEN}/aime24/test.jsonl"),
-    Benchmark("aime25", "problem", "answer", lambda r: as_text(r["answer"]),
+    Benchmark("aime24", "problem", "answer", lambda r: _stripped(r["answer"]), f"{QWEN}/aime24/test.jsonl"),
+    Benchmark("aime25", "problem", "answer", lambda r: _stripped(r["answer"]),
               "https://huggingface.co/datasets/math-ai/aime25/resolve/main/test.jsonl"),
 ]}
 
