@@ -511,7 +511,7 @@ def arg_errors(args) -> list[str]:
             errs.append(f"--{flag.replace('_', '-')} must be >= 1 (got {v})"
                         + ("; leave it out for every problem" if flag == "limit" else ""))
     if not (math.isfinite(args.temperature) and args.temperature > 0):
-        errs.append(f"--temperature must be a finite number > 0 (got {args.temperature})")
+        errs.append(f"--temperature must be > 0: need a finite --temperature (got {args.temperature})")
     if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         errs.append(f"--top-p must be in (0, 1] (got {args.top_p})")
     if args.top_k < 0:
