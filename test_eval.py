@@ -149,7 +149,7 @@ def test_score_standard_error_over_problems():
     assert (r["problems"], r["samples"]) == (3, 6)
 
 
-def test_compare(tmp_path, capsys):
+def test_compare_two_summaries_without_per_problem_scores_is_unpaired(tmp_path, capsys):
     def summary(scores):
         return {"benchmarks": {b: {"score": s, "se": 1.0} for b, s in scores.items()},
                 "average": {"score": sum(scores.values()) / len(scores), "se": 0.5}}
@@ -158,9 +158,43 @@ def test_compare(tmp_path, capsys):
     (tmp_path / "b.json").write_text(json.dumps(summary({"gsm8k": 45.5, "math500": 18.0})))
     ev.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b.json")])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split()[0] == "gsm8k" and lines[1].split()[-1] == "+5.5"
-    assert lines[2].split()[0] == "math500" and lines[2].split()[-1] == "-2.0"
-    assert lines[3].split()[0] == "average" and lines[3].split()[-1] == "+1.8"  # 31.75 - 30.0
+    assert lines[0].split() == ["benchmark", "a", "b"]  # an --out dir's name, a file's name less .json
+    assert lines[1].split() == ["gsm8k", "40.0", "±", "1.0", "45.5", "±", "1.0"]
+    diff = lines[lines.index("") + 3:]
+    # unpaired: se of the difference sqrt(1^2 + 1^2) = 1.4; the average's from the benchmarks' / 2 = 0.7
+    assert diff[0].split() == ["gsm8k", "+5.5", "±", "1.4", "u"]
+    assert diff[1].split() == ["math500", "-2.0", "±", "1.4", "u"]
+    assert diff[2].split() == ["average", "+1.8", "±", "1.0", "u"]  # 31.75 - 30.0; sqrt(2 + 2) / 2
+
+
+def scored_run(d, accs, problem_text="p"):
+    """An --out dir whose summary.json is summarize() of 2 samples a problem with the given per-problem
+    accuracies (1, .5 or 0) on gsm8k."""
+    problems = [ev.Problem("gsm8k", i, f"{problem_text}{i}", str(i)) for i in range(len(accs))]
+    samples = [{"benchmark": "gsm8k", "id": i, "sample": k, "correct": k < round(2 * a), "extracted": "1"}
+               for i, a in enumerate(accs) for k in range(2)]
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps(ev.summarize(samples, ["gsm8k"], problems)))
+    return str(d)
+
+
+def test_compare_pairs_by_problem_when_the_problems_match(tmp_path, capsys):
+    a = scored_run(tmp_path / "a", [1, .5, 0])
+    b = scored_run(tmp_path / "b", [1, 1, .5])  # same problems: paired
+    c = scored_run(tmp_path / "c", [1, 1, .5], problem_text="other")  # other problems: unpaired
+    got = ev.main(["--compare", a, b, c])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["benchmark", "a", "b", "c"]
+    assert lines[1].split() == ["gsm8k", "50.0", "±", "28.9", "83.3", "±", "16.7", "83.3", "±", "16.7"]
+    # paired: differences 0, 50, 50: mean 33.3, sd 28.87, se 28.87 / sqrt(3) = 16.67
+    # unpaired: sqrt(28.87^2 + 16.67^2) = 33.33
+    b_diff, c_diff = got["differences"]
+    assert b_diff["gsm8k"]["paired"] and b_diff["gsm8k"]["delta"] == pytest.approx(100 / 3)
+    assert b_diff["gsm8k"]["se"] == pytest.approx(50 / 3)
+    assert not c_diff["gsm8k"]["paired"] and c_diff["gsm8k"]["se"] == pytest.approx(100 / 3)
+    diff = lines[lines.index("") + 2:]
+    assert diff[0].split() == ["benchmark", "b", "-", "a", "c", "-", "a"]
+    assert diff[1].split() == ["gsm8k", "+33.3", "±", "16.7", "p", "+33.3", "±", "33.3", "u"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,3 +251,199 @@ def test_eval_tiny_end_to_end_and_resume(tmp_path, capsys):
     keys = [(s["benchmark"], s["id"], s["sample"]) for s in again]
     assert len(keys) == len(set(keys)) == len(samples) + 2
     assert again[:len(samples)] == samples
+
+
+# ------------------------------------------------------------------------------------------------
+# Reproducible resume, Ctrl-C, links in --out, bad values, wrong-typed golds, every checkpoint
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_args(tmp_path, out, *extra):
+    d = tmp_path / "data"
+    if not d.exists():
+        write_rows(d, "gsm8k", ROWS["gsm8k"])
+        write_rows(d, "math500", ROWS["math500"] * 3)
+    return ["--model", "tiny", "--data-dir", str(d), "--benchmarks", "gsm8k,math500", "--out", str(out),
+            "--max-new-tokens", "16", "--device", "cpu", "--no-download", "--n", "3", "--batch-size", "4", *extra]
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_eval(tmp_path, capsys, monkeypatch):
+    import opensir
+    whole = tmp_path / "whole"
+    ev.main(tiny_args(tmp_path, whole))
+    expected = (whole / "samples.jsonl").read_text()
+    # 4 gsm8k problems x 3 = 12 samples in chunks of 4, 3 math500 problems x 3 = 9 in chunks of 4, 4, 1
+    assert len(expected.splitlines()) == 21
+
+    real, calls = opensir.generate, []
+
+    def interrupted_on_the_third_call(*a, **k):  # Ctrl-C while the third chunk generates
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(opensir, "generate", interrupted_on_the_third_call)
+    args = tiny_args(tmp_path, cut)
+    with pytest.raises(SystemExit) as err:
+        ev.main(args)
+    assert err.value.code == 130
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("eval.py")]  # less the progress bars
+    assert "Traceback" not in err and said == [f"eval.py: interrupted; 8 samples kept in {cut / 'samples.jsonl'}. To continue: python eval.py "
+                    + " ".join(args) + " --resume"]
+    monkeypatch.setattr(opensir, "generate", real)
+    kept = (cut / "samples.jsonl").read_text().splitlines()
+    assert kept == expected.splitlines()[:8]
+    # a kill in the middle of writing a chunk: its last sample lost, the one before torn
+    (cut / "samples.jsonl").write_text("\n".join(kept[:6]) + "\n" + kept[6][:20])
+    ev.main(args + ["--resume"])
+    assert (cut / "samples.jsonl").read_text() == expected  # sample for sample, in the same order
+    assert json.loads((cut / "summary.json").read_text())["benchmarks"] == \
+        json.loads((whole / "summary.json").read_text())["benchmarks"]
+
+
+def test_ctrl_c_in_a_real_process_prints_one_line_and_its_command_continues(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = tmp_path / "out"
+    args = tiny_args(tmp_path, out, "--batch-size", "1", "--n", "12")  # 84 chunks: time to interrupt
+    proc = subprocess.Popen([sys.executable, os.path.join(here, "eval.py"), *args], cwd=here,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = out / "samples.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (path.exists() and path.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.startswith("eval.py")]  # less the progress bars
+    assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert lines[0].startswith("eval.py: interrupted; ") and " samples kept in " in lines[0]
+    command = lines[0].split("To continue: ", 1)[1]
+    assert command.startswith("python eval.py ") and command.endswith(" --resume")
+    kept = path.read_text().count("\n")
+    assert 2 <= kept < 84
+    import shlex
+    ev.main(shlex.split(command)[2:])  # the command it printed, as given
+    whole = tmp_path / "whole"
+    ev.main(tiny_args(tmp_path, whole, "--batch-size", "1", "--n", "12"))
+    assert path.read_text() == (whole / "samples.jsonl").read_text()
+
+
+@pytest.mark.parametrize("name", ["samples.jsonl", "summary.json", "settings.json", ".lock"])
+def test_a_link_planted_in_out_is_refused_and_its_target_untouched(tmp_path, capsys, name):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(target, out / name)
+    msg, _ = run_main(tiny_args(tmp_path, out), capsys)
+    assert f"{out / name} is a symbolic link" in msg and "another --out" in msg
+    assert target.read_text() == "precious\n" and os.path.islink(out / name)
+
+
+def test_open_out_refuses_a_link_planted_after_the_check(tmp_path, monkeypatch):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious\n")
+    os.symlink(target, tmp_path / "summary.json")
+    monkeypatch.setattr(ev, "refuse_link", lambda path: None)  # as if the link came after the check
+    for mode in ("w", "a"):  # O_NOFOLLOW itself refuses it
+        with pytest.raises(SystemExit, match="is a symbolic link"):
+            ev.open_out(str(tmp_path / "summary.json"), mode)
+    assert target.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--n", "0"), ("--limit", "-1"), ("--batch-size", "0"), ("--max-new-tokens", "0"), ("--temperature", "-0.5"),
+    ("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"),
+    ("--top-k", "-1"), ("--kv-cache-gib", "nan"), ("--kv-cache-gib", "-1"), ("--seed", "-1")])
+def test_bad_values_are_refused_naming_the_flag_before_anything_loads(tmp_path, capsys, flag, value):
+    # a bogus model and no data: any later check would say something else
+    msg, _ = run_main(["--model", "no/such-model", "--benchmarks", "gsm8k", "--data-dir", str(tmp_path),
+                       "--no-download", "--out", str(tmp_path / "out"), flag, value], capsys)
+    assert msg.startswith(f"eval.py: {flag} must be") and f"(got {float(value) if '.' in value or value.isalpha() else value}" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_dtype_is_refused_naming_the_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        ev.main(["--model", "tiny", "--dtype", "foo"])
+    assert err.value.code == 2 and "--dtype: invalid choice: 'foo'" in capsys.readouterr().err
+
+
+def test_wrong_typed_golds_are_coerced_or_skipped_and_counted(tmp_path, capsys):
+    rows = [{"problem": "a", "answer": 7}, {"problem": "b", "answer": 2.50}, {"problem": "c", "answer": 3.0},
+            {"problem": "d", "answer": None}, {"problem": "e", "answer": ["1", 2]}, {"problem": "f", "answer": []},
+            {"problem": "g", "answer": {"x": 1}}, {"problem": "h", "answer": True}, {"problem": None, "answer": "1"},
+            {"problem": "i", "answer": float("nan")}, {"problem": 12, "answer": " 5 "}]
+    path = tmp_path / "math500.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json writes NaN as NaN, which it reads back
+    skipped = {}
+    probs = ev.load_benchmark("math500", str(path), skipped=skipped)
+    assert [(p.id, p.problem, p.gold) for p in probs] == [
+        (0, "a", "7"), (1, "b", "2.5"), (2, "c", "3"), (4, "e", "1, 2"), (10, "12", " 5 ")]  # strings kept as they are
+    assert skipped == {"math500": 6}
+    assert "math500: skipped 6 row(s)" in capsys.readouterr().err
+    write_rows(tmp_path, "aime24", [{"problem": "p", "answer": None}, {"problem": "q", "answer": 204}])
+    assert [p.gold for p in ev.load_benchmark("aime24", str(tmp_path / "aime24.jsonl"))] == ["204"]  # never "None"
+    write_rows(tmp_path, "gsm8k", [{"question": "q", "answer": 18}, {"question": "r", "answer": ["#### 3"]}])
+    assert [(p.id, p.gold) for p in ev.load_benchmark("gsm8k", str(tmp_path / "gsm8k.jsonl"))] == [(0, "18"), (1, "#### 3")]
+    write_rows(tmp_path, "minerva_math", [{"problem": "q", "solution": 5}, {"problem": "r", "solution": "so $\\boxed{4}$"}])
+    assert [(p.id, p.gold) for p in ev.load_benchmark("minerva_math", str(tmp_path / "minerva_math.jsonl"))] == [(1, "4")]
+
+
+def test_all_checkpoints_evaluates_each_into_its_own_dir_and_prints_one_table(tmp_path, capsys):
+    import opensir
+    model, tok = opensir.load_model("tiny", device="cpu")
+    run = tmp_path / "run"
+    for step in (2, 4):
+        ck = run / f"ckpt-{step:05d}"
+        model.save_pretrained(ck)
+        tok.save_pretrained(ck)
+        (ck / "state.pt").write_bytes(b"")
+    (run / "ckpt-00006").mkdir()  # incomplete (no state.pt): left out
+    out = tmp_path / "out"
+    args = tiny_args(tmp_path, out)
+    args[args.index("tiny")] = str(run)
+    table = ev.main(args + ["--all-checkpoints", "--n", "1"])
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["checkpoints.json", "ckpt-00002", "ckpt-00004"]
+    for step in (2, 4):
+        summary = json.loads((out / f"ckpt-{step:05d}" / "summary.json").read_text())
+        assert summary["settings"]["model"] == str(run / f"ckpt-{step:05d}")
+        assert table["checkpoints"][str(step)]["gsm8k"]["score"] == summary["benchmarks"]["gsm8k"]["score"]
+        assert table["checkpoints"][str(step)]["average"] == summary["average"]
+    assert json.loads((out / "checkpoints.json").read_text()) == table
+    rows = printed[printed.index("    step"):].splitlines()
+    assert rows[0].split() == ["step", "gsm8k", "math500", "average"]
+    assert [r.split()[0] for r in rows[1:3]] == ["2", "4"]
+    g = table["checkpoints"]["2"]["gsm8k"]
+    assert rows[1].split()[1:4] == [f"{g['score']:.1f}", "±", f"{g['se']:.1f}"]
+    # the same command again refuses to clobber; with --resume nothing is regenerated
+    msg, _ = run_main(args + ["--all-checkpoints", "--n", "1"], capsys)
+    assert "pass --resume" in msg
+    before = (out / "ckpt-00004" / "samples.jsonl").read_text()
+    assert ev.main(args + ["--all-checkpoints", "--n", "1", "--resume"]) == table
+    assert capsys.readouterr().out.count("0 to generate") == 2
+    assert (out / "ckpt-00004" / "samples.jsonl").read_text() == before
+
+
+def test_all_checkpoints_refuses_a_link_planted_as_a_checkpoint_dir(tmp_path, capsys):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (run / "ckpt-00002").mkdir(parents=True)
+    (run / "ckpt-00002" / "state.pt").write_bytes(b"")
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(elsewhere, out / "ckpt-00002")
+    args = tiny_args(tmp_path, out)
+    args[args.index("tiny")] = str(run)
+    msg, _ = run_main(args + ["--all-checkpoints"], capsys)
+    assert f"{out / 'ckpt-00002'} is a symbolic link" in msg and os.listdir(elsewhere) == []
+    msg, _ = run_main(args[:1] + [str(tmp_path / "data")] + args[2:] + ["--all-checkpoints"], capsys)
+    assert "--all-checkpoints needs --model RUN_DIR" in msg
