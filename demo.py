@@ -34,6 +34,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import engines
 import opensir as O
 import runs
 import tiny as T
@@ -46,14 +47,21 @@ SETTINGS = {  # name: (temperature, top_k, top_p)
 
 # --- evaluation ------------------------------------------------------------------------------------
 
+def sample(model, tok, prompts: list, max_new_tokens: int, sampling: engines.Sampling, seed: int, step: int = 0,
+           batch: int = 256) -> list:
+    """Completions from opensir.generate on the HF engine, one seeded stream per prompt."""
+    engine = engines.HFEngine(model, O.eos_token_ids(model, tok), tok.pad_token_id, batch)
+    return O.generate(engine, tok, prompts, max_new_tokens, sampling,
+                      [O.sample_seed(seed, step, 0, 1, i) for i in range(len(prompts))])
+
+
 def evaluate(model, tok, problems: list, n: int, max_new_tokens: int, seed: int, batch: int = 256) -> dict:
     """{setting: {"mean": per-problem share of correct samples, "maj": per-problem 0/1 majority correct}}.
     problems: [(text, answer, rung)]. Answers compared by opensir's vote key (normalize_answer)."""
     out = {}
     prompts = [O.chat(tok, O.student_prompt(t)) for t, _, _ in problems for _ in range(n)]
     for name, (temp, top_k, top_p) in SETTINGS.items():
-        torch.manual_seed(seed)
-        comps = O.generate(model, tok, prompts, max_new_tokens, temp, top_k, top_p, batch)
+        comps = sample(model, tok, prompts, max_new_tokens, engines.Sampling(temp, top_k, top_p), seed, batch=batch)
         ans = [O.normalize_answer(O.final_answer(c.text)) for c in comps]
         mean, maj = [], []
         for i, (_, gold, _) in enumerate(problems):
@@ -134,8 +142,7 @@ def student_only(mode: str, seed: int, args, problems: list, log) -> dict:
             else:
                 batch = [(t, a) for t, a, _ in rng.sample(fixed, min(args.problems_per_step, len(fixed)))]
             prompts = [O.chat(tok, O.student_prompt(t)) for t, _ in batch for _ in range(cfg.student_group)]
-            comps = O.generate(policy, tok, prompts, cfg.student_max_new_tokens, cfg.temperature, cfg.top_k,
-                               cfg.top_p, 256)
+            comps = sample(policy, tok, prompts, cfg.student_max_new_tokens, O.sampling(cfg), seed, step)
             rounds, true_acc, label_ok, skipped, shares = [], [], [], 0, []
             for i, (_, gold) in enumerate(batch):
                 group = comps[i * cfg.student_group: (i + 1) * cfg.student_group]

@@ -1,4 +1,4 @@
-"""OpenSIR: Open-Ended Self-Improving Reasoner, in one file.
+"""OpenSIR: Open-Ended Self-Improving Reasoner. The method and the loop, read top to bottom.
 
 Kwan, Ong Jun Leang, Vougiouklis, Pan, Valentino, Minervini. arXiv 2511.00602 (2025).
 
@@ -9,12 +9,32 @@ Both roles are trained together with GRPO on rewards the model computes itself: 
 Two variants, one flag apart (`--recipe`, see RECIPES): `code`, the authors' released code (default),
 and `paper`, the equations of the paper's later text (v3/v4).
 
-Read top to bottom; the sections follow one round of the algorithm:
-  1. config                      6. scoring a round (rewards -> selection -> pool)
-  2. prompts and parsing         7. advantages
-  3. answers (extract, vote key)  8. log-probs and the GRPO loss
-  4. rewards                     9. models, pool, checkpoints
-  5. rollout (teacher, student) 10. the loop and main()
+The sections follow the algorithm:
+  1. config and recipes        5. rewards                     9. log-probs and the GRPO loss
+  2. prompts and parsing       6. one round                  10. the pool and the starting pool
+  3. sampling, the embedding   7. selection                  11. the loop (train)
+  4. the answer vote           8. advantages and the batch   12. main()
+Plumbing a first reading skips lives beside this file and is called by name: checker.py (answer strings,
+the evaluation checker), engines.py (generation engines), models.py (loading), parallel.py (torchrun,
+FSDP), runs.py (run directory, checkpoints, resume, Ctrl-C), cli.py (the command line).
+
+Where this code departs from the paper and the authors' code, on purpose:
+  D1. The diversity embedding is the frozen initial model's own last hidden layer, mean-pooled and
+      centred on the pool's mean (--div_embed), not a separate 7B embedding model.
+  D2. The pool grows once per step, after all its rounds (the paper's Algorithm 1); the authors' code
+      grows it after every round. Recipe code's diversity is against the step-start pool plus the
+      round's own candidates.
+  D3. Answers vote by a normalised key (checker.normalize_answer): `1/2`, `\\frac12` and `0.5` agree; the
+      authors compared strings.
+  D4. A step's rounds are generated in two calls (all teacher prompts, then all student prompts), and
+      every sequence samples from its own seeded stream: the same distribution as HF sampling, other
+      random draws, and (with --engine generate) the same rollouts on any number of processes.
+  D5. One process plays the step's 16 rounds itself; the authors ran 8 accumulation steps on 2 GPUs.
+  D6. fp32 master weights with bf16 compute on a GPU (at lr 3e-7 a bf16 weight cannot move).
+  D7. The frozen initial model serves both the KL reference and the diversity embedding.
+  D8. A round with no legal problem, or none with a score, trains nothing and goes on; a zero-variance
+      group gets advantage 0 (the authors' code crashes or divides by zero there).
+  D9. Prompts are our wording of the paper's instructions, in the user turn (Gemma has no system role).
 """
 from __future__ import annotations
 
@@ -39,8 +59,9 @@ import parallel
 import runs
 from checker import extract_boxed, final_answer, normalize_answer
 
+
 # ================================================================================================
-# 1. Config
+# 1. Config and recipes
 # ================================================================================================
 
 
@@ -141,10 +162,13 @@ TINY_DEFAULTS = dict(
     init_pool_max_rounds=4, lr=1e-5, warmup_steps=0, save_every=1, beta=0.04, gen_batch=256,
     train_micro_batch=16, threads=1,  # one thread: small matmuls gain nothing from two, and lose a lot on a busy machine
 )
+
+
 # The toy world (`--model toy`, tiny.py): for showing learning on a CPU (demo.py). Longer worked
 # solutions than the tiny model's, and more student groups per step.
 TOY_DEFAULTS = dict(TINY_DEFAULTS, rounds_per_step=4, student_max_new_tokens=64, lr=1e-4)
 SMALL_MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "toy": TOY_DEFAULTS}  # the built-in models' smaller numbers
+
 
 # The two OpenSIRs (SPEC "Two recipes"): the authors' released code, which produced the paper's first
 # results, and the paper's later text (arXiv 2511.00602 v3/v4). Each row of that table is a Config field,
@@ -152,12 +176,16 @@ SMALL_MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "toy": TOY_DEFAULTS}  # the built
 # own defaults, so each value is written once.
 RECIPE_FIELDS = ("solve_rate_over", "tent_floor", "div_mode", "teacher_format", "student_format", "select_key",
                  "select_scope", "warmup_steps", "start_pool")
+
+
 RECIPES = {
     "code": {k: getattr(Config, k) for k in RECIPE_FIELDS},
     "paper": dict(solve_rate_over="group", tent_floor="group", div_mode="nearest", teacher_format="tags",
                   student_format="boxed", select_key="total", select_scope="step", warmup_steps=20,
                   start_pool="seed"),
 }
+
+
 # What each field may be, written once, next to the fields; cli.table_errors applies them and names the
 # flag in each message. A bound is ">= x", "> x" or an interval "[a, b]", "(a, b]", "[a, b)".
 CHOICES = dict(
@@ -166,6 +194,8 @@ CHOICES = dict(
     select_key=("combined", "total"), select_scope=("round", "step"), start_pool=("grow", "seed"),
     loss_agg=("token", "sequence", "role", "constant"), div_embed=("center", "raw"), dtype=("auto", "bf16", "fp32"),
     engine=("auto", *engines.ENGINES), device=("auto", "cuda", "cpu"))
+
+
 BOUNDS = {
     **dict.fromkeys(("teacher_group", "student_group"), ">= 2"),  # a group of one has no variance
     **dict.fromkeys(("n_refs", "rounds_per_step", "updates_per_rollout", "steps", "save_every", "teacher_max_new_tokens",
@@ -179,6 +209,8 @@ BOUNDS = {
     "temperature": "> 0",  # log-probs are divided by it
     "seed": "[0, 4294967296)",  # what numpy accepts
 }
+
+
 # A flag that only acts under another setting: typing it without that setting is refused, not ignored.
 NEEDS = {"select_teacher_frac": ("select_scope", "step"), "select_student_frac": ("select_scope", "step"),
          "div_topk": ("div_mode", "topk"), "init_pool_size": ("start_pool", "grow"),
@@ -208,6 +240,7 @@ def config_rules(cfg: Config, given: Optional[dict] = None) -> list:
 # Our wording of the paper's instructions. Everything goes in the user turn: Gemma has no system
 # role, and one code path for all models keeps forks simple.
 
+
 TEACHER_PROMPT = """Here is a maths problem:
 
 {problem}
@@ -219,12 +252,14 @@ First, inside <think>...</think>, explain how your problem differs conceptually 
 Then write your problem inside <problem>...</problem>. Finally, list at most three maths concepts \
 needed to solve it, comma separated, inside <concepts>...</concepts>."""
 
+
 STUDENT_PROMPT = """Solve the following maths problem. Reason step by step, and finish with a final \
 line of exactly this form:
 Therefore, the final answer is: $\\boxed{{ANSWER}}$
 where ANSWER is your final answer.
 
 Problem: {problem}"""
+
 
 FINAL_LINE_RE = re.compile(r"^Therefore, the final answer is: \$\\boxed\{.+\}\$\.?$")
 
@@ -275,6 +310,14 @@ def parse_teacher(text: str) -> TeacherOutput:
     return TeacherOutput(problem, concepts, _tag(text, "think") is not None, problem_ok and concepts_ok)
 
 
+def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
+    """parse_teacher, except with --random_init, where every output counts as a legal problem so that
+    benchmarks of random weights run the student phase at full size."""
+    if cfg.random_init:
+        return TeacherOutput(text.strip() or "?", ["random weights"], False, True)
+    return parse_teacher(text)
+
+
 def has_final_line(solution: str) -> bool:
     """Student format: the last non-empty line is the asked 'Therefore, the final answer is' line."""
     lines = [ln.strip() for ln in solution.strip().splitlines() if ln.strip()]
@@ -294,18 +337,114 @@ def student_format_reward(solution: str, mode: str) -> float:
 
 
 # ================================================================================================
-# 3. Answers: extraction and the vote key
+# 3. Sampling and the embedding
+# ================================================================================================
+# HF model.generate samples both roles (engines.HFEngine; faster engines that sample the same distribution
+# sit behind --engine). Every sequence has its own seed, so where and with what it is batched changes nothing.
+
+
+@dataclass
+class Completion:
+    prompt_ids: list  # prompt tokens (chat-formatted)
+    ids: list  # completion tokens up to and including the first EOS (all of them if truncated)
+    text: str  # decoded completion, special tokens dropped
+    truncated: bool  # hit max_new_tokens before any EOS
+
+
+def eos_token_ids(model, tokenizer) -> list:
+    """Every token that ends a turn: chat models stop on an end-of-turn token, not only on EOS."""
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def cut_at_eos(ids: list, eos_ids: list) -> tuple:
+    """(ids up to and including the first EOS, truncated?). The mask comes from here, never from pad ids:
+    many tokenizers use EOS as pad, so `ids != pad` would drop the EOS the model must learn to emit."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1], False
+    return ids, True
+
+
+def pad_batch(seqs: list, pad_id: int, left: bool = False) -> tuple:
+    """(ids, attention mask), both (B, L), the mask built from lengths (a pad id can be a real token).
+    Left padding for generation: every prompt ends where sampling starts. Right padding for forward
+    passes: real tokens keep positions 0..n-1 whatever else is in the batch."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, span] = torch.tensor(s, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def round_seed(seed: int, step: int, rnd: int) -> int:
+    """The seed of one round's references: a function of (seed, step, round) alone, so the round draws the
+    same whichever rank plays it and however many ranks there are, and a resume needs no RNG state."""
+    return int(np.random.SeedSequence([seed, step, rnd]).generate_state(1)[0])
+
+
+def sample_seed(seed: int, step: int, rnd: int, role: int, i: int, j: int = 0) -> int:
+    """The seed of one sampled sequence (role 0: teacher output i; 1: student solution j of candidate i).
+    Each sequence draws from its own stream (engines.seeded_sampler), so a step's one big generation call
+    samples what per-round calls would, on any number of ranks. Step 0: the starting pool."""
+    return int(np.random.SeedSequence([seed, step, rnd, role, i, j]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sampling(cfg: Config) -> engines.Sampling:
+    """Both roles sample at the training temperature, top-k and top-p; log-probs are taken at the same T."""
+    return engines.Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def generate(engine, tokenizer, prompts: list, max_new_tokens: int, sampling: engines.Sampling, seeds: list,
+             desc: str = "") -> list:
+    """One Completion per chat-formatted prompt. The engine (engines.py; HFEngine runs HF model.generate)
+    returns raw token ids; the completion is cut at the first of the model's EOS ids, and its mask comes
+    from there. seeds: one per prompt (sample_seed)."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # the template has BOS
+    out = []
+    for prompt_ids, gen in zip(encoded, engine.generate(encoded, max_new_tokens, sampling, seeds, desc)):
+        ids, truncated = cut_at_eos(gen, engine.eos_ids)
+        out.append(Completion(prompt_ids, ids, tokenizer.decode(ids, skip_special_tokens=True), truncated))
+    return out
+
+
+@torch.no_grad()
+
+
+def embed_texts(model, tokenizer, texts: list, batch_size: int = 64) -> torch.Tensor:
+    """Diversity embedding: the last hidden layer mean-pooled over the text's tokens (no chat
+    template, padding excluded), fp32 on the CPU, (n, d). Normalisation happens when comparing."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = [tokenizer(t, add_special_tokens=True)["input_ids"] or [tokenizer.pad_token_id]
+               for t in texts[i: i + batch_size]]
+        ids, mask = pad_batch(enc, tokenizer.pad_token_id)  # (b, L) each
+        h = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (b, L, d)
+        m = mask.to(device).unsqueeze(-1).to(h.dtype)  # (b, L, 1)
+        out.append(((h * m).sum(1) / m.sum(1)).float().cpu())  # (b, d)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+# ================================================================================================
+# 4. The answer vote
 # ================================================================================================
 # The vote key (checker.normalize_answer) is string work only, cheap and deterministic: `1/2`, `\dfrac12`
 # and `0.5` land on one key (an exact fraction), a trailing unit word or `\text{}` goes, `x = 5` meets `5`,
 # and an answer too long to be real gets no key. A student's answer is its last \boxed{} (final_answer).
 # The machinery, and the evaluation checker built on the same clean-up, live in checker.py.
-# (imported at the top: extract_boxed, final_answer, normalize_answer)
-
-
-# ================================================================================================
-# 4. Rewards
-# ================================================================================================
 
 
 def majority_vote(answers: list, over: str = "parsed") -> tuple:
@@ -324,14 +463,19 @@ def majority_vote(answers: list, over: str = "parsed") -> tuple:
     return majority, best / len(parsed if over == "parsed" else answers), len(parsed)
 
 
-def band_y_min(group: int, lo: float, hi: float, floor: str = "band") -> float:
+# ================================================================================================
+# 5. Rewards
+# ================================================================================================
+
+
+def tent_floor(group: int, lo: float, hi: float, rule: str = "band") -> float:
     """The tent's value at the band edges.
 
-    code  (floor="band"):  y_min = 1 / |{k/G : k = 1..G, lo <= k/G <= hi}|; with G = 8 and [0.5, 0.9] the
+    code  (rule="band"):  y_min = 1 / |{k/G : k = 1..G, lo <= k/G <= hi}|; with G = 8 and [0.5, 0.9] the
                            reachable rates are 4/8..7/8, so y_min = 1/4.
-    paper (floor="group"): y_min = 1/G = 1/8.
+    paper (rule="group"): y_min = 1/G = 1/8.
     """
-    if floor == "group":
+    if rule == "group":
         return 1.0 / group
     n = sum(1 for k in range(1, group + 1) if in_band(k / group, lo, hi))
     return 1.0 / max(n, 1)
@@ -342,10 +486,10 @@ def in_band(s: float, lo: float, hi: float) -> bool:
     return lo - 1e-9 <= s <= hi + 1e-9
 
 
-def solvability_reward(s: float, group: int, lo: float, hi: float, floor: str = "band") -> float:
+def solvability_reward(s: float, group: int, lo: float, hi: float, rule: str = "band") -> float:
     """R_solv(s) = 1 - (1 - y_min) |s - m| / (m - lo) for lo <= s <= hi, else 0;  m = (lo + hi) / 2.
 
-    y_min from band_y_min: code 1/#{k/G in band}; paper (Eq. 2, eta = (1 - 1/G)/(m - lo)) 1/G.
+    y_min = tent_floor: code 1/#{k/G in band}; paper (Eq. 2, eta = (1 - 1/G)/(m - lo)) 1/G.
     A tent on the difficulty band: problems the student solves about m of the time score 1, ones it
     always or rarely agrees on score 0, so the teacher is pushed to the edge of the student's ability.
     """
@@ -354,7 +498,7 @@ def solvability_reward(s: float, group: int, lo: float, hi: float, floor: str = 
     m = (lo + hi) / 2
     if m - lo < 1e-12:  # a zero-width band: any rate in it is the peak
         return 1.0
-    return 1.0 - (1.0 - band_y_min(group, lo, hi, floor)) * abs(s - m) / (m - lo)
+    return 1.0 - (1.0 - tent_floor(group, lo, hi, rule)) * abs(s - m) / (m - lo)
 
 
 def length_reward(solution_lengths: list, cap: int) -> float:
@@ -424,70 +568,7 @@ def student_rewards(answers: list, majority: Optional[str], formats: list, cfg: 
 
 
 # ================================================================================================
-# 5. Rollout: teacher and student
-# ================================================================================================
-
-
-@dataclass
-class Completion:
-    prompt_ids: list  # prompt tokens (chat-formatted)
-    ids: list  # completion tokens up to and including the first EOS (all of them if truncated)
-    text: str  # decoded completion, special tokens dropped
-    truncated: bool  # hit max_new_tokens before any EOS
-
-
-def eos_token_ids(model, tokenizer) -> list:
-    """Every token that ends a turn: chat models stop on an end-of-turn token, not only on EOS."""
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def cut_at_eos(ids: list, eos_ids: list) -> tuple:
-    """(ids up to and including the first EOS, truncated?). The mask comes from here, never from pad ids:
-    many tokenizers use EOS as pad, so `ids != pad` would drop the EOS the model must learn to emit."""
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[: i + 1], False
-    return ids, True
-
-
-def pad_batch(seqs: list, pad_id: int, left: bool = False) -> tuple:
-    """(ids, attention mask), both (B, L), the mask built from lengths (a pad id can be a real token).
-    Left padding for generation: every prompt ends where sampling starts. Right padding for forward
-    passes: real tokens keep positions 0..n-1 whatever else is in the batch."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        span = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[row, span] = torch.tensor(s, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
-
-
-def sampling(cfg: Config) -> engines.Sampling:
-    """Both roles sample at the training temperature, top-k and top-p; log-probs are taken at the same T."""
-    return engines.Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
-
-
-def generate(engine, tokenizer, prompts: list, max_new_tokens: int, sampling: engines.Sampling, seeds: list,
-             desc: str = "") -> list:
-    """One Completion per chat-formatted prompt. The engine (engines.py; HFEngine runs HF model.generate)
-    returns raw token ids; the completion is cut at the first of the model's EOS ids, and its mask comes
-    from there. seeds: one per prompt (sample_seed)."""
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # the template has BOS
-    out = []
-    for prompt_ids, gen in zip(encoded, engine.generate(encoded, max_new_tokens, sampling, seeds, desc)):
-        ids, truncated = cut_at_eos(gen, engine.eos_ids)
-        out.append(Completion(prompt_ids, ids, tokenizer.decode(ids, skip_special_tokens=True), truncated))
-    return out
-
-
-# ================================================================================================
-# 6. Scoring a round
+# 6. One round: teacher, student, scores
 # ================================================================================================
 
 
@@ -508,7 +589,7 @@ class Candidate:
     fmt: float = 0.0
     reward: float = 0.0  # R_T
     student_rewards: list = field(default_factory=list)  # R_S per solution
-    combined: float = 0.0  # the ranking key (select_key): w_solv R_solv + w_div R_div (code) or R_T (paper)
+    rank_key: float = 0.0  # the ranking key (select_key): w_solv R_solv + w_div R_div (code) or R_T (paper)
     embedding: Optional[torch.Tensor] = None  # raw mean-pooled hidden state (d,)
 
     @property
@@ -539,30 +620,75 @@ def score_candidates(cands: list, pool_emb: Optional[torch.Tensor], cfg: Config)
             c.div = d
     for c in legal:
         c.reward = teacher_total(c.solv, c.div, c.length, c.fmt, cfg)
-        c.combined = c.reward if cfg.select_key == "total" else cfg.w_solv * c.solv + cfg.w_div * c.div
+        c.rank_key = c.reward if cfg.select_key == "total" else cfg.w_solv * c.solv + cfg.w_div * c.div
 
 
-def group_spread(combined: np.ndarray, scored: np.ndarray) -> np.ndarray:
+def play_rounds(engine, frozen, tokenizer, pool: Pool, rounds_refs: dict, step: int, cfg: Config,
+                timers: Counter, pool_before: Optional[torch.Tensor] = None) -> dict:
+    """Rounds of self-play in two generation calls: every round's teacher prompts at once, then every legal
+    problem's G student prompts at once; then each round is scored on its own. rounds_refs: round -> its
+    reference indices into the pool. pool_before: the pool's embeddings at the step's start (div_mode
+    nearest). Returns round -> its n_refs * g Candidates, grouped by reference (group = index into refs)."""
+    g, G, t0 = cfg.teacher_group, cfg.student_group, time.perf_counter()
+    keys = [(rnd, i) for rnd, refs in rounds_refs.items() for i in range(len(refs) * g)]
+    outs = generate(engine, tokenizer, [chat(tokenizer, teacher_prompt(pool.problems[rounds_refs[rnd][i // g]]))
+                                        for rnd, i in keys], cfg.teacher_max_new_tokens, sampling(cfg),
+                    [sample_seed(cfg.seed, step, rnd, 0, i) for rnd, i in keys], "teacher")
+    cands = {rnd: [] for rnd in rounds_refs}
+    for (rnd, i), o in zip(keys, outs):
+        cands[rnd].append(Candidate(i // g, o, parse_candidate(o.text, cfg)))
+    legal = [(rnd, i, c) for rnd, cs in cands.items() for i, c in enumerate(cs) if c.parsed.legal]
+    t1 = time.perf_counter()
+    sols = generate(engine, tokenizer, [chat(tokenizer, student_prompt(c.parsed.problem)) for *_, c in legal for _ in range(G)],
+                    cfg.student_max_new_tokens, sampling(cfg),
+                    [sample_seed(cfg.seed, step, rnd, 1, i, j) for rnd, i, _ in legal for j in range(G)], "student")
+    for k, (_, _, c) in enumerate(legal):
+        c.solutions = sols[k * G: (k + 1) * G]
+        c.answers = [normalize_answer(final_answer(s.text)) for s in c.solutions]
+        if cfg.random_init:  # random weights box nothing: their last words vote, so the student phase trains at full size
+            c.answers = [a if a is not None else (s.text.split() or ["?"])[-1] for a, s in zip(c.answers, c.solutions)]
+    t2 = time.perf_counter()
+    nearest = cfg.div_mode == "nearest" and pool_before is not None
+    for rnd, cs in cands.items():
+        mine = [c for c in cs if c.parsed.legal]
+        if mine and cfg.w_div > 0:
+            for c, e in zip(mine, embed_texts(frozen, tokenizer, [c.parsed.problem for c in mine])):
+                c.embedding = e
+        score_candidates(cs, pool_before if nearest else pool.embeddings, cfg)
+    timers["teacher_gen"] += t1 - t0
+    timers["student_gen"] += t2 - t1
+    timers["teacher_tokens"] += sum(len(o.ids) for o in outs)
+    timers["student_tokens"] += sum(len(s.ids) for s in sols)
+    timers["scoring"] += time.perf_counter() - t2
+    return cands
+
+
+# ================================================================================================
+# 7. Selection: which groups are trained
+# ================================================================================================
+
+
+def group_spread(rank_key: np.ndarray, scored: np.ndarray) -> np.ndarray:
     """Var of the ranking key within each reference group, over the members that have a score (both
     recipes, as the authors compute it); -1 for a group with none, so it ranks last.
-    combined, scored: (n_groups, g) -> (n_groups,)."""
-    out = np.full(combined.shape[0], -1.0)
-    for i, (row, ok) in enumerate(zip(combined, scored.astype(bool))):
+    rank_key, scored: (n_groups, g) -> (n_groups,)."""
+    out = np.full(rank_key.shape[0], -1.0)
+    for i, (row, ok) in enumerate(zip(rank_key, scored.astype(bool))):
         if ok.any():
             out[i] = row[ok].var()
     return out
 
 
-def select_teacher_group(combined: np.ndarray, scored: np.ndarray) -> int:
+def select_teacher_group(rank_key: np.ndarray, scored: np.ndarray) -> int:
     """Recipe code, per round: argmax_j Var{key_i : i in group j, i scored}, the most informative group
     for GRPO (first among ties); groups with no scored member rank last."""
-    return int(np.argmax(group_spread(combined, scored)))
+    return int(np.argmax(group_spread(rank_key, scored)))
 
 
 def select_student_problem(cands: list) -> Optional[int]:
     """Recipe code, per round: argmax_i key_i over the scored candidates (first among ties), or None."""
     ok = [i for i, c in enumerate(cands) if c.scored]
-    return max(ok, key=lambda i: cands[i].combined) if ok else None
+    return max(ok, key=lambda i: cands[i].rank_key) if ok else None
 
 
 def select_step(rounds_cands: list, g: int, teacher_frac: float, student_frac: float) -> list:
@@ -572,10 +698,10 @@ def select_step(rounds_cands: list, g: int, teacher_frac: float, student_frac: f
     Returns, per round, (kept teacher groups, kept candidate indices)."""
     spread, keys = [], []
     for r, cands in enumerate(rounds_cands):
-        sp = group_spread(np.array([c.combined for c in cands]).reshape(-1, g),
+        sp = group_spread(np.array([c.rank_key for c in cands]).reshape(-1, g),
                           np.array([c.scored for c in cands]).reshape(-1, g))
         spread += [(v, r, j) for j, v in enumerate(sp)]
-        keys += [(c.combined, r, i) for i, c in enumerate(cands) if c.scored]
+        keys += [(c.rank_key, r, i) for i, c in enumerate(cands) if c.scored]
     n_groups = len(spread)
     top_t = sorted(range(n_groups), key=lambda k: -spread[k][0])[: max(1, round(teacher_frac * n_groups))]
     top_s = sorted(range(len(keys)), key=lambda k: -keys[k][0])[: max(1, round(student_frac * n_groups))]
@@ -593,7 +719,7 @@ def select_for_training(rounds_cands: list, cfg: Config) -> list:
         return select_step(rounds_cands, cfg.teacher_group, cfg.select_teacher_frac, cfg.select_student_frac)
     g, chosen = cfg.teacher_group, []
     for cands in rounds_cands:
-        group = select_teacher_group(np.array([c.combined for c in cands]).reshape(-1, g),
+        group = select_teacher_group(np.array([c.rank_key for c in cands]).reshape(-1, g),
                                      np.array([c.scored for c in cands]).reshape(-1, g))  # (n_refs, g) each
         best = select_student_problem(cands)
         chosen.append(([group], [] if best is None else [best]))
@@ -601,7 +727,7 @@ def select_for_training(rounds_cands: list, cfg: Config) -> list:
 
 
 # ================================================================================================
-# 7. Advantages
+# 8. Advantages and the batch
 # ================================================================================================
 
 
@@ -614,11 +740,6 @@ def group_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     mean = rewards.mean(dim=1, keepdim=True)  # (n, 1)
     std = rewards.std(dim=1, keepdim=True)  # (n, 1), needs group_size >= 2 (Config.validate)
     return (rewards - mean) / (std + eps)  # (n, G)
-
-
-# ================================================================================================
-# 8. Log-probs and the GRPO loss
-# ================================================================================================
 
 
 @dataclass
@@ -657,6 +778,42 @@ def concepts_mask(tokenizer, ids: list) -> list:
 
     a, b = first_token_reaching(start), first_token_reaching(end - 1)
     return [0 if a <= i <= b else 1 for i in range(len(ids))]
+
+
+def round_seqs(cands: list, groups: list, students: list, tokenizer, cfg: Config) -> list:
+    """TrainSeqs of one round's chosen groups with their advantages: each chosen teacher group whole
+    (illegal members train with reward 0), and the G solutions of each chosen problem."""
+    g, seqs = cfg.teacher_group, []
+    for group in (groups if cfg.train_teacher else []):  # frozen teacher: no teacher groups
+        members = cands[group * g: (group + 1) * g]
+        adv_t = group_advantages(torch.tensor([[c.reward for c in members]], dtype=torch.float64), cfg.adv_eps)[0]
+        seqs += [TrainSeq(c.completion.prompt_ids, c.completion.ids, concepts_mask(tokenizer, c.completion.ids),
+                          float(a), "teacher") for c, a in zip(members, adv_t)]
+    for i in students:
+        c = cands[i]
+        adv_s = group_advantages(torch.tensor([c.student_rewards], dtype=torch.float64), cfg.adv_eps)[0]
+        seqs += [TrainSeq(s.prompt_ids, s.ids, [1] * len(s.ids), float(a), "student")
+                 for s, a in zip(c.solutions, adv_s)]
+    return seqs
+
+
+def training_batch(rounds_cands: list, tokenizer, cfg: Config, mine: Optional[range] = None) -> tuple:
+    """Selection and advantages for a step. Returns (the loss's rounds: lists of TrainSeqs, per round
+    (chosen teacher groups, chosen candidate indices), and the sequences of the rounds in `mine`: what
+    this rank trains; all of them when mine is None). Per-round selection keeps one loss term per round
+    (L = mean over rounds, the authors' TRL behaviour); per-step selection is one batch, one token mean
+    over all its sequences. Every rank holds every round's scores, so every rank selects the same."""
+    chosen = select_for_training(rounds_cands, cfg)
+    rounds = [round_seqs(cands, groups, studs, tokenizer, cfg) for cands, (groups, studs) in zip(rounds_cands, chosen)]
+    own = [s for r, seqs in enumerate(rounds) if mine is None or r in mine for s in seqs]
+    if cfg.select_scope == "step":
+        rounds = [[s for r in rounds for s in r]]
+    return rounds, chosen, own
+
+
+# ================================================================================================
+# 9. Log-probs and the GRPO loss
+# ================================================================================================
 
 
 def set_loss_weights(rounds: list, agg: str, max_new_tokens: int) -> None:
@@ -748,33 +905,78 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: Option
     return -surrogate + beta * kl, kl
 
 
+def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, autocast_dtype,
+             guard: Optional[runs.StepGuard] = None, own: Optional[list] = None) -> dict:
+    """updates_per_rollout optimiser steps on one batch of rounds. L = mean over rounds of L_round.
+    Several ranks: the weights come from all the step's rounds, each rank backpropagates only `own` (its
+    rounds' sequences), and the gradients are summed across ranks before the one clip: the sum of the
+    ranks' losses is L itself, so the step equals one process's up to float summation order."""
+    set_loss_weights(rounds, cfg.loss_agg, max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens))
+    seqs = sorted(own if own is not None else (s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
+    trained = any(len(r) for r in rounds)  # the same on every rank: `rounds` holds the whole step's sequences
+    batches = [seqs[i: i + cfg.train_micro_batch] for i in range(0, len(seqs), cfg.train_micro_batch)]
+    if cfg.fsdp and parallel.active() is not None:  # FSDP gathers in every pass: all ranks run the same number of them
+        most = torch.tensor([len(batches)], device=next(policy.parameters()).device)
+        parallel.dist_call("all_reduce", most, parallel.active().ReduceOp.MAX)
+        batches += [[TrainSeq([0], [0], [0], 0.0, "teacher")] for _ in range(int(most) - len(batches))]  # weight 0
+    with torch.no_grad():  # fixed targets of this rollout: reference and (for mu > 1) old log-probs
+        for mb in batches:
+            if frozen is not None and cfg.beta > 0:
+                for s, lp in zip(mb, sequence_logprobs(frozen, mb, cfg.temperature, cfg.logprob_chunk)):
+                    s.ref_logp = lp
+            if cfg.updates_per_rollout > 1:
+                for s, lp in zip(mb, sequence_logprobs(policy, mb, cfg.temperature, cfg.logprob_chunk, autocast_dtype)):
+                    s.old_logp = lp
+    policy.train()
+    stats = Counter()
+    for _ in range(cfg.updates_per_rollout):
+        optimizer.zero_grad(set_to_none=True)
+        for mb in batches:
+            logps = sequence_logprobs(policy, mb, cfg.temperature, cfg.logprob_chunk, autocast_dtype)
+            loss = 0.0
+            for s, lp in zip(mb, logps):
+                old = s.old_logp if s.old_logp is not None else lp.detach()
+                l_t, kl_t = grpo_token_loss(lp, old, s.ref_logp, s.advantage, cfg.clip_eps, cfg.beta)  # (T,)
+                m = torch.tensor(s.mask, dtype=l_t.dtype, device=l_t.device)  # (T,)
+                loss = loss + s.weight * (l_t * m).sum()
+                with torch.no_grad():
+                    stats["kl_sum"] += float((kl_t * m).sum())
+                    stats["tokens"] += float(m.sum())
+                    clipped = ((torch.exp(lp - old) - 1).abs() > cfg.clip_eps).float()  # (T,)
+                    stats["clipped"] += float((clipped * m).sum())
+            loss.backward()
+            stats["loss"] += float(loss.detach())
+        if not trained:  # nothing selected anywhere: gradients stay None as in one process, so AdamW moves nothing
+            grad_norm = torch.zeros(())
+        elif cfg.fsdp:  # FSDP has reduce-scattered (summed) the sharded ones; the whole ones are summed here
+            from torch.distributed.tensor import DTensor
+            parallel.sum_gradients([p for p in policy.parameters() if not isinstance(p, DTensor)])
+            grad_norm = parallel.clip_gradients(list(policy.parameters()), cfg.max_grad_norm)
+        else:
+            parallel.sum_gradients(list(policy.parameters()))
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if guard is not None:
+            guard.begin()  # from the first weight update until the step is recorded, Ctrl-C waits
+        optimizer.step()
+        scheduler.step()
+        stats["grad_norm"] += float(grad_norm)
+    optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next generation phase
+    policy.eval()
+    if parallel.active() is not None:  # the step's loss, KL and clip share over every rank's tokens
+        keys = ("loss", "kl_sum", "tokens", "clipped")
+        total = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=next(policy.parameters()).device)
+        parallel.dist_call("all_reduce", total)
+        for k, v in zip(keys, total.tolist()):
+            stats[k] = v  # (Counter.update would add)
+    n = cfg.updates_per_rollout
+    return {"loss": stats["loss"] / n, "kl": stats["kl_sum"] / max(stats["tokens"], 1),
+            "clip_frac": stats["clipped"] / max(stats["tokens"], 1), "grad_norm": stats["grad_norm"] / n,
+            "lr": scheduler.get_last_lr()[0]}
+
+
 # ================================================================================================
-# 9. Models and checkpoints
+# 10. The pool and the starting pool
 # ================================================================================================
-
-
-PROMPTS = (teacher_prompt, student_prompt)  # what the built-in tiny and toy models learn to answer (tiny.py)
-
-
-def load_model(name_or_path: str, **kwargs):
-    """models.load_model: (model, tokenizer) on the device, in eval mode; builds --model tiny or toy on PROMPTS."""
-    return models.load_model(name_or_path, prompts=PROMPTS, **kwargs)
-
-
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts: list, batch_size: int = 64) -> torch.Tensor:
-    """Diversity embedding: the last hidden layer mean-pooled over the text's tokens (no chat
-    template, padding excluded), fp32 on the CPU, (n, d). Normalisation happens when comparing."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = [tokenizer(t, add_special_tokens=True)["input_ids"] or [tokenizer.pad_token_id]
-               for t in texts[i: i + batch_size]]
-        ids, mask = pad_batch(enc, tokenizer.pad_token_id)  # (b, L) each
-        h = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (b, L, d)
-        m = mask.to(device).unsqueeze(-1).to(h.dtype)  # (b, L, 1)
-        out.append(((h * m).sum(1) / m.sum(1)).float().cpu())  # (b, d)
-    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 @dataclass
@@ -797,108 +999,6 @@ class Pool:
 
     def state(self) -> dict:
         return {"problems": self.problems, "concepts": self.concepts, "embeddings": self.embeddings}
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def round_seed(seed: int, step: int, rnd: int) -> int:
-    """The seed of one round's references: a function of (seed, step, round) alone, so the round draws the
-    same whichever rank plays it and however many ranks there are, and a resume needs no RNG state."""
-    return int(np.random.SeedSequence([seed, step, rnd]).generate_state(1)[0])
-
-
-def sample_seed(seed: int, step: int, rnd: int, role: int, i: int, j: int = 0) -> int:
-    """The seed of one sampled sequence (role 0: teacher output i; 1: student solution j of candidate i).
-    Each sequence draws from its own stream (engines.seeded_sampler), so a step's one big generation call
-    samples what per-round calls would, on any number of ranks. Step 0: the starting pool."""
-    return int(np.random.SeedSequence([seed, step, rnd, role, i, j]).generate_state(1, np.uint64)[0] >> 1)
-
-
-# ================================================================================================
-# 10. The loop and main()
-# ================================================================================================
-
-def parse_candidate(text: str, cfg: Config) -> TeacherOutput:
-    """parse_teacher, except with --random_init, where every output counts as a legal problem so that
-    benchmarks of random weights run the student phase at full size."""
-    if cfg.random_init:
-        return TeacherOutput(text.strip() or "?", ["random weights"], False, True)
-    return parse_teacher(text)
-
-
-def play_rounds(engine, frozen, tokenizer, pool: Pool, rounds_refs: dict, step: int, cfg: Config,
-                timers: Counter, pool_before: Optional[torch.Tensor] = None) -> dict:
-    """Rounds of self-play in two generation calls: every round's teacher prompts at once, then every legal
-    problem's G student prompts at once; then each round is scored on its own. rounds_refs: round -> its
-    reference indices into the pool. pool_before: the pool's embeddings at the step's start (div_mode
-    nearest). Returns round -> its n_refs * g Candidates, grouped by reference (group = index into refs)."""
-    g, G, t0 = cfg.teacher_group, cfg.student_group, time.perf_counter()
-    keys = [(rnd, i) for rnd, refs in rounds_refs.items() for i in range(len(refs) * g)]
-    outs = generate(engine, tokenizer, [chat(tokenizer, teacher_prompt(pool.problems[rounds_refs[rnd][i // g]]))
-                                        for rnd, i in keys], cfg.teacher_max_new_tokens, sampling(cfg),
-                    [sample_seed(cfg.seed, step, rnd, 0, i) for rnd, i in keys], "teacher")
-    cands = {rnd: [] for rnd in rounds_refs}
-    for (rnd, i), o in zip(keys, outs):
-        cands[rnd].append(Candidate(i // g, o, parse_candidate(o.text, cfg)))
-    legal = [(rnd, i, c) for rnd, cs in cands.items() for i, c in enumerate(cs) if c.parsed.legal]
-    t1 = time.perf_counter()
-    sols = generate(engine, tokenizer, [chat(tokenizer, student_prompt(c.parsed.problem)) for *_, c in legal for _ in range(G)],
-                    cfg.student_max_new_tokens, sampling(cfg),
-                    [sample_seed(cfg.seed, step, rnd, 1, i, j) for rnd, i, _ in legal for j in range(G)], "student")
-    for k, (_, _, c) in enumerate(legal):
-        c.solutions = sols[k * G: (k + 1) * G]
-        c.answers = [normalize_answer(final_answer(s.text)) for s in c.solutions]
-        if cfg.random_init:  # random weights box nothing: their last words vote, so the student phase trains at full size
-            c.answers = [a if a is not None else (s.text.split() or ["?"])[-1] for a, s in zip(c.answers, c.solutions)]
-    t2 = time.perf_counter()
-    nearest = cfg.div_mode == "nearest" and pool_before is not None
-    for rnd, cs in cands.items():
-        mine = [c for c in cs if c.parsed.legal]
-        if mine and cfg.w_div > 0:
-            for c, e in zip(mine, embed_texts(frozen, tokenizer, [c.parsed.problem for c in mine])):
-                c.embedding = e
-        score_candidates(cs, pool_before if nearest else pool.embeddings, cfg)
-    timers["teacher_gen"] += t1 - t0
-    timers["student_gen"] += t2 - t1
-    timers["teacher_tokens"] += sum(len(o.ids) for o in outs)
-    timers["student_tokens"] += sum(len(s.ids) for s in sols)
-    timers["scoring"] += time.perf_counter() - t2
-    return cands
-
-
-def round_seqs(cands: list, groups: list, students: list, tokenizer, cfg: Config) -> list:
-    """TrainSeqs of one round's chosen groups with their advantages: each chosen teacher group whole
-    (illegal members train with reward 0), and the G solutions of each chosen problem."""
-    g, seqs = cfg.teacher_group, []
-    for group in (groups if cfg.train_teacher else []):  # frozen teacher: no teacher groups
-        members = cands[group * g: (group + 1) * g]
-        adv_t = group_advantages(torch.tensor([[c.reward for c in members]], dtype=torch.float64), cfg.adv_eps)[0]
-        seqs += [TrainSeq(c.completion.prompt_ids, c.completion.ids, concepts_mask(tokenizer, c.completion.ids),
-                          float(a), "teacher") for c, a in zip(members, adv_t)]
-    for i in students:
-        c = cands[i]
-        adv_s = group_advantages(torch.tensor([c.student_rewards], dtype=torch.float64), cfg.adv_eps)[0]
-        seqs += [TrainSeq(s.prompt_ids, s.ids, [1] * len(s.ids), float(a), "student")
-                 for s, a in zip(c.solutions, adv_s)]
-    return seqs
-
-
-def training_batch(rounds_cands: list, tokenizer, cfg: Config, mine: Optional[range] = None) -> tuple:
-    """Selection and advantages for a step. Returns (the loss's rounds: lists of TrainSeqs, per round
-    (chosen teacher groups, chosen candidate indices), and the sequences of the rounds in `mine`: what
-    this rank trains; all of them when mine is None). Per-round selection keeps one loss term per round
-    (L = mean over rounds, the authors' TRL behaviour); per-step selection is one batch, one token mean
-    over all its sequences. Every rank holds every round's scores, so every rank selects the same."""
-    chosen = select_for_training(rounds_cands, cfg)
-    rounds = [round_seqs(cands, groups, studs, tokenizer, cfg) for cands, (groups, studs) in zip(rounds_cands, chosen)]
-    own = [s for r, seqs in enumerate(rounds) if mine is None or r in mine for s in seqs]
-    if cfg.select_scope == "step":
-        rounds = [[s for r in rounds for s in r]]
-    return rounds, chosen, own
 
 
 def add_to_pool(pool: Pool, cands: list, cfg: Config) -> None:
@@ -972,76 +1072,58 @@ def grow_starting_pool(engine, frozen, tokenizer, cfg: Config, log) -> Pool:
     return pool
 
 
-def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, autocast_dtype,
-             guard: Optional[runs.StepGuard] = None, own: Optional[list] = None) -> dict:
-    """updates_per_rollout optimiser steps on one batch of rounds. L = mean over rounds of L_round.
-    Several ranks: the weights come from all the step's rounds, each rank backpropagates only `own` (its
-    rounds' sequences), and the gradients are summed across ranks before the one clip: the sum of the
-    ranks' losses is L itself, so the step equals one process's up to float summation order."""
-    set_loss_weights(rounds, cfg.loss_agg, max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens))
-    seqs = sorted(own if own is not None else (s for r in rounds for s in r), key=lambda s: -(len(s.prompt_ids) + len(s.ids)))
-    trained = any(len(r) for r in rounds)  # the same on every rank: `rounds` holds the whole step's sequences
-    batches = [seqs[i: i + cfg.train_micro_batch] for i in range(0, len(seqs), cfg.train_micro_batch)]
-    if cfg.fsdp and parallel.active() is not None:  # FSDP gathers in every pass: all ranks run the same number of them
-        most = torch.tensor([len(batches)], device=next(policy.parameters()).device)
-        parallel.dist_call("all_reduce", most, parallel.active().ReduceOp.MAX)
-        batches += [[TrainSeq([0], [0], [0], 0.0, "teacher")] for _ in range(int(most) - len(batches))]  # weight 0
-    with torch.no_grad():  # fixed targets of this rollout: reference and (for mu > 1) old log-probs
-        for mb in batches:
-            if frozen is not None and cfg.beta > 0:
-                for s, lp in zip(mb, sequence_logprobs(frozen, mb, cfg.temperature, cfg.logprob_chunk)):
-                    s.ref_logp = lp
-            if cfg.updates_per_rollout > 1:
-                for s, lp in zip(mb, sequence_logprobs(policy, mb, cfg.temperature, cfg.logprob_chunk, autocast_dtype)):
-                    s.old_logp = lp
-    policy.train()
-    stats = Counter()
-    for _ in range(cfg.updates_per_rollout):
-        optimizer.zero_grad(set_to_none=True)
-        for mb in batches:
-            logps = sequence_logprobs(policy, mb, cfg.temperature, cfg.logprob_chunk, autocast_dtype)
-            loss = 0.0
-            for s, lp in zip(mb, logps):
-                old = s.old_logp if s.old_logp is not None else lp.detach()
-                l_t, kl_t = grpo_token_loss(lp, old, s.ref_logp, s.advantage, cfg.clip_eps, cfg.beta)  # (T,)
-                m = torch.tensor(s.mask, dtype=l_t.dtype, device=l_t.device)  # (T,)
-                loss = loss + s.weight * (l_t * m).sum()
-                with torch.no_grad():
-                    stats["kl_sum"] += float((kl_t * m).sum())
-                    stats["tokens"] += float(m.sum())
-                    clipped = ((torch.exp(lp - old) - 1).abs() > cfg.clip_eps).float()  # (T,)
-                    stats["clipped"] += float((clipped * m).sum())
-            loss.backward()
-            stats["loss"] += float(loss.detach())
-        if not trained:  # nothing selected anywhere: gradients stay None as in one process, so AdamW moves nothing
-            grad_norm = torch.zeros(())
-        elif cfg.fsdp:  # FSDP has reduce-scattered (summed) the sharded ones; the whole ones are summed here
-            from torch.distributed.tensor import DTensor
-            parallel.sum_gradients([p for p in policy.parameters() if not isinstance(p, DTensor)])
-            grad_norm = parallel.clip_gradients(list(policy.parameters()), cfg.max_grad_norm)
-        else:
-            parallel.sum_gradients(list(policy.parameters()))
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        if guard is not None:
-            guard.begin()  # from the first weight update until the step is recorded, Ctrl-C waits
-        optimizer.step()
-        scheduler.step()
-        stats["grad_norm"] += float(grad_norm)
-    optimizer.zero_grad(set_to_none=True)  # free gradient memory before the next generation phase
-    policy.eval()
-    if parallel.active() is not None:  # the step's loss, KL and clip share over every rank's tokens
-        keys = ("loss", "kl_sum", "tokens", "clipped")
-        total = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=next(policy.parameters()).device)
-        parallel.dist_call("all_reduce", total)
-        for k, v in zip(keys, total.tolist()):
-            stats[k] = v  # (Counter.update would add)
-    n = cfg.updates_per_rollout
-    return {"loss": stats["loss"] / n, "kl": stats["kl_sum"] / max(stats["tokens"], 1),
-            "clip_frac": stats["clipped"] / max(stats["tokens"], 1), "grad_norm": stats["grad_norm"] / n,
-            "lr": scheduler.get_last_lr()[0]}
+# ================================================================================================
+# 11. The loop
+# ================================================================================================
+PROMPTS = (teacher_prompt, student_prompt)  # what the built-in tiny and toy models learn to answer (tiny.py)
 
 
-def step_metrics(step: int, rounds_cands: list, rounds: list, chosen: list, pool: Pool, cfg: Config, opt: dict,
+def load_model(name_or_path: str, **kwargs):
+    """models.load_model: (model, tokenizer) on the device, in eval mode; builds --model tiny or toy on PROMPTS."""
+    return models.load_model(name_or_path, prompts=PROMPTS, **kwargs)
+
+
+def load_models(cfg: Config, resume_from: Optional[str]) -> tuple:
+    """(policy, frozen, sampler, tokenizer). policy: fp32 master weights (at lr 3e-7 a bf16 weight cannot
+    move), from the checkpoint on resume. frozen: the initial weights in the compute dtype, never trained,
+    for the KL term and the diversity embedding (None when neither is on). sampler: what generates, the
+    policy itself in fp32, else a compute-dtype copy refreshed after every update."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    load = dict(device=cfg.device, attn=cfg.attn, seed=cfg.seed)
+    policy, tokenizer = load_model(resume_from or cfg.model, dtype="fp32",
+                                   random_init=cfg.random_init and not resume_from, **load)
+    frozen = None
+    if cfg.beta > 0 or cfg.w_div > 0:
+        frozen, _ = load_model(cfg.model, dtype=cfg.dtype, random_init=cfg.random_init, **load)
+        frozen.requires_grad_(False)
+    device = models.pick_device(cfg.device)
+    cdtype = models.compute_dtype(device, cfg.dtype)
+    sampler = policy
+    if cdtype != torch.float32 or cfg.fsdp:  # --fsdp: the policy is sharded; generation needs it whole
+        import copy
+        sampler = copy.deepcopy(policy).to(cdtype).requires_grad_(False)
+    if device.type == "cuda" and cfg.grad_ckpt:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.fsdp:
+        parallel.shard_policy(policy)
+    return policy, frozen, sampler, tokenizer
+
+
+def make_optimizer(policy, cfg: Config) -> tuple:
+    """AdamW, and a linear warm-up reaching lr at step `warmup_steps`, then constant (lr/warmup on the first
+    step, not 0, so the first step's rollouts are not thrown away)."""
+    groups = list(policy.parameters())
+    if cfg.fsdp:  # sharded and whole parameters in separate groups: AdamW's foreach kernels take no mix
+        from torch.distributed.tensor import DTensor
+        groups = [{"params": [p for p in groups if isinstance(p, DTensor) == d]} for d in (True, False)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    return optimizer, scheduler
+
+
+def step_metrics(step: int, rounds_cands: list, rounds: list, chosen: list, pool: Pool, cfg: Config, update: dict,
                  timers: Counter) -> dict:
     """One metrics.jsonl line: every reward component by role, solve-rate histogram, lengths, costs."""
     cands = [c for cs in rounds_cands for c in cs]
@@ -1053,7 +1135,7 @@ def step_metrics(step: int, rounds_cands: list, rounds: list, chosen: list, pool
     hist = np.histogram([c.solve_rate for c in legal if c.n_parsed], bins=10, range=(0, 1))[0]
     peak = runs.peak_memory_gib()
     return {
-        "step": step, "recipe": cfg.recipe, **opt,
+        "step": step, "recipe": cfg.recipe, **update,
         "teacher/legal_rate": len(legal) / max(len(cands), 1),
         "teacher/reward": mean([c.reward for c in cands]),
         "teacher/solvability": mean([c.solv for c in legal]),
@@ -1096,46 +1178,6 @@ def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, groups: list
             "teacher_output": c.completion.text,
         })
     return rows
-
-
-def load_models(cfg: Config, resume_from: Optional[str]) -> tuple:
-    """(policy, frozen, sampler, tokenizer). policy: fp32 master weights (at lr 3e-7 a bf16 weight cannot
-    move), from the checkpoint on resume. frozen: the initial weights in the compute dtype, never trained,
-    for the KL term and the diversity embedding (None when neither is on). sampler: what generates, the
-    policy itself in fp32, else a compute-dtype copy refreshed after every update."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    load = dict(device=cfg.device, attn=cfg.attn, seed=cfg.seed)
-    policy, tokenizer = load_model(resume_from or cfg.model, dtype="fp32",
-                                   random_init=cfg.random_init and not resume_from, **load)
-    frozen = None
-    if cfg.beta > 0 or cfg.w_div > 0:
-        frozen, _ = load_model(cfg.model, dtype=cfg.dtype, random_init=cfg.random_init, **load)
-        frozen.requires_grad_(False)
-    device = models.pick_device(cfg.device)
-    cdtype = models.compute_dtype(device, cfg.dtype)
-    sampler = policy
-    if cdtype != torch.float32 or cfg.fsdp:  # --fsdp: the policy is sharded; generation needs it whole
-        import copy
-        sampler = copy.deepcopy(policy).to(cdtype).requires_grad_(False)
-    if device.type == "cuda" and cfg.grad_ckpt:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.fsdp:
-        parallel.shard_policy(policy)
-    return policy, frozen, sampler, tokenizer
-
-
-def make_optimizer(policy, cfg: Config) -> tuple:
-    """AdamW, and a linear warm-up reaching lr at step `warmup_steps`, then constant (lr/warmup on the first
-    step, not 0, so the first step's rollouts are not thrown away)."""
-    groups = list(policy.parameters())
-    if cfg.fsdp:  # sharded and whole parameters in separate groups: AdamW's foreach kernels take no mix
-        from torch.distributed.tensor import DTensor
-        groups = [{"params": [p for p in groups if isinstance(p, DTensor) == d]} for d in (True, False)]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    return optimizer, scheduler
 
 
 def train(cfg: Config) -> str:
@@ -1187,7 +1229,7 @@ def train(cfg: Config) -> str:
 
             rounds, chosen, own = training_batch(rounds_cands, tokenizer, cfg, run.mine)  # selection, advantages
             t0 = time.perf_counter()
-            opt = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard, own)
+            update = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard, own)
             engine.update(policy)  # the next step samples from the updated weights
             timers["train"] += time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
@@ -1195,12 +1237,19 @@ def train(cfg: Config) -> str:
             rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
                     for row in problem_rows(step, rnd, [pool.problems[r] for r in refs], cands,
                                             groups if cfg.train_teacher else [], studs)]
-            run.log_step(step, step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, opt, timers), rows)
+            run.log_step(step, step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, update, timers), rows)
             run.end_step(step)  # what Ctrl-C saves from now; a checkpoint every --save_every
     return run.finish()
 
 
-# --- command line: generated from Config, help text from its field comments ----------------------
+# ================================================================================================
+# 12. main()
+# ================================================================================================
+
+
+def config_from_args(argv: Optional[list] = None) -> Config:
+    """The Config of a command line (cli.config_from_args: flags > small-model defaults > recipe > defaults)."""
+    return cli.config_from_args(argv, Config, RECIPES, RECIPE_FIELDS, SMALL_MODEL_DEFAULTS)
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -1224,11 +1273,6 @@ def main(argv: Optional[list] = None) -> None:
         raise SystemExit(f"disk full while writing {err.filename or cfg.out} ({err.strerror}). Free some space, "
                          f"then continue with --resume (the newest complete checkpoint: "
                          f"{runs.latest_checkpoint(cfg.out)}).") from None
-
-
-def config_from_args(argv: Optional[list] = None) -> Config:
-    """The Config of a command line (cli.config_from_args: flags > small-model defaults > recipe > defaults)."""
-    return cli.config_from_args(argv, Config, RECIPES, RECIPE_FIELDS, SMALL_MODEL_DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def dist_call(name: str, *args):
     return args[0] if name.endswith("_object") or name.endswith("_object_list") else None
 
 
-def _slim(c):
+def without_prompts(c):
     """A candidate to send to the other ranks: without prompt tokens (they only train their own rounds)."""
     return dataclasses.replace(c, completion=dataclasses.replace(c.completion, prompt_ids=[]),
                                solutions=[dataclasses.replace(s, prompt_ids=[]) for s in c.solutions])
@@ -113,7 +113,7 @@ def share_rounds(mine: dict, n_rounds: int) -> list:
     """Every round's candidates, in round order, on every rank; a rank keeps its own rounds as they are."""
     if active() is None:
         return [mine[r] for r in range(n_rounds)]
-    parts = dist_call("all_gather_object", [None] * active().get_world_size(), {r: [_slim(c) for c in cs] for r, cs in mine.items()})
+    parts = dist_call("all_gather_object", [None] * active().get_world_size(), {r: [without_prompts(c) for c in cs] for r, cs in mine.items()})
     every = {r: cs for part in parts for r, cs in part.items()}
     return [mine.get(r, every[r]) for r in range(n_rounds)]
 

@@ -172,7 +172,7 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-CONFIG_RUN_ONLY = {"out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
+MAY_CHANGE_ON_RESUME = {"out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
                    "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout", "threads", "engine",
                    "kv_cache_gib"}  # may change between a run and its resume
 
@@ -268,7 +268,7 @@ def prepare_out(cfg) -> Optional[str]:
         except ValueError as err:
             raise SystemExit(f"{cfg_path} is damaged ({err}); restore it or choose another --out") from None
         diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in CONFIG_RUN_ONLY and saved.get(k) != v}
+                if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v}
         if diff:
             raise SystemExit(f"{cfg.out} holds a run with a different config; refusing to touch it. "
                              "Differences (saved, now): " + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items()))
@@ -321,7 +321,7 @@ class Run:
         errors = parallel.dist_errors(cfg)
         if errors:
             raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
-        parallel.dist_init(cfg, CONFIG_RUN_ONLY)
+        parallel.dist_init(cfg, MAY_CHANGE_ON_RESUME)
         self.cfg, (self.rank, self.world) = cfg, parallel.dist_env()
         resume_from = why = None
         if self.rank == 0:
