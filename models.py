@@ -172,3 +172,104 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto", att
 def cache_root() -> str:
     """Where the project keeps what it builds or downloads: $OPENSIR_CACHE, else ~/.cache/opensir."""
     return os.environ.get("OPENSIR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "opensir")
+
+
+# ------------------------------------------------------------------------------------------------
+# The memory plan: what a run will hold on its device, computed from the model's config before loading.
+# ------------------------------------------------------------------------------------------------
+PLAN_PROMPT_TOKENS = 1024  # the paper's prompt budget: a generous stand-in for prompt lengths not yet known
+PLAN_HEADROOM = 0.92  # share of the device a plan may fill (the allocator, CUDA context and fragmentation take the rest)
+
+
+def architecture_config(name: str, random_init: bool = False):
+    """The transformers config of a model, without loading weights or touching the network: the written-down
+    ARCHITECTURES for short names, config.json for a local directory or a hub id already in the cache;
+    None when it is not at hand (and for the built-in tiny and toy models, too small to plan)."""
+    from transformers import AutoConfig
+    if name in ARCHITECTURES:
+        arch = dict(ARCHITECTURES[name])
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+    if random_init or name in ("tiny", "toy"):
+        return None
+    try:
+        return AutoConfig.from_pretrained(MODELS.get(name, name), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def count_parameters(config) -> int:
+    """The exact parameter count of the model a config builds (instantiated on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def kv_bytes(config, dtype_bytes: int) -> int:
+    """Bytes of keys and values one token holds across all layers."""
+    cfg = config.get_text_config()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * dtype_bytes
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """All memory of the device: the GPU's total, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return 16 << 30
+
+
+def memory_plan(cfg, config, world: int = 1) -> list:
+    """[(item, bytes, how it was computed)] for one process of a run of `config` under `cfg` (a Config).
+    Weights, gradients and AdamW are counted exactly; the KV cache and activations are computed bounds."""
+    n = count_parameters(config)
+    text = config.get_text_config()
+    cuda = pick_device(cfg.device).type == "cuda"
+    cd = 4 if compute_dtype(pick_device(cfg.device), cfg.dtype) == torch.float32 else 2
+    shard = world if cfg.fsdp else 1
+    seq = PLAN_PROMPT_TOKENS + max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens)
+    plan = [("policy weights (fp32)", 4 * n // shard, f"{n:,} parameters x 4 bytes" + (f" / {shard}" if shard > 1 else "")),
+            ("gradients (fp32)", 4 * n // shard, "as the weights"),
+            ("AdamW moments (fp32)", 8 * n // shard, "two per parameter")]
+    if cfg.beta > 0 or cfg.w_div > 0:
+        plan.append(("frozen reference", cd * n, f"{n:,} x {cd} bytes (--beta and --w_div use it)"))
+    if cd != 4 or cfg.fsdp or cfg.engine == "vllm":
+        plan.append(("sampler weights", cd * n, f"the generation copy, {cd} bytes a parameter"))
+    if cfg.engine == "continuous" or (cfg.engine in ("auto", "vllm") and cuda and cfg.kv_cache_gib):
+        kv = int(cfg.kv_cache_gib * 2**30)
+        plan.append(("KV cache", kv, f"--kv_cache_gib {cfg.kv_cache_gib}" if kv else "sized from free memory at start"))
+    else:
+        kv = kv_bytes(config, cd) * cfg.gen_batch * seq
+        plan.append(("KV cache", kv, f"--gen_batch {cfg.gen_batch} sequences x {seq} tokens x "
+                                     f"{kv_bytes(config, cd):,} bytes a token"))
+    acts = cfg.train_micro_batch * seq * text.hidden_size * text.num_hidden_layers * cd
+    logits = 3 * cfg.logprob_chunk * text.vocab_size * 4
+    plan.append(("training activations", acts + logits,
+                 f"--train_micro_batch {cfg.train_micro_batch} x {seq} tokens x hidden {text.hidden_size} x "
+                 f"{text.num_hidden_layers} layers (checkpointed), + --logprob_chunk {cfg.logprob_chunk} x vocab logits"))
+    return plan
+
+
+def check_memory(cfg, log, world: int = 1) -> None:
+    """Print the memory plan before anything loads, and refuse (SystemExit naming the flags to change) a
+    run that cannot fit on its GPU."""
+    config = architecture_config(cfg.model, cfg.random_init)
+    if config is None:
+        return
+    device = pick_device(cfg.device)
+    plan, have = memory_plan(cfg, config, world), device_memory_bytes(device)
+    total = sum(b for _, b, _ in plan)
+    log(f"memory plan on {device} ({have / 2**30:.0f} GiB): " + ", ".join(f"{k} {b / 2**30:.1f}" for k, b, _ in plan)
+        + f"; total {total / 2**30:.1f} GiB")
+    if device.type == "cuda" and total > PLAN_HEADROOM * have:
+        biggest = sorted(plan, key=lambda p: -p[1])[:3]
+        raise SystemExit(
+            f"this run needs about {total / 2**30:.1f} GiB on {device} and the device has {have / 2**30:.1f} GiB:\n  "
+            + "\n  ".join(f"{k}: {b / 2**30:.1f} GiB ({how})" for k, b, how in biggest)
+            + "\nLower --gen_batch or set --kv_cache_gib (KV cache), lower --train_micro_batch (activations), "
+              "--beta 0 --w_div 0 (no frozen reference), or shard with torchrun --fsdp.")

@@ -1184,6 +1184,7 @@ def train(cfg: Config) -> str:
     """The whole method (the paper's Algorithm 1). cfg: a validated Config (config_from_args). Returns the
     path of the final checkpoint."""
     run = runs.Run(cfg, PROMPTS)  # processes, --out and the checkpoint to resume: checked before loading
+    models.check_memory(cfg, run.log, run.world)  # the memory plan, from the model's config; refused if it cannot fit
     policy, frozen, sampler, tokenizer = load_models(cfg, run.resume_from)
     optimizer, scheduler = make_optimizer(policy, cfg)
     device = models.pick_device(cfg.device)
