@@ -356,10 +356,87 @@ class ContinuousEngine(HFEngine):
                                    kv_cache_gib=self.kv_cache_gib, log=self.log, desc=desc)
 
 
+class VLLMEngine:
+    """`--engine vllm`: vLLM in this process, sharing the GPU with training (the pattern of TRL's colocate
+    mode), an optional extra (requirements-vllm.txt). It is built with dummy weights and takes the policy's
+    weights by a push after every optimiser step (load_weights), so it replaces the compute-dtype sampler
+    copy. Around training it sleeps (level 2: weights and KV cache freed); `update` retakes the weights
+    memory and pushes, `wake` retakes the KV cache. Every request carries its own seed, the run's
+    temperature, top-k and top-p, and every EOS id as a stop token; token ids come back, cut at the first
+    EOS by opensir.generate as for the other engines. `llm`: an object with vLLM's LLM interface (tests)."""
+    name = "vllm"
+
+    def __init__(self, path: str, eos_ids: list, pad_id: int, max_model_len: int, gpu_memory: float,
+                 seed: int = 0, dtype: str = "bfloat16", log: Callable = print, llm=None):
+        self.eos_ids, self.pad_id, self.log = eos_ids, pad_id, log
+        if llm is None:
+            import os
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights pass by reference
+            from vllm import LLM
+            llm = LLM(model=path, dtype=dtype, load_format="dummy", enable_sleep_mode=True, seed=seed,
+                      gpu_memory_utilization=gpu_memory, max_model_len=max_model_len, enable_prefix_caching=False)
+        self.llm, self.asleep, self.weights_current = llm, False, False
+
+    def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "") -> list:
+        if not prompts:
+            return []
+        if not self.weights_current:
+            raise RuntimeError("--engine vllm: generate before the policy's weights were pushed (update)")
+        self.wake()
+        from vllm import SamplingParams
+        greedy = sampling.greedy
+        params = [SamplingParams(n=1, temperature=0.0 if greedy else sampling.temperature,
+                                 top_k=(sampling.top_k or -1) if not greedy else -1,
+                                 top_p=1.0 if greedy else sampling.top_p, max_tokens=max_new_tokens, seed=s,
+                                 stop_token_ids=list(self.eos_ids), detokenize=False) for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=bool(desc))
+        result = []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            if c.finish_reason == "stop" and (not ids or ids[-1] not in self.eos_ids):
+                ids.append(c.stop_reason if isinstance(c.stop_reason, int) else self.eos_ids[0])  # a stop token vLLM held back
+            result.append(ids)
+        return result
+
+    def update(self, policy) -> None:
+        """Push the policy's weights (whole, one parameter at a time under --fsdp) into vLLM's model."""
+        from torch.distributed.tensor import DTensor
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        weights = [(name, (p.full_tensor() if isinstance(p, DTensor) else p).detach())
+                   for name, p in policy.named_parameters()]
+        self.llm.apply_model(lambda model: model.load_weights(weights))
+        self.llm.reset_prefix_cache()
+        self.weights_current = True
+
+    def sleep(self) -> None:
+        if not self.asleep:
+            self.llm.sleep(level=2)  # weights and KV cache freed: the weights come back by update's push
+            self.asleep, self.weights_current = True, False
+
+    def wake(self) -> None:
+        if self.asleep:
+            if not self.weights_current:
+                raise RuntimeError("--engine vllm: woken before the policy's weights were pushed (update)")
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+
+
+def vllm_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
 def make_engine(name: str, model, eos_ids: list, pad_id: int, batch_size: int, kv_cache_gib: float = 0.0,
-                log: Callable = print):
-    """The engine `name` ("auto" resolved by resolve_engine) over `model`, the generation copy of the policy."""
-    if resolve_engine(name, model) == "continuous":
+                log: Callable = print, path: str = "", max_model_len: int = 0, gpu_memory: float = 0.3,
+                seed: int = 0):
+    """The engine `name` ("auto" resolved by resolve_engine) over `model`, the generation copy of the policy;
+    vLLM builds its own copy of `path` and takes the policy's weights by push (push them before generating)."""
+    chosen = resolve_engine(name, model)
+    if chosen == "vllm":
+        return VLLMEngine(path, eos_ids, pad_id, max_model_len, gpu_memory, seed, log=log)
+    if chosen == "continuous":
         return ContinuousEngine(model, eos_ids, pad_id, kv_cache_gib, log)
     return HFEngine(model, eos_ids, pad_id, batch_size, log)
 
@@ -373,15 +450,22 @@ def is_oom(err: BaseException) -> bool:
 # longest member ends. "auto" picks per device, by measurement (README, "Generation engines"); on CUDA
 # `generate` until a GPU has measured the two side by side.
 ENGINES = {"generate": "HF model.generate, padded batches of --gen_batch",
-           "continuous": "transformers continuous batching, paged KV cache (engines.py)"}
+           "continuous": "transformers continuous batching, paged KV cache (engines.py)",
+           "vllm": "vLLM in this process, weights pushed after every step (pip install -r requirements-vllm.txt)"}
 
 
 AUTO_ENGINE = {"cpu": "continuous", "cuda": "generate"}
 
 
 def resolve_engine(engine: str, model) -> str:
-    """The engine that runs `model`: "auto" by device, falling back to `generate` where the continuous
-    engine would change the model's distribution (Gemma-2's soft-capping); asked for, that is an error."""
+    """The engine that runs `model`: "auto" by device (vLLM on a GPU where it is installed), falling back to
+    `generate` where the continuous engine would change the model's distribution (Gemma-2's soft-capping);
+    asked for, that is an error."""
+    if engine == "vllm" or (engine == "auto" and model.device.type == "cuda" and vllm_available()):
+        if model.device.type != "cuda" or not vllm_available():
+            raise ValueError("--engine vllm needs a CUDA GPU and `pip install -r requirements-vllm.txt`; "
+                             "use --engine generate")
+        return "vllm"
     if engine == "generate" or (engine == "auto" and AUTO_ENGINE.get(model.device.type) != "continuous"):
         return "generate"
     refusal = softcap_refusal(model)

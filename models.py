@@ -229,7 +229,6 @@ def memory_plan(cfg, config, world: int = 1) -> list:
     Weights, gradients and AdamW are counted exactly; the KV cache and activations are computed bounds."""
     n = count_parameters(config)
     text = config.get_text_config()
-    cuda = pick_device(cfg.device).type == "cuda"
     cd = 4 if compute_dtype(pick_device(cfg.device), cfg.dtype) == torch.float32 else 2
     shard = world if cfg.fsdp else 1
     seq = PLAN_PROMPT_TOKENS + max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens)
@@ -238,21 +237,28 @@ def memory_plan(cfg, config, world: int = 1) -> list:
             ("AdamW moments (fp32)", 8 * n // shard, "two per parameter")]
     if cfg.beta > 0 or cfg.w_div > 0:
         plan.append(("frozen reference", cd * n, f"{n:,} x {cd} bytes (--beta and --w_div use it)"))
-    if cd != 4 or cfg.fsdp or cfg.engine == "vllm":
+    if cfg.engine == "vllm":
+        share = int(cfg.vllm_gpu_memory * device_memory_bytes(pick_device(cfg.device)))
+        plan.append(("vLLM weights and KV cache", share, f"--vllm_gpu_memory {cfg.vllm_gpu_memory} of the device"))
+        return plan + _training_activations(cfg, text, seq, cd)
+    if cd != 4 or cfg.fsdp:
         plan.append(("sampler weights", cd * n, f"the generation copy, {cd} bytes a parameter"))
-    if cfg.engine == "continuous" or (cfg.engine in ("auto", "vllm") and cuda and cfg.kv_cache_gib):
+    if cfg.engine == "continuous":
         kv = int(cfg.kv_cache_gib * 2**30)
         plan.append(("KV cache", kv, f"--kv_cache_gib {cfg.kv_cache_gib}" if kv else "sized from free memory at start"))
     else:
         kv = kv_bytes(config, cd) * cfg.gen_batch * seq
         plan.append(("KV cache", kv, f"--gen_batch {cfg.gen_batch} sequences x {seq} tokens x "
                                      f"{kv_bytes(config, cd):,} bytes a token"))
+    return plan + _training_activations(cfg, text, seq, cd)
+
+
+def _training_activations(cfg, text, seq: int, cd: int) -> list:
     acts = cfg.train_micro_batch * seq * text.hidden_size * text.num_hidden_layers * cd
     logits = 3 * cfg.logprob_chunk * text.vocab_size * 4
-    plan.append(("training activations", acts + logits,
-                 f"--train_micro_batch {cfg.train_micro_batch} x {seq} tokens x hidden {text.hidden_size} x "
-                 f"{text.num_hidden_layers} layers (checkpointed), + --logprob_chunk {cfg.logprob_chunk} x vocab logits"))
-    return plan
+    return [("training activations", acts + logits,
+             f"--train_micro_batch {cfg.train_micro_batch} x {seq} tokens x hidden {text.hidden_size} x "
+             f"{text.num_hidden_layers} layers (checkpointed), + --logprob_chunk {cfg.logprob_chunk} x vocab logits")]
 
 
 def check_memory(cfg, log, world: int = 1) -> None:

@@ -139,8 +139,9 @@ class Config:
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no full-vocab tensor for the batch)
     grad_ckpt: bool = True  # gradient checkpointing (on cuda)
     random_init: bool = False  # random weights from the architecture in models.MODELS (no download)
-    engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache); "auto": engines.AUTO_ENGINE by device
+    engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache), "vllm"; "auto": vllm on a GPU where installed, else engines.AUTO_ENGINE
     kv_cache_gib: float = 0.0  # cap on the continuous engine's KV cache in GiB (0: sized from free memory)
+    vllm_gpu_memory: float = 0.3  # --engine vllm: share of the GPU its weights and KV cache may take (training keeps the rest)
     # several processes (torchrun --nproc_per_node N): rounds of a step shared out across N ranks
     dist_timeout: int = 1800  # seconds a rank waits for the others at a collective before the run stops (a rank that died)
     train_teacher: bool = True  # False: the frozen-teacher ablation (teacher groups get no gradient)
@@ -205,7 +206,7 @@ BOUNDS = {
                      "clip_eps", "lr", "init_pool_size", "warmup_steps", "max_grad_norm", "threads", "top_k",
                      "init_pool_min_chars", "kv_cache_gib"), ">= 0"),
     **dict.fromkeys(("band_lo", "band_hi"), "[0, 1]"),
-    **dict.fromkeys(("top_p", "select_teacher_frac", "select_student_frac"), "(0, 1]"),
+    **dict.fromkeys(("top_p", "select_teacher_frac", "select_student_frac", "vllm_gpu_memory"), "(0, 1]"),
     "temperature": "> 0",  # log-probs are divided by it
     "seed": "[0, 4294967296)",  # what numpy accepts
 }
@@ -1100,7 +1101,8 @@ def load_models(cfg: Config, resume_from: Optional[str]) -> tuple:
     device = models.pick_device(cfg.device)
     cdtype = models.compute_dtype(device, cfg.dtype)
     sampler = policy
-    if cdtype != torch.float32 or cfg.fsdp:  # --fsdp: the policy is sharded; generation needs it whole
+    vllm = cfg.engine == "vllm" or (cfg.engine == "auto" and device.type == "cuda" and engines.vllm_available())
+    if (cdtype != torch.float32 or cfg.fsdp) and not vllm:  # --fsdp: the policy is sharded; generation needs it whole
         import copy
         sampler = copy.deepcopy(policy).to(cdtype).requires_grad_(False)
     if device.type == "cuda" and cfg.grad_ckpt:
@@ -1192,13 +1194,17 @@ def train(cfg: Config) -> str:
     autocast_dtype = cdtype if cdtype != torch.float32 else None
     eos_ids = eos_token_ids(sampler, tokenizer)
     try:
-        engine = engines.make_engine(cfg.engine, sampler, eos_ids, tokenizer.pad_token_id, cfg.gen_batch,
-                                     cfg.kv_cache_gib, run.log)
+        engine = engines.make_engine(
+            cfg.engine, sampler, eos_ids, tokenizer.pad_token_id, cfg.gen_batch, cfg.kv_cache_gib, run.log,
+            path=cfg.model if cfg.random_init else models.resolve_model(cfg.model, PROMPTS), seed=cfg.seed,
+            max_model_len=models.PLAN_PROMPT_TOKENS + max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens),
+            gpu_memory=cfg.vllm_gpu_memory)
     except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
         raise SystemExit(str(err))
     run.log(f"model {cfg.model}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters on {device}, "
             f"compute {cdtype}, reference model {'yes' if frozen is not None else 'no'}, engine {engine.name}")
 
+    engine.update(policy)  # the engine samples from the policy's weights (vLLM: pushed into its own copy)
     set_seed(cfg.seed)  # after loading: building the tiny model or initialising weights draws random numbers
     start, saved_pool = run.start(policy, optimizer, scheduler)  # on resume: optimizer, scheduler, RNG
     if saved_pool is not None:
