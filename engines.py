@@ -281,17 +281,33 @@ def seeded_sampler(sampling: Sampling, seeds: list, start: int):
 
 class HFEngine:
     """`--engine generate`: HF model.generate on left-padded batches of `batch_size` prompts sorted by length
-    (less padding), KV cache, every EOS id stops a row; a batch that runs out of memory is halved and rerun."""
+    (less padding), KV cache, every EOS id stops a row; a batch that runs out of memory is halved and rerun.
+
+    compile_width > 0 (--compile): the decode step is compiled (transformers' own torch.compile of the
+    forward, CUDA graphs on a GPU) over a static KV cache. Every batch is padded to `batch_size` rows and its
+    prompts to `compile_width` tokens, so the shapes never change and nothing recompiles whatever the prompt
+    widths (one graph per token budget); a longer prompt runs eagerly. Greedy output equals the eager path."""
     name = "generate"
 
-    def __init__(self, model, eos_ids: list, pad_id: int, batch_size: int, log: Callable = print):
+    def __init__(self, model, eos_ids: list, pad_id: int, batch_size: int, log: Callable = print,
+                 compile_width: int = 0, compile_backend: str = "inductor"):
         self.model, self.eos_ids, self.pad_id, self.batch_size, self.log = model, eos_ids, pad_id, batch_size, log
+        self.compile_width, self.compile_backend = compile_width, compile_backend  # backend: "aot_eager" in tests
+
+    def _compiled(self, width: int, max_new_tokens: int) -> dict:
+        """generate() arguments for the compiled path, or {} when the batch runs eagerly."""
+        if not self.compile_width or width > self.compile_width:
+            return {}
+        from transformers import CompileConfig, StaticCache
+        cuda = next(self.model.parameters()).device.type == "cuda"
+        compile_cfg = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if cuda else None, backend=self.compile_backend)
+        compile_cfg._compile_all_devices = True  # transformers compiles on GPUs only unless told
+        cache = StaticCache(config=self.model.config, max_cache_len=self.compile_width + max_new_tokens)
+        return dict(compile_config=compile_cfg, past_key_values=cache)
 
     @torch.no_grad()
     def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "") -> list:
         from transformers import GenerationConfig, LogitsProcessorList
-        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
-                                   pad_token_id=self.pad_id, use_cache=True)  # the model's own defaults play no part
         device = next(self.model.parameters()).device
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list = [None] * len(prompts)
@@ -299,12 +315,20 @@ class HFEngine:
         while pos < len(order):
             idx = order[pos: pos + self.batch_size]
             width = max(len(prompts[i]) for i in idx)
-            input_ids = torch.tensor([[self.pad_id] * (width - len(prompts[i])) + prompts[i] for i in idx])  # (b, L)
-            attn = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])  # (b, L)
-            procs = [] if sampling.greedy else [seeded_sampler(sampling, [seeds[i] for i in idx], width)]
+            compiled = self._compiled(width, max_new_tokens)
+            rows = [prompts[i] for i in idx] + [[self.pad_id]] * ((self.batch_size - len(idx)) if compiled else 0)
+            row_seeds = [seeds[i] for i in idx] + [0] * (len(rows) - len(idx))
+            width = self.compile_width if compiled else width
+            input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in rows])  # (b, L)
+            attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])  # (b, L)
+            procs = [] if sampling.greedy else [seeded_sampler(sampling, row_seeds, width)]
+            gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
+                                       pad_token_id=self.pad_id, use_cache=True,  # the model's own defaults play no part
+                                       compile_config=compiled.pop("compile_config", None))
             try:
                 gen = self.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                                          generation_config=gen_cfg, logits_processor=LogitsProcessorList(procs))
+                                          generation_config=gen_cfg, logits_processor=LogitsProcessorList(procs),
+                                          **compiled)
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if not is_oom(err) or self.batch_size == 1:
                     raise
@@ -430,7 +454,7 @@ def vllm_available() -> bool:
 
 def make_engine(name: str, model, eos_ids: list, pad_id: int, batch_size: int, kv_cache_gib: float = 0.0,
                 log: Callable = print, path: str = "", max_model_len: int = 0, gpu_memory: float = 0.3,
-                seed: int = 0):
+                seed: int = 0, compile_width: int = 0):
     """The engine `name` ("auto" resolved by resolve_engine) over `model`, the generation copy of the policy;
     vLLM builds its own copy of `path` and takes the policy's weights by push (push them before generating)."""
     chosen = resolve_engine(name, model)
@@ -438,7 +462,7 @@ def make_engine(name: str, model, eos_ids: list, pad_id: int, batch_size: int, k
         return VLLMEngine(path, eos_ids, pad_id, max_model_len, gpu_memory, seed, log=log)
     if chosen == "continuous":
         return ContinuousEngine(model, eos_ids, pad_id, kv_cache_gib, log)
-    return HFEngine(model, eos_ids, pad_id, batch_size, log)
+    return HFEngine(model, eos_ids, pad_id, batch_size, log, compile_width)
 
 
 def is_oom(err: BaseException) -> bool:

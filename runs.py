@@ -172,7 +172,7 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-MAY_CHANGE_ON_RESUME = {"vllm_gpu_memory", "out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
+MAY_CHANGE_ON_RESUME = {"compile", "vllm_gpu_memory", "out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
                    "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout", "threads", "engine",
                    "kv_cache_gib"}  # may change between a run and its resume
 
