@@ -101,11 +101,13 @@ def is_oom_text(text: str) -> bool:
 @torch.no_grad()
 def generate_continuous(model, prompts: list, eos_ids: list, max_new_tokens: int, temperature: float,
                         top_k: int, top_p: float, greedy: bool = False, kv_cache_gib: float = 0.0,
-                        log: Callable = print, desc: str = "") -> list:
+                        log: Callable = print, desc: str = "", keep: Optional[dict] = None) -> list:
     """Raw generated token ids, one list per prompt (list of token ids), in order, from continuous
     batching with the same sampler as HF generate: temperature, then top-k, then top-p (transformers
     builds the same warpers for both), any of `eos_ids` ends a sequence. Out of memory (building the
-    cache or mid-run) halves the KV budget, says so, and reruns only the prompts that failed."""
+    cache or mid-run) halves the KV budget, says so, and reruns only the prompts that failed.
+    keep: a dict that holds one manager from call to call (ContinuousEngine): its paged cache and warm-up are
+    paid once, and each call restarts its loop over the model's current weights."""
     from transformers import GenerationConfig
     refusal = softcap_refusal(model)
     if refusal:
@@ -117,7 +119,12 @@ def generate_continuous(model, prompts: list, eos_ids: list, max_new_tokens: int
         top_p=None if greedy else top_p, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
         pad_token_id=eos_ids[0])
     blocks = kv_budget_blocks(model, [len(p) for p in prompts], max_new_tokens, kv_cache_gib)
-    model.destroy_cached_continuous_batching_manager()  # never reuse a manager someone else left behind
+    if keep and keep["key"] == (gen_cfg.do_sample, gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p) and (
+            keep["blocks"] >= min_blocks([len(p) for p in prompts], max_new_tokens)):
+        blocks = keep["blocks"]  # the kept manager's cache serves this call
+    else:
+        release(keep)
+        model.destroy_cached_continuous_batching_manager()  # never reuse a manager someone else left behind
     # transformers logs, rather than raises, per-request failures (we raise them below) and, on CPU without
     # psutil, an error about its memory breakdown that does not apply once num_blocks is given
     cb_logger = logging.getLogger("ContinuousBatchingLogger")
@@ -128,13 +135,20 @@ def generate_continuous(model, prompts: list, eos_ids: list, max_new_tokens: int
     gc.freeze()
     try:
         return _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc,
-                    floor=min_blocks([len(p) for p in prompts], max_new_tokens))
+                    floor=min_blocks([len(p) for p in prompts], max_new_tokens), keep=keep)
     finally:
         gc.unfreeze()
         cb_logger.setLevel(level)
 
 
-def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int) -> list:
+def release(keep: Optional[dict]) -> None:
+    """Destroy a kept manager (its cache goes with it)."""
+    if keep:
+        keep["manager"].destroy()
+        keep.clear()
+
+
+def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int, keep: Optional[dict] = None) -> list:
     batch_tokens = CPU_BATCH_TOKENS if model.device.type == "cpu" else None
     max_req = CPU_MAX_REQUESTS if model.device.type == "cpu" else None
     out: list = [None] * len(prompts)
@@ -142,7 +156,7 @@ def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int)
     while todo:
         errors = []
         try:
-            got = _one_pass(model, [prompts[i] for i in todo], gen_cfg, blocks, batch_tokens, max_req, desc)
+            got = _one_pass(model, [prompts[i] for i in todo], gen_cfg, blocks, batch_tokens, max_req, desc, keep)
             for i, (ids, err) in zip(todo, got):
                 if err is None:
                     out[i] = ids[:max_new_tokens]
@@ -159,6 +173,7 @@ def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int)
                     if "available memory 0" in " ".join(errors) else "")
             raise RuntimeError(f"continuous engine failed on {len(todo)} prompts: {errors[0]}.{hint} "
                                "Try a smaller --kv_cache_gib, or --engine generate.")
+        release(keep)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         blocks = max(floor, blocks // 2)
@@ -169,7 +184,7 @@ def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int)
     return out
 
 
-def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> list:
+def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc, keep: Optional[dict] = None) -> list:
     """[(generated ids, None) or (None, error text)] per prompt, from one continuous-batching manager.
     Like model.generate_batch, except that every request is queued before the loop starts (the same
     batches, hence the same samples, on every run with the same seed), failures come back per request
@@ -183,20 +198,22 @@ def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> l
     hints = WorkloadHints(max_prompt_length=max(len(p) for p in prompts),
                           max_generated_length=gen_cfg.max_new_tokens, num_requests=len(prompts))
     attn = model.config._attn_implementation
-    manager, results = None, {}
+    manager, results, done = (keep or {}).get("manager"), {}, False
     try:
-        manager = model.init_continuous_batching(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
-                                                 workload_hints=hints)
-        # Building the batch processor reseeds torch with a draw plus the process's rank (transformers'
-        # DistributedHelper.set_tp_seed, made for tensor parallelism): under torchrun every rank would then
-        # sample from another stream than one process does. Our rounds are seeded by (seed, step, round),
-        # so the RNG state is put back as it was before the engine touched it.
-        rng = torch.random.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        manager.warmup()  # builds the paged cache here, so running out of memory raises here
-        torch.random.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        if manager is not None:  # a kept manager: its attention switch was undone at its last stop
+            manager.switch_to_cb_friendly_attn(model)
+            manager.background_thread_status.clear()  # a stopped loop accepts no requests until cleared
+        else:
+            manager = model.init_continuous_batching(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
+                                                     workload_hints=hints)
+            # Building the batch processor reseeds torch with a draw plus the process's rank (transformers'
+            # DistributedHelper.set_tp_seed, made for tensor parallelism): the caller's seed is put back.
+            rng = torch.random.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            manager.warmup()  # builds the paged cache here, so running out of memory raises here
+            torch.random.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
         ids = manager.add_requests(inputs=prompts, max_new_tokens=gen_cfg.max_new_tokens)
         manager.start()
         with tqdm(total=len(prompts), desc=desc, leave=False, dynamic_ncols=True, disable=not desc) as bar:
@@ -208,11 +225,18 @@ def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc) -> l
                 elif r.is_finished():  # finished or failed
                     results[r.request_id] = r
                     bar.update(1)
+        done = len(results) == len(ids) and all(r.error is None for r in results.values())
     finally:
-        if manager is not None:
+        if manager is not None and keep is not None and done:  # kept, cache and all, for the next call
+            manager.stop(block=True, timeout=60, keep_for_next_session=True)
+            keep.update(manager=manager, key=(gen_cfg.do_sample, gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p),
+                        blocks=blocks)
+        elif manager is not None:
             if manager.is_running():
                 manager.stop(block=True, timeout=60)
             manager.destroy()
+            if keep:
+                keep.clear()
         if model.config._attn_implementation != attn:
             model.set_attn_implementation(attn)
     fatal = manager.background_thread_status.fatal_error
@@ -363,7 +387,8 @@ class HFEngine:
 
 
 class ContinuousEngine(HFEngine):
-    """`--engine continuous`: transformers' continuous batching (generate_continuous above). It takes no
+    """`--engine continuous`: transformers' continuous batching (generate_continuous above), one manager kept
+    for the run (restarted per call over the model's current weights, updated in place). It takes no
     logits processor, so it samples from the global torch stream, seeded per call from the call's first
     seed: reproducible for the same call, but a completion depends on the other prompts of its call."""
     name = "continuous"
@@ -371,13 +396,14 @@ class ContinuousEngine(HFEngine):
     def __init__(self, model, eos_ids: list, pad_id: int, kv_cache_gib: float = 0.0, log: Callable = print):
         super().__init__(model, eos_ids, pad_id, batch_size=0, log=log)
         self.kv_cache_gib = kv_cache_gib
+        self.kept: dict = {}  # one manager for the run: its paged cache and warm-up are paid once
 
     def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "") -> list:
         if prompts:
             torch.manual_seed(seeds[0] % 2**63)
         return generate_continuous(self.model, prompts, self.eos_ids, max_new_tokens, sampling.temperature,
                                    sampling.top_k, sampling.top_p, greedy=sampling.greedy,
-                                   kv_cache_gib=self.kv_cache_gib, log=self.log, desc=desc)
+                                   kv_cache_gib=self.kv_cache_gib, log=self.log, desc=desc, keep=self.kept)
 
 
 class VLLMEngine:
