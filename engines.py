@@ -1,7 +1,8 @@
 """Generation engines: HF `model.generate` (the reference), transformers' continuous batching, and vLLM.
 
 Plumbing beside opensir.py; a first reading can skip it. Every engine has one small interface: `generate`
-(raw token ids for tokenised prompts, one budget per call, the run's Sampling, one seed per prompt),
+(raw token ids for tokenised prompts, one budget per call or per prompt, the run's Sampling, one seed per
+prompt),
 `update` (take the new weights after an optimiser step), `sleep` and `wake` (free and retake generation
 memory around training). opensir.generate turns the ids into Completions (cut at the first EOS).
 
@@ -19,6 +20,7 @@ place after every optimiser step).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -53,6 +55,23 @@ def softcap_refusal(model) -> Optional[str]:
             "the only paged attention in transformers that keeps the cap is flash attention, which needs a "
             "CUDA GPU and `pip install flash-attn` (>= 2.6). Use --engine generate (eager attention keeps "
             "the cap).")
+
+
+@contextlib.contextmanager
+def full_attention_within_window(model, longest: int):
+    """Inside: a model with sliding-window layers (Gemma-2: every other layer, window 4096) treats every layer
+    as full attention, when no sequence (prompt + budget) is longer than the window. That is exact: a window
+    wider than the sequence hides nothing. It gives continuous batching one kind of layer to cache."""
+    cfg = model.config.get_text_config()
+    window, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+    if not window or not types or "sliding_attention" not in types or longest > window:
+        yield
+        return
+    cfg.layer_types = ["full_attention"] * len(types)
+    try:
+        yield
+    finally:
+        cfg.layer_types = types
 
 
 def kv_bytes_per_token(model, dtype: Optional[torch.dtype] = None) -> int:
@@ -101,7 +120,8 @@ def is_oom_text(text: str) -> bool:
 @torch.no_grad()
 def generate_continuous(model, prompts: list, eos_ids: list, max_new_tokens: int, temperature: float,
                         top_k: int, top_p: float, greedy: bool = False, kv_cache_gib: float = 0.0,
-                        log: Callable = print, desc: str = "", keep: Optional[dict] = None) -> list:
+                        log: Callable = print, desc: str = "", keep: Optional[dict] = None,
+                        budgets: Optional[list] = None) -> list:
     """Raw generated token ids, one list per prompt (list of token ids), in order, from continuous
     batching with the same sampler as HF generate: temperature, then top-k, then top-p (transformers
     builds the same warpers for both), any of `eos_ids` ends a sequence. Out of memory (building the
@@ -134,7 +154,7 @@ def generate_continuous(model, prompts: list, eos_ids: list, max_new_tokens: int
     # Freezing moves the objects alive now out of the collector's sight until unfreeze puts them back.
     gc.freeze()
     try:
-        return _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc,
+        return _run(model, prompts, gen_cfg, blocks, budgets or [max_new_tokens] * len(prompts), log, desc,
                     floor=min_blocks([len(p) for p in prompts], max_new_tokens), keep=keep)
     finally:
         gc.unfreeze()
@@ -148,7 +168,7 @@ def release(keep: Optional[dict]) -> None:
         keep.clear()
 
 
-def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int, keep: Optional[dict] = None) -> list:
+def _run(model, prompts, gen_cfg, blocks, budgets: list, log, desc, floor: int, keep: Optional[dict] = None) -> list:
     batch_tokens = CPU_BATCH_TOKENS if model.device.type == "cpu" else None
     max_req = CPU_MAX_REQUESTS if model.device.type == "cpu" else None
     out: list = [None] * len(prompts)
@@ -156,10 +176,11 @@ def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int,
     while todo:
         errors = []
         try:
-            got = _one_pass(model, [prompts[i] for i in todo], gen_cfg, blocks, batch_tokens, max_req, desc, keep)
+            got = _one_pass(model, [prompts[i] for i in todo], gen_cfg, blocks, batch_tokens, max_req, desc, keep,
+                            [budgets[i] for i in todo])
             for i, (ids, err) in zip(todo, got):
                 if err is None:
-                    out[i] = ids[:max_new_tokens]
+                    out[i] = ids[:budgets[i]]
                 else:
                     errors.append(err)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
@@ -184,7 +205,8 @@ def _run(model, prompts, gen_cfg, blocks, max_new_tokens, log, desc, floor: int,
     return out
 
 
-def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc, keep: Optional[dict] = None) -> list:
+def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc, keep: Optional[dict] = None,
+              budgets: Optional[list] = None) -> list:
     """[(generated ids, None) or (None, error text)] per prompt, from one continuous-batching manager.
     Like model.generate_batch, except that every request is queued before the loop starts (the same
     batches, hence the same samples, on every run with the same seed), failures come back per request
@@ -214,7 +236,10 @@ def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc, keep
             torch.random.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-        ids = manager.add_requests(inputs=prompts, max_new_tokens=gen_cfg.max_new_tokens)
+        if budgets and len(set(budgets)) > 1:  # a budget per request (benchmarks emulating length distributions)
+            ids = [manager.add_request(p, max_new_tokens=b) for p, b in zip(prompts, budgets)]
+        else:
+            ids = manager.add_requests(inputs=prompts, max_new_tokens=gen_cfg.max_new_tokens)
         manager.start()
         with tqdm(total=len(prompts), desc=desc, leave=False, dynamic_ncols=True, disable=not desc) as bar:
             while len(results) < len(ids):
@@ -303,6 +328,21 @@ def seeded_sampler(sampling: Sampling, seeds: list, start: int):
     return SeededSampling()
 
 
+def budget_stop(budgets: list, start: int, eos_id: int):
+    """A logits processor that ends row i with EOS once it has generated budgets[i] - 1 tokens: a budget per
+    request inside one padded batch (benchmarks emulating the paper's length distributions)."""
+    from transformers import LogitsProcessor
+
+    class BudgetStop(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            done = torch.tensor([input_ids.shape[1] - start >= b - 1 for b in budgets], device=scores.device)  # (b,)
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, eos_id] = 0.0
+            return torch.where(done[:, None], forced, scores)
+
+    return BudgetStop()
+
+
 class HFEngine:
     """`--engine generate`: HF model.generate on left-padded batches of `batch_size` prompts sorted by length
     (less padding), KV cache, every EOS id stops a row; a batch that runs out of memory is halved and rerun.
@@ -330,7 +370,8 @@ class HFEngine:
         return dict(compile_config=compile_cfg, past_key_values=cache)
 
     @torch.no_grad()
-    def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "") -> list:
+    def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "",
+                 budgets: Optional[list] = None) -> list:
         from transformers import GenerationConfig, LogitsProcessorList
         device = next(self.model.parameters()).device
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -346,6 +387,9 @@ class HFEngine:
             input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in rows])  # (b, L)
             attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])  # (b, L)
             procs = [] if sampling.greedy else [seeded_sampler(sampling, row_seeds, width)]
+            if budgets:
+                procs.append(budget_stop([budgets[i] for i in idx] + [max_new_tokens] * (len(rows) - len(idx)), width,
+                                         self.eos_ids[0]))
             gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
                                        pad_token_id=self.pad_id, use_cache=True,  # the model's own defaults play no part
                                        compile_config=compiled.pop("compile_config", None))
@@ -398,12 +442,16 @@ class ContinuousEngine(HFEngine):
         self.kv_cache_gib = kv_cache_gib
         self.kept: dict = {}  # one manager for the run: its paged cache and warm-up are paid once
 
-    def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "") -> list:
-        if prompts:
-            torch.manual_seed(seeds[0] % 2**63)
-        return generate_continuous(self.model, prompts, self.eos_ids, max_new_tokens, sampling.temperature,
-                                   sampling.top_k, sampling.top_p, greedy=sampling.greedy,
-                                   kv_cache_gib=self.kv_cache_gib, log=self.log, desc=desc, keep=self.kept)
+    def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "",
+                 budgets: Optional[list] = None) -> list:
+        if not prompts:
+            return []
+        torch.manual_seed(seeds[0] % 2**63)
+        with full_attention_within_window(self.model, max(len(p) for p in prompts) + max_new_tokens):
+            return generate_continuous(self.model, prompts, self.eos_ids, max_new_tokens, sampling.temperature,
+                                       sampling.top_k, sampling.top_p, greedy=sampling.greedy,
+                                       kv_cache_gib=self.kv_cache_gib, log=self.log, desc=desc, keep=self.kept,
+                                       budgets=budgets)
 
 
 class VLLMEngine:
@@ -427,7 +475,8 @@ class VLLMEngine:
                       gpu_memory_utilization=gpu_memory, max_model_len=max_model_len, enable_prefix_caching=False)
         self.llm, self.asleep, self.weights_current = llm, False, False
 
-    def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "") -> list:
+    def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "",
+                 budgets: Optional[list] = None) -> list:
         if not prompts:
             return []
         if not self.weights_current:
@@ -437,8 +486,9 @@ class VLLMEngine:
         greedy = sampling.greedy
         params = [SamplingParams(n=1, temperature=0.0 if greedy else sampling.temperature,
                                  top_k=(sampling.top_k or -1) if not greedy else -1,
-                                 top_p=1.0 if greedy else sampling.top_p, max_tokens=max_new_tokens, seed=s,
-                                 stop_token_ids=list(self.eos_ids), detokenize=False) for s in seeds]
+                                 top_p=1.0 if greedy else sampling.top_p, max_tokens=b, seed=s,
+                                 stop_token_ids=list(self.eos_ids), detokenize=False)
+                  for s, b in zip(seeds, budgets or [max_new_tokens] * len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=bool(desc))
         result = []
         for o in outs:
