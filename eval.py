@@ -39,7 +39,6 @@ benchmark, also OUT/checkpoints.json); with --resume it continues, keeping check
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import math
@@ -393,31 +392,8 @@ def compare_warnings(a: dict, b: dict) -> list[str]:
 # ================================================================================================
 
 
-LINK_REFUSED = ("{path} is a symbolic link; eval.py never writes through a link inside --out (it would "
-                "write to a file elsewhere). Remove the link, or choose another --out")
-
-
-def refuse_link(path: str) -> None:
-    if os.path.islink(path):
-        raise SystemExit("eval.py: " + LINK_REFUSED.format(path=path))
-
-
-def open_out(path: str, mode: str = "w"):
-    """Open a file eval.py writes in --out ("w": truncate, "a": append) without following a link: a link
-    planted there is refused with a clear error (O_NOFOLLOW also refuses one planted after the check)."""
-    refuse_link(path)
-    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_APPEND if mode == "a" else os.O_TRUNC)
-    try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise SystemExit("eval.py: " + LINK_REFUSED.format(path=path)) from None
-        raise
-    return os.fdopen(fd, mode, encoding="utf-8")
-
-
 def write_json(path: str, obj) -> None:
-    with open_out(path) as f:
+    with runs.open_out(path) as f:
         json.dump(obj, f, indent=2)
 
 
@@ -426,7 +402,7 @@ def read_samples(path: str, repair: bool = True) -> list[dict]:
     rank 0 under torchrun repairs it; the others just skip it)."""
     if not os.path.exists(path):
         return []
-    refuse_link(path)
+    runs.refuse_link(path)
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
     out = []
@@ -437,7 +413,7 @@ def read_samples(path: str, repair: bool = True) -> list[dict]:
             if i != len(lines) - 1:
                 raise ValueError(f"{path}, line {i + 1}: not valid JSON; fix or delete the file") from None
             if repair:  # one truncate: a rank reading meanwhile sees the torn line or none, the same samples
-                with open_out(path, "a") as f:
+                with runs.open_out(path, "a") as f:
                     f.truncate(sum(len(x.encode("utf-8")) for x in lines[:-1]))
     return out
 
@@ -631,7 +607,7 @@ def evaluate_all(args, paths: list, out: str, argv: list, names: list, problems:
         sys.exit(f"eval.py: --out {out} is a file; choose another --out")
     subs = [os.path.join(out, os.path.basename(os.path.normpath(p))) for p in paths]
     for sub in subs:
-        refuse_link(sub)
+        runs.refuse_link(sub)
     started = [s for s in subs if count_samples(os.path.join(s, "samples.jsonl"))]
     if started and not args.resume:
         sys.exit(f"eval.py: {out} already holds evaluations ({', '.join(map(os.path.basename, started))}); "
@@ -693,10 +669,10 @@ def _evaluate(args, path: str, out: str, names: list, problems: list, skipped: d
     if os.path.isfile(out) or (os.path.exists(out) and not os.access(out, os.W_OK)):
         sys.exit(f"eval.py: --out {out} is a file or cannot be written; choose another --out")
     for name in (".lock", "samples.jsonl", "summary.json", "settings.json"):
-        refuse_link(os.path.join(out, name))  # planted links are refused before anything is opened
+        runs.refuse_link(os.path.join(out, name))  # planted links are refused before anything is opened
     if rank == 0:  # rank 0 alone writes OUT: a second eval into it would interleave samples
         os.makedirs(out, exist_ok=True)
-        open_out(os.path.join(out, ".lock"), "a").close()  # a regular file, never a link, before it is locked
+        runs.open_out(os.path.join(out, ".lock"), "a").close()  # a regular file, never a link, before it is locked
         runs.lock_out(out)
     try:
         done = read_samples(samples_path, repair=rank == 0)  # an eval stopped before its first sample left nothing to protect
@@ -745,7 +721,7 @@ def _evaluate(args, path: str, out: str, names: list, problems: list, skipped: d
         from tqdm.auto import tqdm
         bar = tqdm(total=todo, desc="eval", dynamic_ncols=True, disable=rank != 0)
         try:  # the bar is closed before any message (Ctrl-C's included)
-            with open_out(samples_path, "a") if rank == 0 else open(os.devnull, "w") as f:
+            with runs.open_out(samples_path, "a") if rank == 0 else open(os.devnull, "w") as f:
                 # one generate call per chunk: samples are on disk (resumable) after every wave of chunks
                 for wave in range(0, len(chunks), world):
                     rows = []

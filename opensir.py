@@ -1067,7 +1067,7 @@ def grow_starting_pool(engine, frozen, tokenizer, cfg: Config, log) -> Pool:
         + ("" if len(kept) >= cfg.init_pool_size else " (stopped at --init_pool_max_rounds)"))
     if parallel.rank() != 0:  # every rank grows the same pool (same seed); rank 0 alone writes it
         return pool
-    with open(os.path.join(cfg.out, "init_pool.jsonl"), "w") as f:
+    with runs.open_out(os.path.join(cfg.out, "init_pool.jsonl")) as f:
         for c in kept:
             f.write(json.dumps({"problem": c.parsed.problem, "concepts": c.parsed.concepts,
                                 "solve_rate": c.solve_rate, "majority": c.majority}) + "\n")

@@ -61,8 +61,43 @@ def read_init_pool(path: str) -> list:
     return rows
 
 
+LINK_REFUSED = ("{path} is a symbolic link; nothing is ever written through a link inside --out (it would write "
+                "to a file elsewhere). Remove the link, or choose another --out")
+
+
+def refuse_link(path: str) -> None:
+    if os.path.islink(path):
+        raise SystemExit(LINK_REFUSED.format(path=path))
+
+
+def refuse_links(out: str) -> None:
+    """Refuse a run directory holding a link: at its top or inside a checkpoint directory (save_pretrained
+    would write through it)."""
+    for d in [out, *checkpoints(out)]:
+        refuse_link(d)
+        for name in os.listdir(d) if os.path.isdir(d) else ():
+            refuse_link(os.path.join(d, name))
+
+
+def open_out(path: str, mode: str = "w"):
+    """Open a file in --out to write ("w" truncates, "a" appends, "wb", "ab" in binary) without following a
+    link: one planted there is refused with a clear error (O_NOFOLLOW also refuses one planted after the check)."""
+    refuse_link(path)
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise SystemExit(LINK_REFUSED.format(path=path)) from None
+        raise
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state in plain types and tensors (loadable with weights_only: no code runs)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,7 +105,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -100,11 +136,16 @@ def latest_checkpoint(out: str) -> Optional[str]:
 
 
 def load_pt(path: str):
-    """torch.load with an error that names the file and what to do, instead of a pickle traceback."""
+    """torch.load with weights_only: tensors and plain Python values only, so a checkpoint from elsewhere
+    cannot run code (a file that needs more is refused, named). Errors name the file and what to do."""
     try:
-        return torch.load(path, weights_only=False)
-    except Exception as err:  # truncated zip, unpickling errors, I/O errors: all mean a damaged file
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # refused globals, truncated zip, unpickling errors, I/O errors
         why = (str(err).splitlines() or [""])[0][:160]
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise SystemExit(f"{path} holds more than tensors and plain values (a checkpoint of an older version of "
+                             f"this code, or a file made to run code when loaded): refused, nothing was run. "
+                             f"({why})") from None
         raise SystemExit(f"{path} is damaged or unreadable ({type(err).__name__}: {why}). Continue from an older "
                          f"checkpoint with --resume_from {os.path.join(os.path.dirname(os.path.dirname(path)) or '.', 'ckpt-NNNNN')}, "
                          "or start a new --out.") from None
@@ -118,6 +159,7 @@ def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler
     A save that fails (a full disk) removes its half-written directory, so --resume finds the last good one.
     full: --fsdp's gathered (model, optimizer) state dicts, written in place of the sharded objects'."""
     import shutil
+    refuse_links(out)  # save_pretrained would write through a link planted in a checkpoint directory
     path = checkpoint_dir(out, step)
     if os.path.exists(os.path.join(path, "state.pt")):
         os.remove(os.path.join(path, "state.pt"))  # overwriting: incomplete until the new state.pt lands
@@ -127,7 +169,7 @@ def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler
         state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
                  "config": dataclasses.asdict(cfg)}
         for obj, name in ((full[1] if full else optimizer.state_dict(), "optimizer.pt"), (state, "state.tmp")):
-            with open(os.path.join(path, name), "wb") as f:  # a Python file: a full disk is ENOSPC, not basic_ios
+            with open_out(os.path.join(path, name), "wb") as f:  # a Python file: a full disk is ENOSPC, not basic_ios
                 torch.save(obj, f)
         os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
     except (OSError, RuntimeError) as err:
@@ -190,7 +232,7 @@ def lock_out(out: str) -> None:
         os.makedirs(out, exist_ok=True)
         if os.path.realpath(out) in _OUT_LOCKS:
             return
-        f = open(os.path.join(out, ".lock"), "a")
+        f = open_out(os.path.join(out, ".lock"), "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -243,6 +285,7 @@ def prepare_out(cfg) -> Optional[str]:
     whenever going on would drop or overwrite what an earlier run left without the user asking.
     config.json is written only once the models have loaded, so a failed start blocks nothing."""
     lock_out(cfg.out)
+    refuse_links(cfg.out)
     metrics, problems = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
     ckpts, logged = checkpoints(cfg.out), _scan_log(metrics)
     grown = os.path.exists(os.path.join(cfg.out, "init_pool.jsonl"))
@@ -351,13 +394,13 @@ class Run:
         cfg = self.cfg
         if self.rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            with open_out(os.path.join(cfg.out, "config.json")) as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
         if self.world > 1:
             self.log(f"{self.world} processes: rounds {cfg.rounds_per_step // self.world} per rank per step")
         if not self.resume_from:
             for p in (self.metrics_path, self.problems_path) if self.rank == 0 else ():
-                open(p, "w").close()
+                open_out(p).close()
             return 0, None
         opt_path = os.path.join(self.resume_from, "optimizer.pt")
         if os.path.exists(opt_path) and cfg.fsdp:
@@ -375,9 +418,9 @@ class Run:
         """Append the step's metrics.jsonl line and problems.jsonl rows (rank 0), and print its one-line summary."""
         m["ranks"] = self.world  # sec/, tok_per_sec/: rank 0's
         if self.rank == 0:
-            with open(self.metrics_path, "a") as f:
+            with open_out(self.metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
-            with open(self.problems_path, "a") as f:
+            with open_out(self.problems_path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         self.log(f"step {step}/{self.cfg.steps} | teacher R {m['teacher/reward']:.3f} legal {m['teacher/legal_rate']:.0%}"
                  f" | student R {m['student/reward']:.3f} | solve {m['solve_rate/mean']:.2f} in-band "
