@@ -1,5 +1,5 @@
-"""Tests of engines.py and of opensir.generate over its two engines (`--engine generate` / `continuous`): the same completions under
-greedy decoding, the same EOS handling, the same sampling distribution, Gemma-2's soft-capping kept or
+"""Tests of engines.py and of opensir.generate over the two engines (`--engine generate` / `continuous`):
+the same completions under greedy decoding, the same EOS handling, the same sampling distribution, Gemma-2's soft-capping kept or
 the engine refused, out-of-memory degrading instead of crashing, the current weights always, and real
 tiny runs of training and evaluation with each engine."""
 import json

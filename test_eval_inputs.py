@@ -1,6 +1,5 @@
 """Tests of eval.py's inputs: the benchmark sets of each recipe, AIME from local copies, a benchmark file
-that holds no problems, bad flags, and --compare's warnings when two summaries are not comparable.
-(Kept apart from test_eval.py while that file has other owners.)"""
+that holds no problems, bad flags, and --compare's warnings when two summaries are not comparable."""
 import json
 import os
 import shutil

@@ -38,7 +38,7 @@ def test_dist_env_without_torchrun_is_one_process(monkeypatch):
 def dist_runs(tmp_path_factory):
     """one: 1 process, 2 steps, uninterrupted. two: 2 processes, 1 step (a checkpoint), then resumed on 2
     processes to step 2. two1: the same step-1 checkpoint resumed on 1 process. (Each torchrun launch
-    costs ~10 s of start-up on a busy 2-core machine, so the file keeps to six.)"""
+    costs ~10 s of start-up on a busy 2-core machine, so the tests share these runs.)"""
     d = tmp_path_factory.mktemp("dist")
     out = {k: str(d / k) for k in ("one", "two", "two1")}
     O.main(ARGS + ["--steps", "2", "--out", out["one"]])
