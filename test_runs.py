@@ -1,11 +1,10 @@
-"""Faults a user meets (issue 7, D1 to D9 and the minor items): each reproduced, and each must end in a
-clear sentence, before any model loads where the input allows it, with nothing lost or overwritten.
-One real two-step tiny run is shared; most checks fail before a model would load."""
-import dataclasses
+"""Tests of runs.py, through opensir.py's command line: the --out directory and its lock, the logs,
+checkpoints, resume, Ctrl-C, and the faults a user meets (bad input files, damaged checkpoints, torn logs,
+a full disk). Each must end in a clear sentence, before any model loads where the input allows it, with
+nothing lost or overwritten. One real two-step tiny run (conftest's `run`) is shared."""
 import errno
 import fcntl
 import json
-import math
 import os
 import shutil
 import signal
@@ -14,70 +13,26 @@ import sys
 import time
 
 import pytest
+import torch
 
 import eval as ev
 import opensir as O
+import runs
+from conftest import FAST_TINY, HERE, files, params, rows
 
-HERE = os.path.dirname(os.path.abspath(O.__file__))
-FAST = ["--rounds_per_step", "1", "--init_pool_size", "0"]
-
-
-def files(d):
-    """Every file under d with its bytes (the lock file aside): what 'nothing lost or overwritten' compares."""
-    out = {}
-    for root, _, names in os.walk(d):
-        for n in set(names) - {".lock"}:
-            p = os.path.join(root, n)
-            out[os.path.relpath(p, d)] = open(p, "rb").read()
-    return out
+FAST = ["--rounds_per_step", "1", "--n_refs", "2", "--teacher_group", "4", "--student_group", "4",
+        "--teacher_max_new_tokens", "24", "--student_max_new_tokens", "16", "--init_pool_size", "0",
+        "--warmup_steps", "0", "--lr", "1e-3"]
+TINY_FAST = ["--rounds_per_step", "2", "--init_pool_size", "2", "--init_pool_max_rounds", "2"]
 
 
 def steps(path):
     return [json.loads(line)["step"] for line in open(path)]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A finished two-step tiny run: ckpt-00001 (state, no optimizer), ckpt-00002 (complete), logs."""
-    out = str(tmp_path_factory.mktemp("base") / "run")
-    O.main(["--model", "tiny", "--steps", "2", "--out", out, *FAST])
-    return out
-
-
-@pytest.fixture
-def copy(run, tmp_path):
-    out = str(tmp_path / "run")
-    shutil.copytree(run, out, ignore=shutil.ignore_patterns(".lock"))
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
-# D6, D7 and the flag checks: refused before --out is touched or a model loads
+# input files and --out: refused before --out is touched or a model loads
 # ------------------------------------------------------------------------------------------------
-
-FLOATS = [f.name for f in dataclasses.fields(O.Config) if f.type == "float"]
-
-
-@pytest.mark.parametrize("name", FLOATS)
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_every_float_field_must_be_finite(name, value):
-    with pytest.raises(ValueError, match=f"--{name} must be a finite number"):
-        O.Config(**{name: value}).validate()
-
-
-@pytest.mark.parametrize("flags, msg", [
-    (["--lr", "nan"], "--lr must be a finite"),
-    (["--temperature", "nan"], "--temperature must be a finite"),
-    (["--w_div", "nan"], "--w_div must be a finite"),
-    (["--seed", "-1"], "--seed must be in"),
-    (["--seed_problem", "  "], "--seed_problem is blank"),
-])
-def test_bad_flags_refused_before_out_is_created(tmp_path, flags, msg):
-    out = tmp_path / "x"
-    with pytest.raises(SystemExit, match=msg):
-        O.main(["--model", "tiny", "--out", str(out), *flags])
-    assert not out.exists()
-
 
 @pytest.mark.parametrize("text, msg", [
     ('{"problem": "What is 2+2?"}\n{"problem": "What is 3+\n', "line 2: not valid JSON"),
@@ -88,15 +43,15 @@ def test_bad_flags_refused_before_out_is_created(tmp_path, flags, msg):
     ("\n  \n", "holds no problems"),
 ])
 def test_malformed_init_pool_refused_up_front_and_retry_works(tmp_path, text, msg):
-    """D7: found before any model loads, with file and line; no config.json is left to refuse the retry."""
+    """Found before any model loads, with file and line; no config.json is left to refuse the retry."""
     pool, out = tmp_path / "pool.jsonl", tmp_path / "run"
     pool.write_text(text)
     with pytest.raises(SystemExit, match=msg) as err:
         O.main(["--model", "tiny", "--out", str(out), "--init_pool", str(pool)])
     assert str(pool) in str(err.value)
     assert not out.exists()
-    pool.write_text('{"problem": "What is 2+2?", "concepts": ["addition"]}\n')  # fixed: now accepted
-    assert O.read_init_pool(str(pool)) == [{"problem": "What is 2+2?", "concepts": ["addition"]}]
+    pool.write_text('{"problem": "What is 2+2?", "concepts": ["addition"]}\n')  # corrected: now accepted
+    assert runs.read_init_pool(str(pool)) == [{"problem": "What is 2+2?", "concepts": ["addition"]}]
     O.Config(init_pool=str(pool)).validate()
 
 
@@ -116,14 +71,76 @@ def test_out_that_is_a_file_or_unwritable_fails_before_loading(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# D9: one run per --out
+# a run: failed starts, config changes, resume and Ctrl-C
+# ------------------------------------------------------------------------------------------------
+
+
+def test_failed_start_leaves_out_reusable(tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="unknown model"):
+        O.main(["--model", "gemma2b", "--out", out])
+    with pytest.raises(OSError, match="could not load"):  # a directory that holds no model
+        os.makedirs(tmp_path / "empty")
+        O.main(["--model", str(tmp_path / "empty"), "--out", out])
+    assert not os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_out_with_a_different_config_is_refused(small_dir, tmp_path):
+    out = str(tmp_path / "run")
+    O.main(["--model", small_dir, "--out", out, "--steps", "1", *FAST])
+    before = open(os.path.join(out, "config.json")).read()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        O.main(["--model", small_dir, "--out", out, "--steps", "1", *FAST])
+    with pytest.raises(SystemExit, match="different config"):
+        O.main(["--model", small_dir, "--out", out, "--steps", "2", "--resume", *FAST, "--band_hi", "0.8"])
+    assert open(os.path.join(out, "config.json")).read() == before
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    O.main(["--model", "tiny", "--steps", "2", "--out", a, *TINY_FAST])
+    O.main(["--model", "tiny", "--steps", "1", "--out", b, *TINY_FAST])
+    O.main(["--model", "tiny", "--steps", "2", "--out", b, "--resume", *TINY_FAST])
+    pa, pb = rows(os.path.join(a, "problems.jsonl")), rows(os.path.join(b, "problems.jsonl"))
+    assert pa == pb  # every generated problem, reward and answer of both steps
+    ma, mb = rows(os.path.join(a, "metrics.jsonl")), rows(os.path.join(b, "metrics.jsonl"))
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("sec/", "tok_per_sec/", "peak_mem"))}  # noqa: E731
+    assert [strip(r) for r in ma] == [strip(r) for r in mb]
+    wa, wb = params(os.path.join(a, "ckpt-00002")), params(os.path.join(b, "ckpt-00002"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-u", "opensir.py", "--model", "tiny", "--steps", "50", "--save_every", "100",
+           "--out", out, *TINY_FAST]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait for the first step to finish, then interrupt the second
+        lines.append(line)
+        if line.startswith("step 1/50"):
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "interrupted: saved" in rest
+    assert os.path.exists(os.path.join(out, "ckpt-00001", "state.pt"))
+    assert [r["step"] for r in rows(os.path.join(out, "metrics.jsonl"))] == [1]
+    O.main(["--model", "tiny", "--steps", "2", "--save_every", "100", "--out", out, "--resume", *TINY_FAST])
+    assert [r["step"] for r in rows(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# one run per --out: the lock
 # ------------------------------------------------------------------------------------------------
 
 def test_second_run_into_the_same_out_refuses_and_the_lock_ends_with_the_run(tmp_path):
-    """D9, and Ctrl-C once the newest step is already saved says so."""
+    """A second run into a locked --out refuses at once; the lock ends with its run; and Ctrl-C once the
+    newest step is already saved says so."""
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "-u", "opensir.py", "--model", "tiny", "--steps", "50", "--out", out,
-                             *FAST], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             *FAST_TINY], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.time() + 120
         while True:  # wait until the other run holds the lock
@@ -139,7 +156,7 @@ def test_second_run_into_the_same_out_refuses_and_the_lock_ends_with_the_run(tmp
         before = files(out)
         t0 = time.time()
         with pytest.raises(SystemExit, match="another run is writing to"):
-            O.main(["--model", "tiny", "--steps", "50", "--out", out, *FAST])
+            O.main(["--model", "tiny", "--steps", "50", "--out", out, *FAST_TINY])
         assert time.time() - t0 < 5 and files(out) == before
         while not os.path.exists(os.path.join(out, "ckpt-00001", "state.pt")):  # step 1 saved (save_every 1)
             assert proc.poll() is None and time.time() < deadline, "step 1 was never saved"
@@ -152,22 +169,22 @@ def test_second_run_into_the_same_out_refuses_and_the_lock_ends_with_the_run(tmp
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-    O.lock_out(out)  # the lock went with the process: none is left stale
+    runs.lock_out(out)  # the lock went with the process: none is left stale
 
 
 # ------------------------------------------------------------------------------------------------
-# D1, D2 and damaged files: resume refuses or repairs, never starts over
+# resume: torn logs, damaged checkpoints; resume refuses or repairs, never starts over
 # ------------------------------------------------------------------------------------------------
 
 def test_torn_last_log_lines_are_dropped_on_resume(copy, capsys):
-    """D1: a kill or full disk during an append leaves half a line; --resume drops it with a warning."""
+    """A kill or full disk during an append leaves half a line; --resume drops it with a warning."""
     metrics, problems = os.path.join(copy, "metrics.jsonl"), os.path.join(copy, "problems.jsonl")
     good_m, good_p = open(metrics).read(), open(problems).read()
     with open(metrics, "a") as f:
         f.write('{"step": 3, "loss": 0.1')
     with open(problems, "a") as f:
         f.write('{"step": 3, "rou')
-    O.main(["--model", "tiny", "--steps", "2", "--resume", "--out", copy, *FAST])  # nothing left to run
+    O.main(["--model", "tiny", "--steps", "2", "--resume", "--out", copy, *FAST_TINY])  # nothing left to run
     out = capsys.readouterr().out
     assert "metrics.jsonl, line 3: torn last line" in out and "problems.jsonl" in out
     assert open(metrics).read() == good_m and open(problems).read() == good_p
@@ -178,11 +195,15 @@ def test_torn_last_log_lines_are_dropped_on_resume(copy, capsys):
     ('{"step": 1}\n{"step": 2}', '{"step": 1}\n{"step": 2}\n'),  # cut just before the newline
     ('', ''),
 ])
-def test_log_cut_on_resume(tmp_path, text, kept):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text(text)
-    O._scan_log(str(path), keep_to=2)
-    assert path.read_text() == kept
+def test_log_cut_on_resume(copy, text, kept):
+    """Resuming from step 2 cuts metrics.jsonl after the last line of step 2 (a torn line or a later step
+    goes) and ends it with a newline, so the next append starts a line of its own."""
+    path = os.path.join(copy, "metrics.jsonl")
+    with open(path, "w") as f:
+        f.write(text)
+    cfg = O.config_from_args(["--model", "tiny", "--steps", "2", "--resume", "--out", copy, *FAST_TINY])
+    assert runs.prepare_out(cfg) == os.path.join(copy, "ckpt-00002")
+    assert open(path).read() == kept
 
 
 def test_torn_line_in_the_middle_is_an_error_naming_file_and_line(copy):
@@ -192,20 +213,20 @@ def test_torn_line_in_the_middle_is_an_error_naming_file_and_line(copy):
     open(metrics, "w").writelines(lines)
     before = files(copy)
     with pytest.raises(SystemExit, match=r"metrics.jsonl, line 1: not a valid log line"):
-        O.main(["--model", "tiny", "--steps", "3", "--resume", "--out", copy, *FAST])
+        O.main(["--model", "tiny", "--steps", "3", "--resume", "--out", copy, *FAST_TINY])
     assert files(copy) == before
 
 
 @pytest.mark.parametrize("damage", ["delete state.pt", "delete the checkpoint"])
 def test_resume_with_the_newest_checkpoint_damaged_refuses(copy, damage):
-    """D2: no silent start from step 0; what was found and the explicit way on are in the message."""
+    """No silent start from step 0; what was found and the explicit way on are in the message."""
     if damage == "delete state.pt":
         os.remove(os.path.join(copy, "ckpt-00002", "state.pt"))
     else:
         shutil.rmtree(os.path.join(copy, "ckpt-00002"))
     before = files(copy)
     with pytest.raises(SystemExit) as err:
-        O.main(["--model", "tiny", "--steps", "3", "--resume", "--out", copy, *FAST])
+        O.main(["--model", "tiny", "--steps", "3", "--resume", "--out", copy, *FAST_TINY])
     msg = str(err.value)
     assert "steps logged up to 2" in msg and f"--resume_from {os.path.join(copy, 'ckpt-00001')}" in msg
     assert ("no state.pt" if damage == "delete state.pt" else "no optimizer.pt") in msg
@@ -214,25 +235,25 @@ def test_resume_with_the_newest_checkpoint_damaged_refuses(copy, damage):
 
 def test_resume_from_an_older_checkpoint_when_asked(copy, capsys):
     os.remove(os.path.join(copy, "ckpt-00002", "state.pt"))
-    O.main(["--model", "tiny", "--steps", "2", "--resume_from", os.path.join(copy, "ckpt-00001"), "--out", copy, *FAST])
+    O.main(["--model", "tiny", "--steps", "2", "--resume_from", os.path.join(copy, "ckpt-00001"), "--out", copy, *FAST_TINY])
     out = capsys.readouterr().out
     assert "resumed from" in out and "AdamW restarts from zero moments" in out
     aside = os.path.join(copy, "ckpt-00002.before-resume-from-00001")
     assert os.path.exists(os.path.join(aside, "model.safetensors"))  # moved aside, not overwritten
     assert steps(os.path.join(copy, "metrics.jsonl")) == [1, 2]
-    assert O.latest_checkpoint(copy) == os.path.join(copy, "ckpt-00002")
+    assert runs.latest_checkpoint(copy) == os.path.join(copy, "ckpt-00002")
 
 
 @pytest.mark.parametrize("resume", [[], ["--resume"]])
 def test_logs_without_any_checkpoint_are_never_truncated(copy, resume):
     """Steps logged (and a grown pool) but every checkpoint gone: no silent start from step 0."""
-    for d in O.checkpoints(copy):
+    for d in runs.checkpoints(copy):
         shutil.rmtree(d)
     with open(os.path.join(copy, "init_pool.jsonl"), "w") as f:
         f.write(json.dumps({"problem": "What is 2+2?", "concepts": []}) + "\n")
     before = files(copy)
     with pytest.raises(SystemExit, match="no checkpoint to resume from.*choose another --out.*--init_pool"):
-        O.main(["--model", "tiny", "--steps", "2", "--out", copy, *FAST, *resume])
+        O.main(["--model", "tiny", "--steps", "2", "--out", copy, *FAST_TINY, *resume])
     assert files(copy) == before
 
 
@@ -240,7 +261,7 @@ def test_fresh_start_into_a_run_without_config_json_refuses(copy):
     os.remove(os.path.join(copy, "config.json"))
     before = files(copy)
     with pytest.raises(SystemExit, match="already holds a run"):
-        O.main(["--model", "tiny", "--steps", "2", "--out", copy, *FAST])
+        O.main(["--model", "tiny", "--steps", "2", "--out", copy, *FAST_TINY])
     assert files(copy) == before
 
 
@@ -250,21 +271,12 @@ def test_damaged_checkpoint_file_names_its_path(copy, name):
     with open(path, "r+b") as f:
         f.truncate(100)
     with pytest.raises(SystemExit, match="is damaged or unreadable") as err:
-        O.main(["--model", "tiny", "--steps", "2", "--resume", "--out", copy, *FAST])
+        O.main(["--model", "tiny", "--steps", "2", "--resume", "--out", copy, *FAST_TINY])
     assert path in str(err.value) and "--resume_from" in str(err.value)
-
-
-def test_damaged_weights_name_the_checkpoint(copy):
-    ckpt = os.path.join(copy, "ckpt-00002")
-    with open(os.path.join(ckpt, "model.safetensors"), "r+b") as f:
-        f.truncate(1000)
-    with pytest.raises(OSError, match="(?s)could not load .*ckpt-00002.*damaged"):
-        O.load_model(ckpt, device="cpu")
 
 
 def test_disk_full_during_a_save_removes_the_half_checkpoint(run, tmp_path):
     """A real ENOSPC: the optimizer file is /dev/full. The error says so; no half checkpoint stays."""
-    import torch
     model, tok = O.load_model(os.path.join(run, "ckpt-00002"), device="cpu")
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -272,7 +284,7 @@ def test_disk_full_during_a_save_removes_the_half_checkpoint(run, tmp_path):
     os.makedirs(os.path.join(out, "ckpt-00003"))
     os.symlink("/dev/full", os.path.join(out, "ckpt-00003", "optimizer.pt"))
     with pytest.raises(OSError, match="could not save checkpoint .*ckpt-00003 .disk full") as err:
-        O.save_checkpoint(out, 3, model, tok, opt, sched, O.Pool(["p"], [[]]), O.rng_state(), O.Config())
+        runs.save_checkpoint(out, 3, model, tok, opt, sched, O.Pool(["p"], [[]]), runs.rng_state(), O.Config())
     assert err.value.errno == errno.ENOSPC
     assert not os.path.exists(os.path.join(out, "ckpt-00003"))
 
@@ -282,7 +294,7 @@ def test_disk_full_during_a_run_says_so_in_one_sentence(tmp_path):
     out.mkdir()
     os.symlink("/dev/full", out / "problems.jsonl")  # the first step's append hits a real ENOSPC
     with pytest.raises(SystemExit, match=r"disk full while writing .*No space left on device.*--resume"):
-        O.main(["--model", "tiny", "--steps", "1", "--out", str(out), *FAST])
+        O.main(["--model", "tiny", "--steps", "1", "--out", str(out), *FAST_TINY])
 
 
 def test_fresh_start_after_an_interrupted_start_is_not_blocked(tmp_path, capsys):
@@ -290,12 +302,12 @@ def test_fresh_start_after_an_interrupted_start_is_not_blocked(tmp_path, capsys)
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"model": "other"}))
-    assert O.prepare_out(O.Config(out=str(out))) is None
+    assert runs.prepare_out(O.Config(out=str(out))) is None
     assert "stopped before its first step" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------
-# eval.py: D5, D8 and the minor items
+# eval.py on run directories and bad benchmark files
 # ------------------------------------------------------------------------------------------------
 
 GSM = [{"question": "What is 1+1?", "answer": "#### 2"}, {"question": "What is 2+2?", "answer": "#### 4"}]
@@ -315,8 +327,9 @@ def eval_exit(argv):
 
 
 def test_eval_of_a_run_directory_uses_its_newest_checkpoint_and_the_runs_budget(run, tmp_path):
-    """D5, and: an eval killed before its first sample (settings.json, empty samples.jsonl) does not
-    block a rerun with other settings; a tiny run's checkpoint gets the tiny run's token budget."""
+    """An eval of a run directory uses its newest checkpoint; an eval killed before its first sample
+    (settings.json, empty samples.jsonl) does not block a rerun with other settings; a tiny run's
+    checkpoint gets the tiny run's token budget."""
     out = tmp_path / "ev"
     out.mkdir()
     (out / "settings.json").write_text(json.dumps({"model": "x", "temperature": 1.0}))
@@ -329,46 +342,6 @@ def test_eval_of_a_run_directory_uses_its_newest_checkpoint_and_the_runs_budget(
 
 
 def test_eval_of_a_run_without_a_complete_checkpoint(copy, tmp_path):
-    for d in O.checkpoints(copy):
+    for d in runs.checkpoints(copy):
         os.remove(os.path.join(d, "state.pt"))
     assert "no complete checkpoint" in eval_exit(["--model", copy, "--data-dir", data_dir(tmp_path)])
-
-
-def test_empty_benchmark_file_is_an_error_before_loading(tmp_path):
-    """D8: not a 0 averaged into the headline."""
-    d = data_dir(tmp_path, rows=[])
-    msg = eval_exit(["--model", "tiny", "--data-dir", d, "--benchmarks", "gsm8k", "--out", str(tmp_path / "o")])
-    assert "gsm8k.jsonl holds no problems" in msg and not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("flags, msg", [(["--limit", "0"], "--limit must be >= 1"),
-                                        (["--temperature", "nan"], "finite --temperature")])
-def test_eval_flag_checks(tmp_path, flags, msg):
-    assert msg in eval_exit(["--model", "tiny", "--data-dir", data_dir(tmp_path), "--benchmarks", "gsm8k", *flags])
-
-
-def test_compare_warns_when_benchmarks_or_settings_differ(tmp_path, capsys):
-    def summary(scores, problems, temperature):
-        return {"settings": {"model": "m", "temperature": temperature, "n": 16},
-                "benchmarks": {b: {"score": s, "se": 1.0, "problems": problems} for b, s in scores.items()},
-                "average": {"score": sum(scores.values()) / len(scores), "se": 0.5}}
-    (tmp_path / "a.json").write_text(json.dumps(summary({"gsm8k": 40.0, "math500": 20.0}, 50, 0.6)))
-    (tmp_path / "b.json").write_text(json.dumps(summary({"gsm8k": 45.0}, 10, 1.0)))
-    (tmp_path / "c.json").write_text(json.dumps(summary({"gsm8k": 41.0, "math500": 21.0}, 50, 0.6)))
-    ev.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
-    err = capsys.readouterr().err
-    assert "only in A: ['math500']" in err and "gsm8k (50 vs 10)" in err and "temperature 0.6 vs 1.0" in err
-    ev.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")])
-    assert "warning" not in capsys.readouterr().err
-
-
-def test_offline_hub_id_fails_fast_in_one_line(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    t0 = time.time()
-    msg = eval_exit(["--model", "no-org/no-such-model", "--data-dir", data_dir(tmp_path), "--benchmarks", "gsm8k",
-                     "--out", str(tmp_path / "o")])
-    assert "nor in the local hub cache, and HF_HUB_OFFLINE is set" in msg and "\n" not in msg
-    with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
-        O.load_model("no-org/no-such-model", device="cpu")
-    assert time.time() - t0 < 5

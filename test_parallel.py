@@ -1,6 +1,7 @@
-"""Several processes give what one process gives (issue 11): real `torchrun` launches (gloo on the CPU)
-of opensir.py and eval.py on the tiny model, compared with one process. Small settings: two rounds a
-step (one per rank), two references of four teacher samples, four student solutions."""
+"""Tests of parallel.py: several processes give what one process gives. Real `torchrun` launches (gloo on
+the CPU) of opensir.py and eval.py on the tiny model, compared with one process; --fsdp, which shards the
+training state over the ranks; and the refusals before any model loads. Small settings: two rounds a step
+(one per rank), two references of four teacher samples, four student solutions."""
 import json
 import os
 import shutil
@@ -12,48 +13,32 @@ import torch
 
 import eval as ev
 import opensir as O
+import parallel
+from conftest import HERE, metrics, pool, rows, torchrun, weights
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 BASE = ["--model", "tiny", "--rounds_per_step", "2", "--n_refs", "2", "--teacher_group", "4", "--student_group", "4",
         "--seed", "3"]
 ARGS = BASE + ["--init_pool_size", "2", "--init_pool_max_rounds", "1"]  # recipe code grows a starting pool
-NOT_COMPARED = ("sec/", "tok_per_sec/", "peak_mem", "ranks")  # timings, and the number of ranks itself
 
 
-def torchrun(n: int, script: str, args: list) -> str:
-    """Run `torchrun --standalone --nproc_per_node n script args` and return its output; fail with it."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                           os.path.join(HERE, script), *args], capture_output=True, text=True, env=env, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    return out
+def test_dist_env_without_torchrun_is_one_process(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert parallel.dist_env() == (0, 1) and parallel.rank() == 0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert parallel.dist_env() == (1, 4)
 
 
-def rows(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def weights(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path).state_dict()
-
-
-def pool(path):
-    return torch.load(os.path.join(path, "state.pt"), weights_only=False)["pool"]
-
-
-def metrics(out):
-    return [{k: v for k, v in m.items() if not k.startswith(NOT_COMPARED)} for m in rows(os.path.join(out, "metrics.jsonl"))]
-
+# ------------------------------------------------------------------------------------------------
+# several processes: rounds shared out over the ranks
+# ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def dist_runs(tmp_path_factory):
     """one: 1 process, 2 steps, uninterrupted. two: 2 processes, 1 step (a checkpoint), then resumed on 2
     processes to step 2. two1: the same step-1 checkpoint resumed on 1 process. (Each torchrun launch
-    costs ~10 s of start-up on a busy 2-core machine, so the file keeps to four.)"""
+    costs ~10 s of start-up on a busy 2-core machine, so the tests share these runs.)"""
     d = tmp_path_factory.mktemp("dist")
     out = {k: str(d / k) for k in ("one", "two", "two1")}
     O.main(ARGS + ["--steps", "2", "--out", out["one"]])
@@ -64,9 +49,9 @@ def runs(tmp_path_factory):
     return out, log_two + log_resume, log_resume
 
 
-def test_two_processes_give_the_rollouts_pool_and_weights_of_one(runs):
+def test_two_processes_give_the_rollouts_pool_and_weights_of_one(dist_runs):
     """2 processes (with a checkpoint and a resume after step 1) against 1 process, uninterrupted."""
-    out, log_two, _ = runs
+    out, log_two, _ = dist_runs
     one, two = out["one"], out["two"]
     assert rows(os.path.join(one, "problems.jsonl")) == rows(os.path.join(two, "problems.jsonl"))
     assert len({r["round"] for r in rows(os.path.join(two, "problems.jsonl"))}) == 2  # both ranks' rounds are logged
@@ -103,19 +88,19 @@ def test_step_scope_selection_is_the_same_on_two_processes(tmp_path):
         assert a[k] == pytest.approx(b[k], rel=1e-5), k
 
 
-def test_resume_on_two_processes_continues_the_run(runs):
+def test_resume_on_two_processes_continues_the_run(dist_runs):
     """The 2-process run was stopped after step 1 and resumed on 2 processes; the test above finds its
     rollouts, pool and weights equal to the uninterrupted run's. Here: it resumed, and redid no step."""
-    out, _, log_resume = runs
+    out, _, log_resume = dist_runs
     assert f"resumed from {os.path.join(out['two'], 'ckpt-00001')} at step 1" in log_resume
     assert "step 1/2" not in log_resume and "step 2/2" in log_resume
     assert [m["step"] for m in metrics(out["two"])] == [1, 2]
 
 
-def test_resume_on_another_number_of_processes(runs):
+def test_resume_on_another_number_of_processes(dist_runs):
     """Nothing in a checkpoint depends on N (each round is seeded from (seed, step, round)), so a run
     saved by 2 processes continues on 1 exactly as the 1-process run went on."""
-    out, _, _ = runs
+    out, _, _ = dist_runs
     assert rows(os.path.join(out["two1"], "problems.jsonl")) == rows(os.path.join(out["one"], "problems.jsonl"))
     p1, p2 = pool(os.path.join(out["two1"], "ckpt-00002")), pool(os.path.join(out["one"], "ckpt-00002"))
     assert p1["problems"] == p2["problems"] and torch.equal(p1["embeddings"], p2["embeddings"])
@@ -158,3 +143,54 @@ def test_ranks_started_with_different_flags_are_refused(tmp_path):
     assert proc.returncode != 0
     assert "ranks [1] were started with a config other than rank 0's" in proc.stdout + proc.stderr
     assert "parameters on" not in proc.stdout  # no model was loaded
+
+
+# ------------------------------------------------------------------------------------------------
+# --fsdp: FSDP2 shards the training state over the ranks. The tiny model ties its lm_head to its
+# embedding, so the whole-per-rank part (embedding, norm) and the sharded decoder layers are both exercised.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fsdp_runs(dist_runs, tmp_path_factory):
+    """one: dist_runs' 1 process, 2 steps. fsdp: 2 processes with --fsdp, 1 step (a checkpoint), then
+    resumed with --fsdp on 2 processes to step 2."""
+    d = tmp_path_factory.mktemp("fsdp")
+    one, fsdp = dist_runs[0]["one"], str(d / "fsdp")
+    log = torchrun(2, "opensir.py", ARGS + ["--fsdp", "--steps", "1", "--out", fsdp])
+    log += torchrun(2, "opensir.py", ARGS + ["--fsdp", "--steps", "2", "--resume", "--out", fsdp])
+    return one, fsdp, log
+
+
+def test_fsdp_on_two_processes_trains_what_one_process_trains(fsdp_runs):
+    one, fsdp, log = fsdp_runs
+    assert rows(os.path.join(one, "problems.jsonl")) == rows(os.path.join(fsdp, "problems.jsonl"))
+    assert pool(os.path.join(one, "ckpt-00002"))["problems"] == pool(os.path.join(fsdp, "ckpt-00002"))["problems"]
+    for a, b in zip(metrics(one), metrics(fsdp)):  # same loss, KL, and the clip saw the whole model's norm
+        for k in ("loss", "kl", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
+    # the checkpoint (rank 0's gathered state dict) loads with plain transformers and equals one process's
+    w0, w1, w2 = (weights(os.path.join(d, c)) for d, c in ((one, "ckpt-00001"), (one, "ckpt-00002"), (fsdp, "ckpt-00002")))
+    assert w1.keys() == w2.keys()
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert moved > 1e-6 and diff < 0.05 * moved, (moved, diff)
+    assert "resumed from" in log and log.count("identical on all 2 ranks") == 2
+
+
+def test_fsdp_optimizer_state_is_whole(fsdp_runs):
+    """optimizer.pt holds every parameter's AdamW moments, full size (a resume reshards it for any N)."""
+    _, fsdp, _ = fsdp_runs
+    opt = torch.load(os.path.join(fsdp, "ckpt-00002", "optimizer.pt"), weights_only=False)
+    w = weights(os.path.join(fsdp, "ckpt-00002"))
+    shapes = {k: v["exp_avg"].shape for k, v in opt["state"].items()}
+    assert set(shapes) == set(w) - {"lm_head.weight"}  # every parameter (the tied lm_head is the embedding)
+    assert all(w[k].shape == s for k, s in shapes.items())
+
+
+def test_fsdp_without_torchrun_refused_before_loading(tmp_path, monkeypatch):
+    for k in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"--fsdp .*torchrun --nproc_per_node N"):
+        O.main(["--model", "tiny", "--fsdp", "--out", str(out)])
+    assert not out.exists()

@@ -1,28 +1,22 @@
-"""Tests of the two generation engines (`--engine generate` / `continuous`): the same completions under
-greedy decoding, the same EOS handling, the same sampling distribution, Gemma-2's soft-capping kept or
+"""Tests of engines.py and of opensir.generate over the two engines (`--engine generate` / `continuous`):
+the same completions under greedy decoding, the same EOS handling, the same sampling distribution, Gemma-2's soft-capping kept or
 the engine refused, out-of-memory degrading instead of crashing, the current weights always, and real
 tiny runs of training and evaluation with each engine."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
-import bench
 import engines as E
 import eval as ev
 import opensir as O
-import tiny as T
+from conftest import tiny_path
+import models
 
 ENGINES = ("generate", "continuous")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = T.ensure_tiny_model()
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def llama3_tokenizer():
@@ -174,7 +168,7 @@ def _gemma2(softcap):
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(30)
             layer.self_attn.k_proj.weight.mul_(30)
-    return model, O.synthetic_tokenizer(300)
+    return model, models.synthetic_tokenizer(300)
 
 
 def test_gemma2_softcapping_refused_on_cpu_and_why():
@@ -185,8 +179,8 @@ def test_gemma2_softcapping_refused_on_cpu_and_why():
     msg = E.softcap_refusal(capped)
     assert msg and "--engine generate" in msg and "flash-attn" in msg
     with pytest.raises(ValueError, match="--engine generate"):
-        O.resolve_engine("continuous", capped)
-    assert O.resolve_engine("auto", capped) == "generate"
+        E.resolve_engine("continuous", capped)
+    assert E.resolve_engine("auto", capped) == "generate"
     with pytest.raises(ValueError, match="soft-caps"):
         _greedy(capped, tok, [O.chat(tok, "w10 w11")], 4, "continuous")
     uncapped, _ = _gemma2(None)
@@ -196,16 +190,12 @@ def test_gemma2_softcapping_refused_on_cpu_and_why():
     for name, model in (("capped", capped), ("uncapped", uncapped)):
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         gen = [c.ids for c in _greedy(model, tok, prompts, 12, "generate")]
-        raw = E._one_pass(model, ids, _greedy_config(eos, 12), 64, 512, 16, "")
-        assert all(err is None for _, err in raw)
-        same = [r[:12] == g for (r, _), g in zip(raw, gen)]
+        with pytest.MonkeyPatch.context() as mp:  # run the paged engine as if it kept the cap
+            mp.setattr(E, "softcap_refusal", lambda m: None)
+            raw = E.generate_continuous(model, ids, eos, 12, 1.0, 50, 1.0, greedy=True, kv_cache_gib=0.0)
+        same = [r[:12] == g for r, g in zip(raw, gen)]
         assert all(same) if name == "uncapped" else not all(same), name
         assert model.config._attn_implementation == "eager"  # restored after the engine ran
-
-
-def _greedy_config(eos, n):
-    from transformers import GenerationConfig
-    return GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=eos[0])
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (flash attention keeps the cap)")
@@ -218,44 +208,50 @@ def test_gpu_gemma2_continuous_keeps_softcapping_or_is_refused():
     model, tok = O.load_model("gemma-2-2b-it", device="cuda", dtype="bf16", random_init=True)
     if E.softcap_refusal(model):
         with pytest.raises(ValueError):
-            O.resolve_engine("continuous", model)
+            E.resolve_engine("continuous", model)
         return
     prompts = [O.chat(tok, " ".join(f"w{i + j}" for j in range(20))) for i in range(10, 26)]
     a, b = (_greedy(model, tok, prompts, 32, e) for e in ENGINES)
     assert sum(x.ids == y.ids for x, y in zip(a, b)) >= 12
 
 
-@gpu
-def test_gpu_llama_engines_agree_and_bench_smoke():
-    """On CUDA (fp32, so kernels' rounding cannot flip random weights' near-ties): the same greedy
-    completions from both engines at the llama-3.2-3b shape; then the benchmark's smoke sizes."""
-    with torch.device("cuda"):  # initialise on the GPU: 3B random weights on CPU take a minute
-        model, tok = O.load_model("llama-3.2-3b-instruct", device="cuda", dtype="fp32", random_init=True)
-    prompts = [O.chat(tok, " ".join(f"w{i + j}" for j in range(10 + 3 * i))) for i in range(10, 26)]
-    a, b = (_greedy(model, tok, prompts, 32, e) for e in ENGINES)
-    assert sum(x.ids == y.ids for x, y in zip(a, b)) >= 14
-    del model
-    torch.cuda.empty_cache()
-    rows = bench.main(["--device", "cuda", "--smoke"])
-    assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows if "tokens" in r)
+class _Failing:
+    """A continuous-batching manager whose last three requests fail as transformers reports them."""
+
+    def __init__(self, manager, fail_last: bool):
+        self._m, self._fail_last, self._failing = manager, fail_last, set()
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def add_requests(self, **kw):
+        ids = self._m.add_requests(**kw)
+        self._failing = set(list(ids)[-3:]) if self._fail_last else set()
+        return ids
+
+    def get_result(self, timeout=None):
+        r = self._m.get_result(timeout=timeout)
+        if r is not None and r.is_finished() and r.request_id in self._failing:
+            r.error = "CUDA out of memory. Tried to allocate 2.00 GiB"
+        return r
 
 
 def test_out_of_memory_shrinks_the_kv_cache_and_finishes(tiny, monkeypatch, capsys):
     """Out of memory while building the cache, and out of memory failing requests mid-run: the engine
     halves its KV budget, says so, reruns only what failed, and returns every completion."""
     model, tok = tiny
-    real, seen = E._one_pass, []
+    real, seen = model.init_continuous_batching, []
 
-    def with_a_memory_limit(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc):
-        seen.append((blocks, len(prompts)))
+    def with_a_memory_limit(*, generation_config, continuous_batching_config, workload_hints, **kw):
+        blocks = continuous_batching_config.num_blocks
+        seen.append((blocks, workload_hints.num_requests))
         if blocks > 6:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        got = real(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc)
-        if blocks > 3:  # mid-run: the last three requests fail as transformers reports them
-            got = got[:-3] + [(None, "CUDA out of memory. Tried to allocate 2.00 GiB")] * 3
-        return got
+        manager = real(generation_config=generation_config, continuous_batching_config=continuous_batching_config,
+                       workload_hints=workload_hints, **kw)
+        return _Failing(manager, fail_last=blocks > 3)  # mid-run: the last three requests fail
 
-    monkeypatch.setattr(E, "_one_pass", with_a_memory_limit)
+    monkeypatch.setattr(model, "init_continuous_batching", with_a_memory_limit)
     prompts = _prompts(tok, 12)
     outs = O.generate(model, tok, prompts, 20, 1.0, 50, 1.0, batch_size=64, engine="continuous",
                       desc="student")
@@ -268,8 +264,12 @@ def test_out_of_memory_shrinks_the_kv_cache_and_finishes(tiny, monkeypatch, caps
 
 def test_other_failures_are_raised_with_the_way_out(tiny, monkeypatch):
     model, tok = tiny
-    monkeypatch.setattr(E, "_one_pass", lambda *a: [(None, "some kernel error")] * len(a[1]))
-    with pytest.raises(RuntimeError, match="--engine generate"):
+
+    def broken(**kw):
+        raise RuntimeError("some kernel error")
+
+    monkeypatch.setattr(model, "init_continuous_batching", broken)
+    with pytest.raises(RuntimeError, match="(?s)some kernel error.*--engine generate"):
         O.generate(model, tok, _prompts(tok, 2), 8, 1.0, 50, 1.0, 64, engine="continuous")
 
 
@@ -288,7 +288,7 @@ def test_samples_from_the_weights_as_they_are_now(tiny):
     them (no manager, cache or weight copy survives a call)."""
     from transformers import AutoModelForCausalLM
     model, tok = tiny
-    model = AutoModelForCausalLM.from_pretrained(T.ensure_tiny_model()).eval()  # a copy we may change
+    model = AutoModelForCausalLM.from_pretrained(tiny_path()).eval()  # a copy we may change
     prompts = _prompts(tok, 6)
     before = [c.ids for c in _greedy(model, tok, prompts, 12, "continuous")]
     with torch.no_grad():
@@ -322,18 +322,10 @@ def test_tiny_two_step_run_and_eval(engine, tmp_path):
     assert len(samples) == 6 and all(s["tokens"] >= 1 for s in samples) and summary
 
 
-def test_bench_smoke_runs_both_engines():
-    rows = bench.main(["--device", "cpu", "--smoke", "--threads", "1"])
-    timed = [r for r in rows if "tokens" in r]
-    assert {(r["engine"], r["phase"]) for r in timed} == {(e, p) for e in ENGINES for p in ("teacher", "student")}
-    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in timed)
-    assert all(r["paper_hours_generation"] > 0 for r in rows if "paper_hours_generation" in r)
-
-
 def test_engine_flags_are_checked_before_loading():
-    with pytest.raises(ValueError, match="--engine must be"):
+    with pytest.raises(ValueError, match=re.escape("--engine must be one of auto, generate, continuous, got 'vllm'")):
         O.Config(engine="vllm").validate()
-    with pytest.raises(ValueError, match="--kv_cache_gib"):
+    with pytest.raises(ValueError, match=re.escape("--kv_cache_gib must be >= 0, got -1")):
         O.Config(kv_cache_gib=-1).validate()
     cfg = O.config_from_args(["--engine", "continuous", "--kv_cache_gib", "2.5"])
     assert (cfg.engine, cfg.kv_cache_gib) == ("continuous", 2.5)
