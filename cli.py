@@ -10,11 +10,13 @@ import argparse
 import dataclasses
 import inspect
 import math
+import os
 import re
 from typing import Optional
 
+import torch
+
 from models import model_name_error
-from runs import read_init_pool
 
 
 def _in_bound(value, bound: str) -> bool:
@@ -43,16 +45,16 @@ def table_errors(cfg, choices: dict, bounds: dict) -> list:
 
 def value_errors(cfg) -> list:
     """What no setting may be, whatever the tables say: a float that is NaN or infinite (every comparison with
-    NaN is false), a model name that names nothing, a starting-pool file that does not parse."""
+    NaN is false), a GPU that is not there, a model name that names nothing, a starting-pool file that is not
+    there (its content is read once, by runs.Run, before any model loads)."""
     errors = [f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
               if f.type == "float" and not math.isfinite(getattr(cfg, f.name))]
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        errors.append("--device cuda asked for, but torch sees no GPU (use --device cpu, or a CUDA build of torch)")
     if model_name_error(cfg.model, cfg.random_init):
         errors.append(model_name_error(cfg.model, cfg.random_init))
-    if cfg.init_pool:
-        try:
-            read_init_pool(cfg.init_pool)
-        except ValueError as err:
-            errors.append(str(err))
+    if cfg.init_pool and not (cfg.resume or cfg.resume_from) and not os.path.exists(cfg.init_pool):
+        errors.append(f"--init_pool {cfg.init_pool}: cannot read it (no such file); a resumed run never reads it")
     return errors
 
 

@@ -42,6 +42,16 @@ def tiny_path() -> str:
     return T.ensure_tiny_model(O.PROMPTS, models.cache_root())
 
 
+def sample(model, tok, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_k: int = 50,
+           top_p: float = 1.0, batch_size: int = 64, engine: str = "generate", greedy: bool = False,
+           kv_cache_gib: float = 0.0, desc: str = "", seed: int = 0) -> list:
+    """opensir.generate through the named engine, one seed per prompt (seed, seed + 1, ...)."""
+    import engines
+    eng = engines.make_engine(engine, model, O.eos_token_ids(model, tok), tok.pad_token_id, batch_size, kv_cache_gib)
+    return O.generate(eng, tok, prompts, max_new_tokens, engines.Sampling(temperature, top_k, top_p, greedy),
+                      [seed + i for i in range(len(prompts))], desc)
+
+
 def rows(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -62,7 +72,8 @@ def params(path):
 
 
 def pool(ckpt):
-    return torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["pool"]
+    import runs
+    return runs.checkpoint_pool(ckpt)
 
 
 def torchrun(n: int, script: str, args: list) -> str:
@@ -101,6 +112,7 @@ def tiny():
     """The real tiny model and tokenizer from the shared cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = tiny_path()
+    torch.set_num_threads(1)  # small matmuls: two threads on a busy 2-core machine are many times slower than one
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 

@@ -574,6 +574,12 @@ def resolve_engine(engine: str, model) -> str:
     return "generate" if refusal else "continuous"
 
 
+def progress_range(start: int, stop: int, step: int, desc: str):
+    """range(start, stop, step) under a progress bar (none without desc)."""
+    from tqdm.auto import tqdm
+    return tqdm(range(start, stop, step), desc=desc, leave=False, dynamic_ncols=True, disable=not desc)
+
+
 def progress(total: int, desc: str):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not desc)

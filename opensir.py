@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import re
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -122,6 +124,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 25  # linear warm-up, then constant
     max_grad_norm: float = 0.5  # gradient-norm clip
+    nonfinite_stop: int = 3  # a step whose gradient is not finite is skipped; this many in a row stop the run
     # starting pool
     seed_problem: str = "What is 1+1?"  # the one problem the pool grows from
     start_pool: str = "grow"  # "grow": grow init_pool_size in-band problems before step 1 (code); "seed": the seed problem alone (paper)
@@ -195,17 +198,21 @@ CHOICES = dict(
     div_mode=("topk", "nearest"), teacher_format=("think", "tags"), student_format=("final_line", "boxed"),
     select_key=("combined", "total"), select_scope=("round", "step"), start_pool=("grow", "seed"),
     loss_agg=("token", "sequence", "role", "constant"), div_embed=("center", "raw"), dtype=("auto", "bf16", "fp32"),
-    engine=("auto", *engines.ENGINES), device=("auto", "cuda", "cpu"))
+    engine=("auto", *engines.ENGINES), device=("auto", "cuda", "cpu"),
+    attn=("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"))
 
 
 BOUNDS = {
     **dict.fromkeys(("teacher_group", "student_group"), ">= 2"),  # a group of one has no variance
-    **dict.fromkeys(("n_refs", "rounds_per_step", "updates_per_rollout", "steps", "save_every", "teacher_max_new_tokens",
-                     "student_max_new_tokens", "len_cap", "div_topk", "gen_batch", "train_micro_batch",
-                     "logprob_chunk", "init_pool_max_rounds", "dist_timeout"), ">= 1"),
+    **dict.fromkeys(("n_refs", "rounds_per_step", "updates_per_rollout", "steps", "save_every", "len_cap", "div_topk",
+                     "gen_batch", "train_micro_batch", "logprob_chunk", "init_pool_max_rounds", "dist_timeout",
+                     "nonfinite_stop"), ">= 1"),
+    **dict.fromkeys(("teacher_max_new_tokens", "student_max_new_tokens"), "[1, 131072]"),  # no model writes more
     **dict.fromkeys(("w_solv", "w_div", "w_len", "w_teacher_format", "w_correct", "w_student_format", "beta",
-                     "clip_eps", "lr", "init_pool_size", "warmup_steps", "max_grad_norm", "threads", "top_k",
+                     "clip_eps", "lr", "init_pool_size", "warmup_steps", "max_grad_norm", "top_k", "weight_decay",
                      "init_pool_min_chars", "kv_cache_gib"), ">= 0"),
+    "threads": "[0, 1024]",
+    "adv_eps": "> 0",  # the advantage divides by std + adv_eps
     **dict.fromkeys(("band_lo", "band_hi"), "[0, 1]"),
     **dict.fromkeys(("top_p", "select_teacher_frac", "select_student_frac", "vllm_gpu_memory"), "(0, 1]"),
     "temperature": "> 0",  # log-probs are divided by it
@@ -425,12 +432,11 @@ def generate(engine, tokenizer, prompts: list, max_new_tokens: int, sampling: en
 @torch.no_grad()
 
 
-def embed_texts(model, tokenizer, texts: list, batch_size: int = 64) -> torch.Tensor:
+def embed_texts(model, tokenizer, texts: list, batch_size: int = 64, desc: str = "") -> torch.Tensor:
     """Diversity embedding: the last hidden layer mean-pooled over the text's tokens (no chat
     template, padding excluded), fp32 on the CPU, (n, d). Normalisation happens when comparing."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(texts), batch_size):
+    device, out = next(model.parameters()).device, []
+    for i in engines.progress_range(0, len(texts), batch_size, desc):  # a bar for long lists (--init_pool)
         enc = [tokenizer(t, add_special_tokens=True)["input_ids"] or [tokenizer.pad_token_id]
                for t in texts[i: i + batch_size]]
         ids, mask = pad_batch(enc, tokenizer.pad_token_id)  # (b, L) each
@@ -957,6 +963,10 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
         else:
             parallel.sum_gradients(list(policy.parameters()))
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if not math.isfinite(float(grad_norm)):  # a diverged gradient is never applied: counted, and train stops
+            stats["nonfinite_skipped"] += 1      # after --nonfinite_stop such steps in a row
+            optimizer.zero_grad(set_to_none=True)
+            continue
         if guard is not None:
             guard.begin()  # from the first weight update until the step is recorded, Ctrl-C waits
         optimizer.step()
@@ -973,7 +983,7 @@ def optimise(policy, frozen, optimizer, scheduler, rounds: list, cfg: Config, au
     n = cfg.updates_per_rollout
     return {"loss": stats["loss"] / n, "kl": stats["kl_sum"] / max(stats["tokens"], 1),
             "clip_frac": stats["clipped"] / max(stats["tokens"], 1), "grad_norm": stats["grad_norm"] / n,
-            "lr": scheduler.get_last_lr()[0]}
+            "lr": scheduler.get_last_lr()[0], "nonfinite_skipped": stats["nonfinite_skipped"]}
 
 
 # ================================================================================================
@@ -1037,17 +1047,21 @@ def starting_pool_filter(c: Candidate, cfg: Config) -> bool:
             and not states_answer(c.parsed.problem, c.majority))
 
 
-def grow_starting_pool(engine, frozen, tokenizer, cfg: Config, log) -> Pool:
+def grow_starting_pool(engine, frozen, tokenizer, cfg: Config, log, rows: Optional[list] = None) -> Pool:
     """Before RL, grow the pool from the seed problem with the untrained model: the same teacher and
-    student steps, keeping only in-band problems that pass starting_pool_filter."""
+    student steps, keeping only in-band problems that pass starting_pool_filter. rows: a starting pool
+    given instead (--init_pool, read once by runs.Run). Either way it is saved as OUT/init_pool.jsonl."""
     pool = Pool()
     seed_emb = embed_texts(frozen, tokenizer, [cfg.seed_problem]) if cfg.w_div > 0 else None
     pool.add([cfg.seed_problem], [[]], seed_emb)
-    if cfg.init_pool:  # a saved pool: one JSON object with a "problem" (and "concepts") per line
-        rows = runs.read_init_pool(cfg.init_pool)  # already checked by Config.validate
-        emb = embed_texts(frozen, tokenizer, [r["problem"] for r in rows]) if cfg.w_div > 0 and rows else None
+    if rows:  # a saved pool: one JSON object with a "problem" (and "concepts") per line
+        emb = (embed_texts(frozen, tokenizer, [r["problem"] for r in rows], desc="embedding --init_pool")
+               if cfg.w_div > 0 else None)
         pool.add([r["problem"] for r in rows], [r.get("concepts", []) for r in rows], emb)
         log(f"starting pool: {len(rows)} problems from {cfg.init_pool}")
+        if parallel.rank() == 0:  # resume reads the pool from the checkpoint; this copy records what was used
+            with runs.open_out(os.path.join(cfg.out, "init_pool.jsonl")) as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
         return pool
     if cfg.init_pool_size == 0 or cfg.start_pool == "seed":  # recipe paper starts RL from the seed alone
         return pool
@@ -1211,8 +1225,9 @@ def train(cfg: Config) -> str:
     if saved_pool is not None:
         pool = Pool(**saved_pool)
     else:  # every rank grew it alike; rank 0's copy makes the pools identical to the bit
-        pool = Pool(**parallel.broadcast(grow_starting_pool(engine, frozen, tokenizer, cfg, run.log).state()))
+        pool = Pool(**parallel.broadcast(grow_starting_pool(engine, frozen, tokenizer, cfg, run.log, run.init_pool).state()))
 
+    diverged = 0  # steps in a row whose gradient was not finite
     with run.interrupts(start, policy, sampler, tokenizer, optimizer, scheduler, pool) as guard:
         for step in range(start + 1, cfg.steps + 1):
             timers, t_step = Counter(), time.perf_counter()
@@ -1238,6 +1253,13 @@ def train(cfg: Config) -> str:
             rounds, chosen, own = training_batch(rounds_cands, tokenizer, cfg, run.mine)  # selection, advantages
             t0 = time.perf_counter()
             update = optimise(policy, frozen, optimizer, scheduler, rounds, cfg, autocast_dtype, guard, own)
+            diverged = diverged + 1 if update["nonfinite_skipped"] == cfg.updates_per_rollout else 0
+            if diverged:
+                run.log(f"step {step}: the gradient is not finite (NaN or inf); the update was skipped")
+            if diverged >= cfg.nonfinite_stop:
+                raise SystemExit(f"{diverged} steps in a row had a gradient that is not finite: training has diverged "
+                                 f"at --lr {cfg.lr}. Start a new --out with a smaller --lr (the newest checkpoint, "
+                                 f"{runs.latest_checkpoint(cfg.out)}, holds the last weights that were finite).")
             engine.update(policy)  # the next step samples from the updated weights
             timers["train"] += time.perf_counter() - t0
             timers["step"] = time.perf_counter() - t_step
@@ -1270,17 +1292,18 @@ def main(argv: Optional[list] = None) -> None:
                 super().__init__(*args, **{**kwargs, "disable": True})
         tqdm.auto.tqdm = Quiet
     cfg = config_from_args(argv)
+    old_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (schedulers, torchrun) = Ctrl-C
     try:
         train(cfg)
-    except KeyboardInterrupt:  # before the first step (loading, starting pool): there is nothing to save
-        raise SystemExit("\ninterrupted before the first step ended: nothing new was saved; the same command "
-                         "starts again from where the last run left off") from None
+    except KeyboardInterrupt:  # before the first step (loading, starting pool): nothing of this start is saved
+        raise SystemExit(f"\ninterrupted before the first step ended: {runs.next_command(cfg.out)}") from None
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
         raise SystemExit(f"disk full while writing {err.filename or cfg.out} ({err.strerror}). Free some space, "
-                         f"then continue with --resume (the newest complete checkpoint: "
-                         f"{runs.latest_checkpoint(cfg.out)}).") from None
+                         f"then {runs.next_command(cfg.out)}") from None
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

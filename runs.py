@@ -93,6 +93,14 @@ def open_out(path: str, mode: str = "w"):
     return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
+def usual_permissions(path: str) -> None:
+    """Give the files of a directory the permissions the user's umask gives new files (safetensors writes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(path):
+        os.chmod(os.path.join(path, name), 0o666 & ~mask)
+
+
 def rng_state() -> dict:
     """Every generator's state in plain types and tensors (loadable with weights_only: no code runs)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -151,6 +159,19 @@ def load_pt(path: str):
                          "or start a new --out.") from None
 
 
+def checkpoint_pool(ckpt: str, state: Optional[dict] = None) -> dict:
+    """The pool as it stood at a checkpoint: the first pool_size problems of the run's pool.pt."""
+    state = state or load_pt(os.path.join(ckpt, "state.pt"))
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "pool.pt")
+    pool, n = load_pt(path), state["pool_size"]
+    if len(pool["problems"]) < n:
+        raise SystemExit(f"{path} holds {len(pool['problems'])} problems, fewer than the {n} of {ckpt}: it is "
+                         "damaged; start a new --out")
+    emb = pool["embeddings"]
+    return {"problems": pool["problems"][:n], "concepts": pool["concepts"][:n],
+            "embeddings": emb[:n] if emb is not None else None}
+
+
 def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler, pool,
                     rng: dict, cfg, full: Optional[tuple] = None) -> str:
     """Model and tokenizer by save_pretrained (loadable by transformers and eval.py), optimizer.pt, and
@@ -166,13 +187,19 @@ def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler
     try:
         policy.save_pretrained(path, **({"state_dict": full[0]} if full else {}))
         tokenizer.save_pretrained(path)
-        state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool": pool.state(),
+        # the pool only grows, so one file in --out serves every checkpoint (each keeps its length): disk grows
+        # linearly with the steps, not with their square
+        with open_out(os.path.join(out, "pool.tmp"), "wb") as f:
+            torch.save(pool.state(), f)
+        os.replace(os.path.join(out, "pool.tmp"), os.path.join(out, "pool.pt"))
+        state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "pool_size": len(pool.problems),
                  "config": dataclasses.asdict(cfg)}
         for obj, name in ((full[1] if full else optimizer.state_dict(), "optimizer.pt"), (state, "state.tmp")):
             with open_out(os.path.join(path, name), "wb") as f:  # a Python file: a full disk is ENOSPC, not basic_ios
                 torch.save(obj, f)
         os.replace(os.path.join(path, "state.tmp"), os.path.join(path, "state.pt"))  # last: marks it complete
-    except (OSError, RuntimeError) as err:
+        usual_permissions(path)
+    except Exception as err:  # OSError, and what safetensors and torch raise for a full disk mid-write
         shutil.rmtree(path, ignore_errors=True)
         full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2**26
         raise OSError(errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
@@ -214,7 +241,7 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-MAY_CHANGE_ON_RESUME = {"compile", "vllm_gpu_memory", "out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
+MAY_CHANGE_ON_RESUME = {"init_pool", "nonfinite_stop", "compile", "vllm_gpu_memory", "out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
                    "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout", "threads", "engine",
                    "kv_cache_gib"}  # may change between a run and its resume
 
@@ -280,6 +307,42 @@ def _scan_log(path: str, keep_to: Optional[int] = None) -> int:
     return last
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "problems.jsonl", "init_pool.jsonl", "pool.pt")  # what a start writes in --out
+
+
+def holdings(out: str) -> str:
+    """What an earlier run left in --out that a new start would overwrite, in words ("" for nothing)."""
+    names = [os.path.basename(d) for d in checkpoints(out)]
+    logged = _scan_log(os.path.join(out, "metrics.jsonl"))
+    grown = os.path.exists(os.path.join(out, "init_pool.jsonl"))
+    return ", ".join(([f"checkpoints {names[0]} to {names[-1]}" if len(names) > 1 else f"checkpoint {names[0]}"]
+                      if names else []) + [f"steps logged up to {logged}"] * bool(logged)
+                     + ["a grown init_pool.jsonl"] * grown)
+
+
+def start_afresh(out: str) -> str:
+    """The command that lets the same training command start again in an --out that holds logs but no
+    complete checkpoint: move the logs (and any incomplete checkpoint) aside, nothing deleted."""
+    here = [os.path.join(out, f) for f in RUN_FILES if os.path.exists(os.path.join(out, f))] + checkpoints(out)
+    aside = os.path.join(out, "set-aside")
+    n = 1
+    while os.path.exists(f"{aside}-{n}"):
+        n += 1
+    return (f"To start afresh in the same --out, move what it holds aside first: `mkdir {aside}-{n} && mv "
+            f"{' '.join(here)} {aside}-{n}/`, then run the same command.")
+
+
+def next_command(out: str) -> str:
+    """What to run after a stop: --resume from the newest complete checkpoint, the same command when nothing
+    was left, or how to start afresh."""
+    newest = latest_checkpoint(out)
+    if newest:
+        return f"continue with --resume (from {newest})"
+    if not holdings(out):
+        return "nothing was saved; the same command starts again"
+    return "no checkpoint was completed. " + start_afresh(out)
+
+
 def prepare_out(cfg) -> Optional[str]:
     """Check --out before any model loads and return the checkpoint to resume from, if any. Refuses
     whenever going on would drop or overwrite what an earlier run left without the user asking.
@@ -287,11 +350,8 @@ def prepare_out(cfg) -> Optional[str]:
     lock_out(cfg.out)
     refuse_links(cfg.out)
     metrics, problems = os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "problems.jsonl")
-    ckpts, logged = checkpoints(cfg.out), _scan_log(metrics)
+    ckpts, found = checkpoints(cfg.out), holdings(cfg.out)
     grown = os.path.exists(os.path.join(cfg.out, "init_pool.jsonl"))
-    names = [os.path.basename(d) for d in ckpts]
-    found = ", ".join(([f"checkpoints {names[0]} to {names[-1]}" if len(names) > 1 else f"checkpoint {names[0]}"] if names else [])
-                      + [f"steps logged up to {logged}"] * bool(logged) + ["a grown init_pool.jsonl"] * grown)
     resume = cfg.resume or bool(cfg.resume_from)
     cfg_path = os.path.join(cfg.out, "config.json")
     if not found:  # nothing a run finished is here: a failed or interrupted start blocks nothing
@@ -299,9 +359,9 @@ def prepare_out(cfg) -> Optional[str]:
             print(f"{cfg.out} holds a run that stopped before its first step; starting it afresh")
         return None
     if not ckpts and not cfg.resume_from:
-        raise SystemExit(f"{cfg.out} holds {found} but no checkpoint to resume from. To start over, choose "
-                         "another --out" + (f" (to reuse the grown starting pool, pass --init_pool "
-                                            f"{os.path.join(cfg.out, 'init_pool.jsonl')})" if grown else "") + ".")
+        raise SystemExit(f"{cfg.out} holds {found} but no checkpoint to resume from. {start_afresh(cfg.out)} Or "
+                         "choose another --out" + (f" (to reuse the grown starting pool, pass --init_pool "
+                                                   f"{os.path.join(cfg.out, 'init_pool.jsonl')})" if grown else "") + ".")
     if not resume:
         raise SystemExit(f"{cfg.out} already holds a run ({found}). Pass --resume to continue it, or choose "
                          "another --out.")
@@ -312,6 +372,9 @@ def prepare_out(cfg) -> Optional[str]:
             raise SystemExit(f"{cfg_path} is damaged ({err}); restore it or choose another --out") from None
         diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
                 if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v}
+        if saved.get("engine", cfg.engine) != cfg.engine:
+            print(f"warning: --engine {cfg.engine} differs from the run's {saved.get('engine')}: the same distribution, "
+                  "but the samples from here on differ from those of an uninterrupted run")
         if diff:
             raise SystemExit(f"{cfg.out} holds a run with a different config; refusing to touch it. "
                              "Differences (saved, now): " + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items()))
@@ -324,11 +387,13 @@ def prepare_out(cfg) -> Optional[str]:
         if not os.path.exists(os.path.join(path, "state.pt")):
             raise SystemExit(f"--resume_from {path}: no state.pt, so it cannot be resumed; pick an older checkpoint")
         step = checkpoint_step(path)
-        import shutil
         for d in checkpoints(cfg.out):  # kept under another name: nothing is overwritten or lost
             if checkpoint_step(d) > step:
-                aside = d + f".before-resume-from-{step:05d}"
-                shutil.move(d, aside)
+                aside, n = d + f".before-resume-from-{step:05d}", 1
+                while os.path.exists(aside):  # a repeated --resume_from: a new name, never a move into the old one
+                    n += 1
+                    aside = d + f".before-resume-from-{step:05d}-{n}"
+                os.rename(d, aside)
                 print(f"moved {d} aside to {aside}")
         resume_from = path
     else:
@@ -366,14 +431,19 @@ class Run:
             raise SystemExit("invalid config:\n  " + "\n  ".join(errors))
         parallel.dist_init(cfg, MAY_CHANGE_ON_RESUME)
         self.cfg, (self.rank, self.world) = cfg, parallel.dist_env()
-        resume_from = why = None
+        resume_from = why = self.init_pool = None
         if self.rank == 0:
             try:
+                if cfg.init_pool and not (cfg.resume or cfg.resume_from):  # read once: a pipe or a FIFO works
+                    self.init_pool = read_init_pool(cfg.init_pool)
                 resume_from = prepare_out(cfg)
+            except ValueError as err:
+                why = str(err)
             except SystemExit as err:
                 why = err.code
         if self.world > 1:
-            resume_from, why = parallel.dist_call("broadcast_object_list", [resume_from, why], 0)
+            resume_from, why, self.init_pool = parallel.dist_call("broadcast_object_list",
+                                                                  [resume_from, why, self.init_pool], 0)
         if why is not None:
             raise SystemExit(why if self.rank == 0 else 1)  # rank 0 says why, once
         self.resume_from = resume_from
@@ -411,8 +481,9 @@ class Run:
             self.log(f"{self.resume_from} keeps no optimizer state: AdamW restarts from zero moments")
         scheduler.load_state_dict(self.state["scheduler"])
         set_rng_state(self.state["rng"])
-        self.log(f"resumed from {self.resume_from} at step {self.state['step']}, pool of {len(self.state['pool']['problems'])}")
-        return self.state["step"], self.state["pool"]
+        pool = checkpoint_pool(self.resume_from, self.state)
+        self.log(f"resumed from {self.resume_from} at step {self.state['step']}, pool of {len(pool['problems'])}")
+        return self.state["step"], pool
 
     def log_step(self, step: int, m: dict, rows: list) -> None:
         """Append the step's metrics.jsonl line and problems.jsonl rows (rank 0), and print its one-line summary."""
@@ -435,14 +506,18 @@ class Run:
         self.models = (policy, sampler, tokenizer, optimizer, scheduler, pool)
         self.completed, self.snapshot, self.pool_len = start, rng_state(), len(pool.problems)
         self.guard = StepGuard()
-        old_handler = signal.signal(signal.SIGINT, self.guard.handler if self.rank == 0 else signal.SIG_IGN)
+        handler = self.guard.handler if self.rank == 0 else signal.SIG_IGN
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}  # SIGTERM: schedulers, torchrun
         try:
             yield self.guard
         except KeyboardInterrupt:
+            for s in old:  # a second Ctrl-C must not cut the save short
+                signal.signal(s, signal.SIG_IGN)
             self._save_interrupted()
             raise SystemExit(130)
         finally:
-            signal.signal(signal.SIGINT, old_handler)
+            for s, h in old.items():
+                signal.signal(s, h)
 
     def end_step(self, step: int) -> None:
         """The step is complete: remember it for Ctrl-C, and checkpoint it every --save_every and at the end."""
@@ -467,10 +542,11 @@ class Run:
         pool.truncate(self.pool_len)  # drop problems of the unfinished step; weights are still `completed`'s
         if self.cfg.fsdp and latest_checkpoint(out) != checkpoint_dir(out, completed):
             self.log(f"\ninterrupted: with --fsdp one rank cannot gather the sharded state, so step {completed} is "
-                     f"not saved; --resume continues from {latest_checkpoint(out) or 'the start'}")
+                     f"not saved; {next_command(out)}")
         elif latest_checkpoint(out) != checkpoint_dir(out, completed):
+            self.log(f"\ninterrupted: saving step {completed} (a second Ctrl-C waits for it)")
             path = save_checkpoint(out, completed, policy, tokenizer, optimizer, scheduler, pool, self.snapshot, self.cfg)
-            self.log(f"\ninterrupted: saved {path}; continue with --resume")
+            self.log(f"saved {path}; continue with --resume")
         else:
             self.log(f"\ninterrupted: step {completed} is already saved in {checkpoint_dir(out, completed)}; "
                      "continue with --resume")

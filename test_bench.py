@@ -5,13 +5,14 @@ import torch
 
 import bench
 import opensir as O
+from conftest import sample
 
 ENGINES = ("generate", "continuous")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _greedy(model, tok, prompts, n, engine):
-    return O.generate(model, tok, prompts, n, 1.0, 50, 1.0, batch_size=64, engine=engine, greedy=True)
+    return sample(model, tok, prompts, n, 1.0, 50, 1.0, batch_size=64, engine=engine, greedy=True)
 
 
 def test_bench_smoke_runs_both_engines():

@@ -329,13 +329,13 @@ def test_training_votes_on_the_last_box(monkeypatch):
             return messages[0]["content"]
     teacher = "<think>t</think><problem>What is one plus one, exactly?</problem><concepts>integer addition</concepts>"
 
-    def fake_generate(model, tok, prompts, max_new_tokens, desc=None, **kw):
+    def fake_generate(engine, tok, prompts, max_new_tokens, sampling, seeds, desc=""):
         text = teacher if desc == "teacher" else TWO_BOXES
         return [O.Completion([0], [1], text, False) for _ in prompts]
     monkeypatch.setattr(O, "generate", fake_generate)
     cfg = O.Config(w_div=0.0)
     pool = O.Pool(["What is 2 + 2?"], [["addition of integers"]])
-    cands = O.play_round(None, None, Tok(), pool, [0], cfg, Counter())
+    cands = O.play_rounds(None, None, Tok(), pool, {0: [0]}, 1, cfg, Counter())[0]
     legal = [c for c in cands if c.parsed.legal]
     assert legal and all(c.answers == ["2"] * cfg.student_group for c in legal)
 

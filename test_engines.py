@@ -2,9 +2,11 @@
 the same completions under greedy decoding, the same EOS handling, the same sampling distribution, Gemma-2's soft-capping kept or
 the engine refused, out-of-memory degrading instead of crashing, the current weights always, and real
 tiny runs of training and evaluation with each engine."""
+import copy
 import json
 import os
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,9 +14,9 @@ import torch
 
 import engines as E
 import eval as ev
-import opensir as O
-from conftest import tiny_path
 import models
+import opensir as O
+from conftest import sample, tiny_path
 
 ENGINES = ("generate", "continuous")
 
@@ -56,7 +58,7 @@ def llama():
 
 
 def _greedy(model, tok, prompts, n, engine):
-    return O.generate(model, tok, prompts, n, 1.0, 50, 1.0, batch_size=64, engine=engine, greedy=True)
+    return sample(model, tok, prompts, n, 1.0, 50, 1.0, batch_size=64, engine=engine, greedy=True)
 
 
 def _prompts(tok, k):
@@ -131,10 +133,9 @@ def _permutation_p(x: list, y: list, rounds: int = 2000) -> float:
 
 
 def _votes(model, tok, n, engine, temperature=1.0, seed=0):
-    torch.manual_seed(seed)
     prompts = [O.chat(tok, O.student_prompt("What is 3 + 4?"))] * (n // 2) + \
               [O.chat(tok, O.student_prompt("What is 12 - 5 + 9?"))] * (n // 2)
-    outs = O.generate(model, tok, prompts, 24, temperature, 50, 1.0, batch_size=64, engine=engine)
+    outs = sample(model, tok, prompts, 24, temperature, 50, 1.0, batch_size=64, engine=engine, seed=seed * 100000)
     return [f"{i < n // 2}:{O.normalize_answer(O.extract_boxed(c.text))}" for i, c in enumerate(outs)]
 
 
@@ -253,7 +254,7 @@ def test_out_of_memory_shrinks_the_kv_cache_and_finishes(tiny, monkeypatch, caps
 
     monkeypatch.setattr(model, "init_continuous_batching", with_a_memory_limit)
     prompts = _prompts(tok, 12)
-    outs = O.generate(model, tok, prompts, 20, 1.0, 50, 1.0, batch_size=64, engine="continuous",
+    outs = sample(model, tok, prompts, 20, 1.0, 50, 1.0, batch_size=64, engine="continuous",
                       desc="student")
     assert all(o is not None and 1 <= len(o.ids) <= 20 for o in outs)
     assert [n for _, n in seen] == [12, 12, 3]  # only the failed three rerun
@@ -270,7 +271,7 @@ def test_other_failures_are_raised_with_the_way_out(tiny, monkeypatch):
 
     monkeypatch.setattr(model, "init_continuous_batching", broken)
     with pytest.raises(RuntimeError, match="(?s)some kernel error.*--engine generate"):
-        O.generate(model, tok, _prompts(tok, 2), 8, 1.0, 50, 1.0, 64, engine="continuous")
+        sample(model, tok, _prompts(tok, 2), 8, 1.0, 50, 1.0, 64, engine="continuous")
 
 
 def test_kv_budget_bounded_by_need_cap_and_memory(tiny):
@@ -331,3 +332,247 @@ def test_engine_flags_are_checked_before_loading():
     assert (cfg.engine, cfg.kv_cache_gib) == ("continuous", 2.5)
     with pytest.raises(SystemExit):
         ev.build_parser().parse_args(["--model", "tiny", "--engine", "vllm"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeded sampling, two-call rounds, the engine interface (compiled, kept manager, vLLM contract)
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_engine_fixture():
+    torch.set_num_threads(1)
+    model, tok = O.load_model("tiny", device="cpu", dtype="fp32")
+    return model, tok, O.eos_token_ids(model, tok)
+
+
+def _encode(tok, texts, role=O.student_prompt):
+    return [tok(O.chat(tok, role(t)), add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_uniform_draws_are_a_function_of_seed_and_position_only():
+    seeds = torch.tensor([0, 1, 2**40 + 7, 2**62], dtype=torch.int64)
+    a, b = E.uniform(seeds, 5), E.uniform(seeds.flip(0), 5).flip(0)
+    assert torch.equal(a, b) and bool(((a > 0) & (a < 1)).all())  # order in the batch changes nothing
+    assert not torch.equal(E.uniform(seeds, 5), E.uniform(seeds, 6))  # another position, another draw
+    u = E.uniform(torch.arange(20000, dtype=torch.int64), 3)
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float((u < 0.1).double().mean()) - 0.1) < 0.01  # uniform
+
+
+def test_seeded_sampler_draws_from_the_warped_distribution():
+    """Over many seeds, the token frequencies match softmax(logits / T) restricted to the top-k (an oracle
+    computed by hand here), and a token outside the top-k is never drawn."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    n = 20000
+    proc = E.seeded_sampler(E.Sampling(temperature=0.7, top_k=3, top_p=1.0), list(range(n)), start=0)
+    out = proc(torch.zeros((n, 4), dtype=torch.long), logits.expand(n, 5).clone())
+    tokens = out.argmax(-1)
+    assert bool((out.isfinite().sum(-1) == 1).all())  # exactly one finite logit per row
+    p = torch.softmax(logits[0, :3] / 0.7, -1)
+    freq = torch.bincount(tokens, minlength=5).double() / n
+    assert freq[3:].sum() == 0 and torch.allclose(freq[:3], p.double(), atol=0.015)
+
+
+def test_a_sequence_samples_the_same_whatever_its_batch():
+    model, tok, eos = _tiny_engine_fixture()
+    prompts = _encode(tok, [f"What is {i} + {2 * i}?" for i in range(6)])
+    s = E.Sampling(1.0, 50, 1.0)
+    whole = E.HFEngine(model, eos, tok.pad_token_id, 8).generate(prompts, 20, s, [11, 12, 13, 14, 15, 16])
+    cut = lambda xs: [O.cut_at_eos(x, eos)[0] for x in xs]  # noqa: E731
+    one_by_one = [E.HFEngine(model, eos, tok.pad_token_id, 1).generate([p], 20, s, [sd])[0]
+                  for p, sd in zip(prompts, [11, 12, 13, 14, 15, 16])]
+    assert cut(whole) == cut(one_by_one)
+    other = E.HFEngine(model, eos, tok.pad_token_id, 8).generate(prompts, 20, s, [21, 22, 23, 24, 25, 26])
+    assert cut(other) != cut(whole)  # the seed, not the batch, decides
+
+
+def test_two_calls_equal_per_round_calls(tmp_path):
+    """play_rounds over every round at once gives the candidates, rewards and selection of one call per round,
+    under sampling (each sequence has its own seed) and under greedy."""
+    model, tok, eos = _tiny_engine_fixture()
+    cfg = O.Config(model="tiny", rounds_per_step=3, n_refs=2, teacher_max_new_tokens=48, student_max_new_tokens=32)
+    pool = O.Pool()
+    pool.add(["What is 1+1?", "What is 2+3?", "What is 4*5?"], [[], [], []],
+             O.embed_texts(model, tok, ["What is 1+1?", "What is 2+3?", "What is 4*5?"]))
+    refs = {0: [0, 1], 1: [2, 0], 2: [1, 1]}
+    engine = E.HFEngine(model, eos, tok.pad_token_id, 64)
+    together = O.play_rounds(engine, model, tok, pool, refs, 7, cfg, Counter())
+    apart = {r: O.play_rounds(engine, model, tok, pool, {r: refs[r]}, 7, cfg, Counter())[r] for r in refs}
+    key = lambda c: (c.completion.ids, c.parsed.problem, c.answers, [s.ids for s in c.solutions], c.reward, c.rank_key)  # noqa: E731
+    assert [[key(c) for c in together[r]] for r in refs] == [[key(c) for c in apart[r]] for r in refs]
+    assert O.select_for_training([together[r] for r in refs], cfg) == O.select_for_training([apart[r] for r in refs], cfg)
+
+
+def test_compiled_decode_equals_eager_and_never_recompiles():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    model, tok, eos = _tiny_engine_fixture()
+    short = _encode(tok, [f"What is {i} + {i}?" for i in range(5)])
+    long = _encode(tok, [f"What is {i} * 7 + 12345 - {i} * 3?" for i in range(3)])
+    assert len(long[0]) != len(short[0])
+    eager = E.HFEngine(model, eos, tok.pad_token_id, 8)
+    comp = E.HFEngine(model, eos, tok.pad_token_id, 8, compile_width=96, compile_backend="aot_eager")
+    cut = lambda xs: [O.cut_at_eos(x, eos)[0] for x in xs]  # noqa: E731
+    torch._dynamo.reset()
+    greedy, sampled = E.Sampling(greedy=True), E.Sampling(1.0, 50, 1.0)
+    assert cut(comp.generate(short, 16, greedy, list(range(5)))) == cut(eager.generate(short, 16, greedy, list(range(5))))
+    graphs = counters["stats"]["unique_graphs"]
+    old = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True  # another prompt width must not recompile
+    try:
+        assert cut(comp.generate(long, 16, greedy, list(range(3)))) == cut(eager.generate(long, 16, greedy, list(range(3))))
+        assert cut(comp.generate(short, 16, sampled, list(range(5)))) == cut(eager.generate(short, 16, sampled, list(range(5))))
+    finally:
+        torch._dynamo.config.error_on_recompile = old
+    assert counters["stats"]["unique_graphs"] == graphs == 1
+
+
+def test_kept_continuous_manager_samples_the_current_weights():
+    model, tok, eos = _tiny_engine_fixture()
+    model = copy.deepcopy(model)  # its weights change below
+    prompts = _encode(tok, [f"What is {i} + {3 * i}?" for i in range(8)])
+    greedy = E.Sampling(greedy=True)
+    cont, hf = E.ContinuousEngine(model, eos, tok.pad_token_id), E.HFEngine(model, eos, tok.pad_token_id, 8)
+    cut = lambda xs: [O.cut_at_eos(x, eos)[0] for x in xs]  # noqa: E731
+    before = cut(cont.generate(prompts, 20, greedy, list(range(8))))
+    manager = cont.kept["manager"]
+    assert before == cut(hf.generate(prompts, 20, greedy, list(range(8))))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after = cut(cont.generate(prompts, 20, greedy, list(range(8))))
+    assert cont.kept["manager"] is manager  # one manager for both calls
+    assert after != before and after == cut(hf.generate(prompts, 20, greedy, list(range(8))))
+
+
+def test_full_attention_within_the_window_is_exact_and_left_alone_beyond():
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("gemma2", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                               query_pre_attn_scalar=16, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    inside, beyond = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        ref_in, ref_out = model(inside).logits, model(beyond).logits
+        with E.full_attention_within_window(model, 8):
+            assert set(model.config.layer_types) == {"full_attention"}
+            assert torch.equal(model(inside).logits, ref_in)
+        with E.full_attention_within_window(model, 16):  # longer than the window: nothing changes
+            assert torch.equal(model(beyond).logits, ref_out)
+    assert "sliding_attention" in model.config.layer_types  # restored
+
+
+def test_budget_per_prompt_caps_each_completion():
+    model, tok, eos = _tiny_engine_fixture()
+    prompts = _encode(tok, [f"What is {i} + {3 * i}?" for i in range(6)], O.teacher_prompt)
+    caps = [3, 5, 8, 13, 40, 64]
+    for engine in (E.HFEngine(model, eos, tok.pad_token_id, 8), E.ContinuousEngine(model, eos, tok.pad_token_id)):
+        out = engine.generate(prompts, 64, E.Sampling(1.0, 50, 1.0), list(range(6)), budgets=caps)
+        assert all(len(O.cut_at_eos(o, eos)[0]) <= c for o, c in zip(out, caps)), engine.name
+
+
+class FakeLLM:
+    """vLLM's LLM interface as VLLMEngine uses it, recording every call in order."""
+
+    def __init__(self, eos):
+        self.calls, self.weights, self.eos, self.awake = [], None, eos, {"weights": True, "kv_cache": True}
+
+    def generate(self, prompts, params, use_tqdm=False):
+        assert all(self.awake.values()), "generate while asleep"
+        self.calls.append(("generate", [p["prompt_token_ids"] for p in prompts], params))
+        outs = []
+        for p, sp in zip(prompts, params):
+            ids = [5, 6, 7][: sp.max_tokens]
+            stop = len(p["prompt_token_ids"]) % 2 == 0  # half stop on an EOS that vLLM holds back
+            c = type("C", (), {"token_ids": ids, "finish_reason": "stop" if stop else "length",
+                               "stop_reason": self.eos[-1] if stop else None})()
+            outs.append(type("O", (), {"outputs": [c]})())
+        return outs
+
+    def apply_model(self, fn):
+        self.calls.append(("push",))
+        return [fn(self)]
+
+    def load_weights(self, weights):
+        assert self.awake["weights"], "weights pushed into freed memory"
+        self.weights = {k: v.clone() for k, v in weights}
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+        self.awake = {"weights": False, "kv_cache": False}
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags)))
+        for t in tags:
+            self.awake[t] = True
+
+
+def test_vllm_engine_contract(monkeypatch):
+    """Through the engine interface: the run's sampling settings and every EOS id reach each request with its
+    seed; a held-back stop token is put back (the EOS cut works as for the other engines); weights are pushed
+    after every optimiser step and before the next generation; memory is freed around training and retaken
+    weights first, KV cache second."""
+    import sys
+    import types
+    fake_vllm = types.ModuleType("vllm")
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+    fake_vllm.SamplingParams = SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    policy = torch.nn.Linear(2, 2)
+    llm = FakeLLM(eos=[1, 9])
+    engine = E.VLLMEngine("unused", [1, 9], 0, 64, 0.3, llm=llm)
+    with pytest.raises(RuntimeError, match="before the policy's weights were pushed"):
+        engine.generate([[3, 4]], 8, E.Sampling(), [0])
+    for step in range(2):
+        engine.update(policy)  # after the optimiser step (and once at start)
+        assert torch.equal(llm.weights["weight"], policy.weight.detach())
+        engine.wake()
+        out = engine.generate([[3, 4], [3, 4, 5]], 8, E.Sampling(0.7, 20, 0.9), [101, 102])
+        assert out == [[5, 6, 7, 9], [5, 6, 7]]  # the held-back EOS is back on the stopped request
+        params = llm.calls[-1][2]
+        assert [(p.temperature, p.top_k, p.top_p, p.max_tokens, p.seed, p.stop_token_ids) for p in params] == [
+            (0.7, 20, 0.9, 8, 101, [1, 9]), (0.7, 20, 0.9, 8, 102, [1, 9])]
+        engine.sleep()  # training
+        with torch.no_grad():
+            policy.weight.add_(1.0)
+    kinds = [c[0] if c[0] != "wake_up" else c for c in llm.calls if c[0] != "generate"]
+    assert kinds == ["push", "reset_prefix_cache", "sleep", ("wake_up", ("weights",)), "push",
+                     "reset_prefix_cache", ("wake_up", ("kv_cache",)), "sleep"]
+    with pytest.raises(RuntimeError, match="before the policy's weights were pushed"):
+        engine.wake()  # asleep and not pushed: generating would sample freed or stale weights
+
+
+def test_memory_plan_counts_parameters_by_hand():
+    import models
+    # gemma-2-2b-it: embedding 256000 x 2304; per layer q 2304x2048, k and v 2304x1024, o 2048x2304, MLP
+    # 3 x 2304 x 9216, 4 norms of 2304; 26 layers; a final norm
+    gemma = 256000 * 2304 + 26 * (2304 * 2048 + 2 * 2304 * 1024 + 2048 * 2304 + 3 * 2304 * 9216 + 4 * 2304) + 2304
+    # llama-3.2-3b: embedding 128256 x 3072 (tied); per layer q and o 3072x3072, k and v 3072x1024, MLP 3 x 3072 x
+    # 8192, 2 norms; 28 layers; a final norm
+    llama = 128256 * 3072 + 28 * (2 * 3072 * 3072 + 2 * 3072 * 1024 + 3 * 3072 * 8192 + 2 * 3072) + 3072
+    assert (gemma, llama) == (2_614_341_888, 3_212_749_824)
+    for name, n in (("gemma-2-2b-it", gemma), ("llama-3.2-3b-instruct", llama)):
+        config = models.architecture_config(name)
+        assert models.count_parameters(config) == n
+        plan = dict((k, b) for k, b, _ in models.memory_plan(O.Config(model=name, device="cpu"), config))
+        assert plan["policy weights (fp32)"] == 4 * n and plan["AdamW moments (fp32)"] == 8 * n
+    kv = models.kv_bytes(models.architecture_config("gemma-2-2b-it"), 2)
+    assert kv == 2 * 26 * 4 * 256 * 2  # keys and values x layers x KV heads x head dim x bf16
+
+
+def test_memory_plan_refuses_what_cannot_fit(monkeypatch):
+    import models
+    monkeypatch.setattr(models, "device_memory_bytes", lambda device: 16 << 30)
+    monkeypatch.setattr(models, "pick_device", lambda device="auto": torch.device("cuda"))
+    monkeypatch.setattr(models, "compute_dtype", lambda device, dtype="auto": torch.bfloat16)
+    lines = []
+    with pytest.raises(SystemExit, match="--gen_batch"):
+        models.check_memory(O.Config(model="gemma-2-2b-it"), lines.append)
+    assert "memory plan" in lines[0]
+    models.check_memory(O.Config(model="tiny"), lines.append)  # the built-in models are not planned

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import opensir as O
-from conftest import GOOD, HERE, NOT_COMPARED, make_tokenizer, params, rows, tiny_path
+from conftest import GOOD, HERE, NOT_COMPARED, make_tokenizer, params, rows, sample, tiny_path
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,7 +36,7 @@ def _cand(group, legal=True, answers=(), lengths=(), think=True, emb=None, combi
     c = O.Candidate(group, O.Completion([1], [5, 2], text, False), parsed, sols, list(answers))
     c.embedding = emb
     if combined is not None:
-        c.combined, c.n_parsed = combined, (8 if legal else 0)
+        c.rank_key, c.n_parsed = combined, (8 if legal else 0)
     return c
 
 
@@ -163,16 +163,16 @@ def test_paper_solve_rate_over_the_whole_group():
     # 0.8 is in the band for code, 0.5 is its lower edge for paper: same answers, different rewards
     c, p = _cand(0, answers=answers, lengths=[3] * 8), _cand(0, answers=answers, lengths=[3] * 8)
     O.score_candidates([c], None, _cfg(w_div=0))
-    O.score_candidates([p], None, _cfg(w_div=0, solve_rate_over="group", tent_floor="group"))
+    O.score_candidates([p], None, _cfg(w_div=0, solve_rate_over="group", tent_rule="group"))
     assert c.solv == pytest.approx(1 - 0.75 * 0.1 / 0.2) and p.solv == pytest.approx(0.125)
 
 
 # Eq. 2, the solvability tent: floor 1/#{k/G in band} (code) or 1/G (paper)
 
-def test_band_y_min():
-    assert O.band_y_min(8, 0.5, 0.9) == 0.25  # 4/8, 5/8, 6/8, 7/8
-    assert O.band_y_min(4, 0.5, 0.9) == 0.5  # 2/4, 3/4
-    assert O.band_y_min(10, 0.5, 0.9) == 0.2  # 5/10 .. 9/10
+def test_tent_floor():
+    assert O.tent_floor(8, 0.5, 0.9) == 0.25  # 4/8, 5/8, 6/8, 7/8
+    assert O.tent_floor(4, 0.5, 0.9) == 0.5  # 2/4, 3/4
+    assert O.tent_floor(10, 0.5, 0.9) == 0.2  # 5/10 .. 9/10
 
 
 @pytest.mark.parametrize("s, expected", [
@@ -191,9 +191,9 @@ def test_solvability_reward(s, expected):
                                          (3 / 8, 0.0), (1.0, 0.0), (0.7, 1.0)])
 def test_paper_tent_floor_one_over_g(s, expected):
     # eta = (1 - 1/8) / 0.2 = 4.375;  R = 1 - eta |s - 0.7|
-    assert O.solvability_reward(s, 8, 0.5, 0.9, floor="group") == pytest.approx(expected)
-    assert O.band_y_min(8, 0.5, 0.9, floor="group") == 0.125
-    assert O.band_y_min(8, 0.5, 0.9, floor="band") == 0.25  # the code recipe's floor is unchanged
+    assert O.solvability_reward(s, 8, 0.5, 0.9, rule="group") == pytest.approx(expected)
+    assert O.tent_floor(8, 0.5, 0.9, rule="group") == 0.125
+    assert O.tent_floor(8, 0.5, 0.9, rule="band") == 0.25  # the code recipe's floor is unchanged
 
 
 def test_solvability_with_fewer_parsed_answers():
@@ -307,7 +307,7 @@ def test_generation_halves_its_batch_on_out_of_memory(small, monkeypatch, capsys
 
     monkeypatch.setattr(model, "generate", generate_with_a_memory_limit)
     prompts = [O.chat(tok, O.student_prompt(f"What is {i}+1?")) for i in range(10)]
-    outs = O.generate(model, tok, prompts, 4, 1.0, 50, 1.0, batch_size=16, desc="student")
+    outs = sample(model, tok, prompts, 4, 1.0, 50, 1.0, batch_size=16, desc="student")
     assert len(outs) == 10 and all(o is not None and 1 <= len(o.ids) <= 4 for o in outs)
     assert sizes[:3] == [10, 8, 4] and max(sizes[3:]) <= 2
     assert "out of memory: retrying with --gen_batch 2" in capsys.readouterr().out
@@ -325,7 +325,7 @@ def test_score_candidates_pairs_length_with_its_own_problem():
     O.score_candidates(cands, None, cfg)
     a, illegal, b = cands
     assert (a.solv, a.length, a.majority, a.scored) == (0.0, 0.0, None, False)  # no parsed answer: no length
-    assert illegal.reward == 0.0 and illegal.combined == 0.0
+    assert illegal.reward == 0.0 and illegal.rank_key == 0.0
     assert b.solve_rate == 0.75 and b.solv == pytest.approx(0.8125) and b.length == 0.5
     assert b.reward == pytest.approx(0.8125 + 0.5 + 0.1)
     assert b.student_rewards == pytest.approx([1.1] * 6 + [0.1] * 2)
@@ -340,7 +340,7 @@ def test_problem_with_no_parsed_answer_gets_no_length_and_is_never_selected():
     O.score_candidates(cands, emb[2:], _cfg(select_key="total"))
     assert rambling.length == 0.0 and not rambling.scored  # not the full length reward of 1.0
     assert rambling.reward == pytest.approx(rambling.div + 0.1)  # diversity and format only
-    rambling.combined = fine.combined + 1.0  # even with the best ranking key...
+    rambling.rank_key = fine.rank_key + 1.0  # even with the best ranking key...
     assert O.select_student_problem(cands) == 1  # ...it is out of both selections
     chosen = O.select_step([cands], 1, 1.0, 1.0)
     assert chosen == [([0, 1], [1])]  # its group is kept as a group (it ranks last), never as a problem
@@ -357,7 +357,7 @@ def test_selection_highest_variance_group_and_best_student():
     # all-illegal groups rank last even against a zero-variance legal group
     assert O.select_teacher_group(np.zeros((2, 4)), np.array([[0] * 4, [0, 1, 0, 0]], dtype=bool)) == 1
     cands = [_cand(0, True), _cand(0, False), _cand(1, True)]
-    cands[0].combined, cands[1].combined, cands[2].combined = 0.5, 9.0, 0.7
+    cands[0].rank_key, cands[1].rank_key, cands[2].rank_key = 0.5, 9.0, 0.7
     cands[0].n_parsed = cands[2].n_parsed = 8  # legal with parsed answers: they have a score
     assert O.select_student_problem(cands) == 2
     assert O.select_student_problem([_cand(0, False)]) is None
@@ -383,7 +383,7 @@ def test_paper_ranks_by_the_full_teacher_score():
         cands = [dataclasses.replace(a), dataclasses.replace(b)]
         O.score_candidates(cands, None, _cfg(w_div=0, select_key=key))
         assert O.select_student_problem(cands) == winner
-    assert cands[1].combined == pytest.approx(cands[1].reward)
+    assert cands[1].rank_key == pytest.approx(cands[1].reward)
 
 
 def _step_batch():

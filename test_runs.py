@@ -345,3 +345,14 @@ def test_eval_of_a_run_without_a_complete_checkpoint(copy, tmp_path):
     for d in runs.checkpoints(copy):
         os.remove(os.path.join(d, "state.pt"))
     assert "no complete checkpoint" in eval_exit(["--model", copy, "--data-dir", data_dir(tmp_path)])
+
+
+def test_open_out_refuses_a_link_planted_after_the_check(tmp_path, monkeypatch):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious\n")
+    os.symlink(target, tmp_path / "summary.json")
+    monkeypatch.setattr(runs, "refuse_link", lambda path: None)  # as if the link came after the check
+    for mode in ("w", "a"):  # O_NOFOLLOW itself refuses it
+        with pytest.raises(SystemExit, match="is a symbolic link"):
+            runs.open_out(str(tmp_path / "summary.json"), mode)
+    assert target.read_text() == "precious\n"

@@ -186,6 +186,10 @@ def _ensure_built(path: str, build, seed: int, what: str) -> str:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished cache need not be
         try:
             build(tmp, seed)
+            mask = os.umask(0)
+            os.umask(mask)
+            for name in os.listdir(tmp):  # safetensors writes 0600: the shared cache gets the usual permissions
+                os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
             os.replace(tmp, path)
         except OSError:  # another process renamed its copy into place first: use that one
             if not os.path.exists(os.path.join(path, "config.json")):
