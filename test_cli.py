@@ -7,6 +7,7 @@ import os
 import re
 
 import pytest
+import torch
 
 import cli
 import opensir as O
@@ -85,6 +86,14 @@ def test_main_rejects_bad_flags_before_loading(tmp_path):
     (["--w_div", "nan"], "--w_div must be a finite number, got nan"),
     (["--seed", "-1"], "--seed must be in [0, 4294967296), got -1"),
     (["--seed_problem", "  "], "--seed_problem is blank"),
+    (["--weight_decay", "-1"], "--weight_decay must be >= 0, got -1.0"),
+    (["--threads", "100000"], "--threads must be in [0, 1024], got 100000"),
+    (["--attn", "fast"], "--attn must be one of auto, eager, sdpa, flash_attention_2, flash_attention_3, flex_attention, got 'fast'"),
+    (["--teacher_max_new_tokens", "1000000000"], "--teacher_max_new_tokens must be in [1, 131072], got 1000000000"),
+    (["--adv_eps", "0"], "--adv_eps must be > 0, got 0.0"),
+    (["--nonfinite_stop", "0"], "--nonfinite_stop must be >= 1, got 0"),
+    (["--vllm_gpu_memory", "1.5"], "--vllm_gpu_memory must be in (0, 1], got 1.5"),
+    (["--init_pool", "/no/such/pool.jsonl"], "--init_pool /no/such/pool.jsonl: cannot read it"),
 ])
 def test_bad_flags_refused_before_out_is_created(tmp_path, flags, msg):
     out = tmp_path / "x"
@@ -120,6 +129,13 @@ def test_flags_without_effect_are_refused_before_any_model_loads(tmp_path, flags
     with pytest.raises(SystemExit, match=re.escape(msg)):
         O.main(["--model", "no/such-model", "--out", str(out), *flags])
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_device_cuda_without_a_gpu_is_refused_before_out_is_created(tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda asked for, but torch sees no GPU"):
+        O.main(["--model", "tiny", "--device", "cuda", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_init_pool_file_contradicts_the_seed_start(tmp_path):

@@ -2,6 +2,7 @@
 checkpoints, resume, Ctrl-C, and the faults a user meets (bad input files, damaged checkpoints, torn logs,
 a full disk). Each must end in a clear sentence, before any model loads where the input allows it, with
 nothing lost or overwritten. One real two-step tiny run (conftest's `run`) is shared."""
+import copy
 import errno
 import fcntl
 import json
@@ -275,26 +276,61 @@ def test_damaged_checkpoint_file_names_its_path(copy, name):
     assert path in str(err.value) and "--resume_from" in str(err.value)
 
 
-def test_disk_full_during_a_save_removes_the_half_checkpoint(run, tmp_path):
-    """A real ENOSPC: the optimizer file is /dev/full. The error says so; no half checkpoint stays."""
+def _full_disk_for(monkeypatch, name):
+    """runs.open_out gives /dev/full for files called `name`: a real ENOSPC when the write is flushed."""
+    real = runs.open_out
+
+    def open_out(path, mode="w"):
+        return open("/dev/full", mode) if os.path.basename(path) == name else real(path, mode)
+    monkeypatch.setattr(runs, "open_out", open_out)
+
+
+def test_disk_full_during_a_save_removes_the_half_checkpoint(run, tmp_path, monkeypatch):
+    """A real ENOSPC while optimizer.pt is written. The error says so; no half checkpoint stays."""
     model, tok = O.load_model(os.path.join(run, "ckpt-00002"), device="cpu")
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     out = str(tmp_path / "run")
-    os.makedirs(os.path.join(out, "ckpt-00003"))
-    os.symlink("/dev/full", os.path.join(out, "ckpt-00003", "optimizer.pt"))
+    os.makedirs(out)
+    _full_disk_for(monkeypatch, "optimizer.pt")
     with pytest.raises(OSError, match="could not save checkpoint .*ckpt-00003 .disk full") as err:
         runs.save_checkpoint(out, 3, model, tok, opt, sched, O.Pool(["p"], [[]]), runs.rng_state(), O.Config())
     assert err.value.errno == errno.ENOSPC
     assert not os.path.exists(os.path.join(out, "ckpt-00003"))
 
 
-def test_disk_full_during_a_run_says_so_in_one_sentence(tmp_path):
+def test_a_failure_inside_the_weights_write_removes_the_half_checkpoint(run, tmp_path, monkeypatch):
+    """safetensors raises its own error type, after writing part of the file: caught all the same."""
+    import safetensors.torch
+    model, tok = O.load_model(os.path.join(run, "ckpt-00002"), device="cpu")
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    with pytest.raises(OSError, match="could not save checkpoint .*ckpt-00001"):
+        runs.save_checkpoint(out, 1, model, tok, opt, sched, O.Pool(["p"], [[]]), runs.rng_state(), O.Config())
+    assert not os.path.exists(os.path.join(out, "ckpt-00001"))
+
+
+def test_disk_full_before_any_checkpoint_names_a_command_that_works(tmp_path, monkeypatch):
+    """The first step's log append hits a real ENOSPC: no checkpoint exists, so the message does not offer
+    --resume; the command it gives (move the logs aside) is run, and then the same command starts again."""
     out = tmp_path / "run"
-    out.mkdir()
-    os.symlink("/dev/full", out / "problems.jsonl")  # the first step's append hits a real ENOSPC
-    with pytest.raises(SystemExit, match=r"disk full while writing .*No space left on device.*--resume"):
-        O.main(["--model", "tiny", "--steps", "1", "--out", str(out), *FAST_TINY])
+    _full_disk_for(monkeypatch, "problems.jsonl")
+    args = ["--model", "tiny", "--steps", "1", "--out", str(out), *FAST_TINY]
+    with pytest.raises(SystemExit, match=r"disk full while writing .*No space left on device.*start afresh") as err:
+        O.main(args)
+    monkeypatch.undo()
+    command = str(err.value.code).split("`")[1]
+    subprocess.run(command, shell=True, check=True)
+    O.main(args)
+    assert steps(out / "metrics.jsonl") == [1]
 
 
 def test_fresh_start_after_an_interrupted_start_is_not_blocked(tmp_path, capsys):
@@ -356,3 +392,155 @@ def test_open_out_refuses_a_link_planted_after_the_check(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match="is a symbolic link"):
             runs.open_out(str(tmp_path / "summary.json"), mode)
     assert target.read_text() == "precious\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile checkpoints and --out: no code runs from data, nothing written through a link
+# ------------------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this runs code: it would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["state.pt", "optimizer.pt"])
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(copy, tmp_path, name):
+    marker = tmp_path / "payload-ran"
+    with open(os.path.join(copy, "ckpt-00002", name), "wb") as f:
+        torch.save({"step": 2, "x": _Payload(str(marker))}, f)
+    with pytest.raises(SystemExit, match="refused, nothing was run"):
+        O.main(["--model", "tiny", "--steps", "3", "--resume", "--out", copy, *FAST_TINY])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json", "ckpt-00002/config.json"])
+def test_a_link_planted_in_a_run_is_refused_and_its_target_untouched(copy, tmp_path, name):
+    target = tmp_path / "precious.txt"
+    target.write_text("precious\n")
+    os.remove(os.path.join(copy, name))
+    os.symlink(target, os.path.join(copy, name))
+    with pytest.raises(SystemExit, match="is a symbolic link"):
+        O.main(["--model", "tiny", "--steps", "3", "--resume", "--out", copy, *FAST_TINY])
+    assert target.read_text() == "precious\n"
+
+
+def test_checkpoint_files_get_the_usual_permissions(run):
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "state.pt", "optimizer.pt"):
+        assert os.stat(os.path.join(run, "ckpt-00002", name)).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_checkpoints_share_one_pool_file(run):
+    """Each checkpoint keeps only its pool's length; the pool itself is one file: disk grows linearly."""
+    first, second = runs.checkpoint_pool(os.path.join(run, "ckpt-00001")), runs.checkpoint_pool(os.path.join(run, "ckpt-00002"))
+    assert 1 < len(first["problems"]) < len(second["problems"])
+    assert second["problems"][:len(first["problems"])] == first["problems"]
+    assert torch.equal(second["embeddings"][:len(first["problems"])], first["embeddings"])
+    for ckpt in ("ckpt-00001", "ckpt-00002"):
+        assert "pool" not in runs.load_pt(os.path.join(run, ckpt, "state.pt"))
+
+
+def test_resume_from_the_same_step_again_and_again(copy):
+    for _ in range(3):  # each time the newer checkpoint is moved aside under a new name
+        O.main(["--model", "tiny", "--steps", "2", "--resume_from", "ckpt-00001", "--out", copy, *FAST_TINY])
+        assert steps(os.path.join(copy, "metrics.jsonl")) == [1, 2]
+    assert len([d for d in os.listdir(copy) if d.startswith("ckpt-00002.before-resume-from-00001")]) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# every way a run stops leaves a next command that works
+# ------------------------------------------------------------------------------------------------
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-u", "opensir.py", "--model", "tiny", "--steps", "50", "--save_every", "100",
+           "--out", out, *TINY_FAST]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 1/50"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130 and "continue with --resume" in rest, rest
+    O.main(["--model", "tiny", "--steps", "2", "--save_every", "100", "--out", out, "--resume", *TINY_FAST])
+    assert steps(os.path.join(out, "metrics.jsonl"))[-1] == 2
+
+
+def test_a_second_ctrl_c_waits_for_the_save(copy, monkeypatch):
+    """Ctrl-C, then Ctrl-C again while the exit save is writing: the save completes and resumes."""
+    real = runs.save_checkpoint
+
+    def save_hit_twice(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, in the middle of the save
+        return real(*args, **kwargs)
+    monkeypatch.setattr(runs, "save_checkpoint", save_hit_twice)
+    calls = []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the first Ctrl-C, in the second step
+        return real_rounds(*args, **kwargs)
+    real_rounds = O.play_rounds
+    monkeypatch.setattr(O, "play_rounds", interrupted_step)
+    with pytest.raises(SystemExit) as err:
+        O.main(["--model", "tiny", "--steps", "5", "--save_every", "100", "--resume", "--out", copy, *FAST_TINY])
+    assert err.value.code == 130
+    assert runs.latest_checkpoint(copy).endswith("ckpt-00003")
+    monkeypatch.undo()
+    O.main(["--model", "tiny", "--steps", "4", "--resume", "--out", copy, *FAST_TINY])
+    assert steps(os.path.join(copy, "metrics.jsonl")) == [1, 2, 3, 4]
+
+
+def test_logs_without_a_checkpoint_name_the_command_that_starts_afresh(copy):
+    for d in runs.checkpoints(copy):
+        shutil.rmtree(d)
+    args = ["--model", "tiny", "--steps", "1", "--out", copy, *FAST_TINY]
+    for resume in ([], ["--resume"]):
+        with pytest.raises(SystemExit, match="start afresh in the same --out") as err:
+            O.main(args + resume)
+    subprocess.run(str(err.value.code).split("`")[1], shell=True, check=True)
+    O.main(args)  # the same command, now in a clean --out
+    assert steps(os.path.join(copy, "metrics.jsonl")) == [1]
+    assert any(d.startswith("set-aside") for d in os.listdir(copy))  # the old logs were kept
+
+
+def test_non_finite_gradient_is_never_applied(small):
+    model, tok = small
+    policy = copy.deepcopy(model)
+    cfg = O.Config(beta=0.0, w_div=0.0, train_micro_batch=4)
+    ids = tok(" 2")["input_ids"] + [tok.eos_token_id]
+    seq = O.TrainSeq(tok("What is 1+1?")["input_ids"], ids, [1] * len(ids), float("nan"), "student")
+    rounds = [[seq]]
+    opt, sched = O.make_optimizer(policy, cfg)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    update = O.optimise(policy, None, opt, sched, rounds, cfg, None)
+    assert update["nonfinite_skipped"] == 1
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_a_run_whose_gradients_stay_non_finite_stops_naming_the_learning_rate(tmp_path, monkeypatch):
+    real = O.optimise
+    monkeypatch.setattr(O, "optimise", lambda *a, **k: {**real(*a, **k), "nonfinite_skipped": 1})
+    with pytest.raises(SystemExit, match=r"3 steps in a row .* not finite.*--lr"):
+        O.main(["--model", "tiny", "--steps", "5", "--out", str(tmp_path / "run"), *FAST_TINY])
+
+
+def test_init_pool_from_a_fifo_is_read_once_and_resume_never_needs_it(tmp_path):
+    import threading
+    fifo = tmp_path / "pool.fifo"
+    os.mkfifo(fifo)
+    text = "".join(json.dumps({"problem": f"What is {i} + {i}?", "concepts": ["addition"]}) + "\n" for i in range(3))
+    threading.Thread(target=lambda: fifo.write_text(text), daemon=True).start()  # a pipe can be read once only
+    out = str(tmp_path / "run")
+    O.main(["--model", "tiny", "--steps", "1", "--out", out, "--init_pool", str(fifo), *FAST_TINY])
+    assert rows(os.path.join(out, "init_pool.jsonl")) == [json.loads(line) for line in text.splitlines()]
+    os.remove(fifo)
+    O.main(["--model", "tiny", "--steps", "2", "--out", out, "--init_pool", str(fifo), "--resume", *FAST_TINY])
+    assert steps(os.path.join(out, "metrics.jsonl")) == [1, 2]
