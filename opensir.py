@@ -597,6 +597,7 @@ class Candidate:
     fmt: float = 0.0
     reward: float = 0.0  # R_T
     student_rewards: list = field(default_factory=list)  # R_S per solution
+    student_formats: list = field(default_factory=list)  # the format reward of each solution
     rank_key: float = 0.0  # the ranking key (select_key): w_solv R_solv + w_div R_div (code) or R_T (paper)
     embedding: Optional[torch.Tensor] = None  # raw mean-pooled hidden state (d,)
 
@@ -617,8 +618,8 @@ def score_candidates(cands: list, pool_emb: Optional[torch.Tensor], cfg: Config)
         c.solv = solvability_reward(c.solve_rate, cfg.student_group, cfg.band_lo, cfg.band_hi, cfg.tent_floor)
         c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap) if c.n_parsed else 0.0  # its own
         c.fmt = teacher_format_reward(c.parsed, cfg.teacher_format)
-        c.student_rewards = student_rewards(
-            c.answers, c.majority, [student_format_reward(s.text, cfg.student_format) for s in c.solutions], cfg)
+        c.student_formats = [student_format_reward(s.text, cfg.student_format) for s in c.solutions]
+        c.student_rewards = student_rewards(c.answers, c.majority, c.student_formats, cfg)
     if legal and cfg.w_div > 0:
         emb = torch.stack([c.embedding for c in legal])  # (n, d)
         center = cfg.div_embed == "center"
@@ -1140,63 +1141,6 @@ def make_optimizer(policy, cfg: Config) -> tuple:
     return optimizer, scheduler
 
 
-def step_metrics(step: int, rounds_cands: list, rounds: list, chosen: list, pool: Pool, cfg: Config, update: dict,
-                 timers: Counter) -> dict:
-    """One metrics.jsonl line: every reward component by role, solve-rate histogram, lengths, costs."""
-    cands = [c for cs in rounds_cands for c in cs]
-    legal = [c for c in cands if c.parsed.legal]
-    seqs = [s for r in rounds for s in r]
-    teach = [s for s in seqs if s.role == "teacher"]
-    stud = [s for s in seqs if s.role == "student"]
-    mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
-    hist = np.histogram([c.solve_rate for c in legal if c.n_parsed], bins=10, range=(0, 1))[0]
-    peak = runs.peak_memory_gib()
-    return {
-        "step": step, "recipe": cfg.recipe, **update,
-        "teacher/legal_rate": len(legal) / max(len(cands), 1),
-        "teacher/reward": mean([c.reward for c in cands]),
-        "teacher/solvability": mean([c.solv for c in legal]),
-        "teacher/diversity": mean([c.div for c in legal]),
-        "teacher/length": mean([c.length for c in legal]),
-        "teacher/format": mean([c.fmt for c in legal]),
-        "student/reward": mean([r for c in legal for r in c.student_rewards]),
-        "student/agree": mean([float(a is not None and a == c.majority) for c in legal for a in c.answers]),
-        "student/format": mean([student_format_reward(s.text, cfg.student_format) for c in legal for s in c.solutions]),
-        "student/parsed_rate": mean([float(a is not None) for c in legal for a in c.answers]),
-        "solve_rate/mean": mean([c.solve_rate for c in legal if c.n_parsed]),
-        "solve_rate/in_band": mean([float(c.solv > 0) for c in legal]),
-        "solve_rate/hist10": hist.tolist(),
-        "rounds/no_legal": sum(not any(c.parsed.legal for c in cs) for cs in rounds_cands),
-        "rounds/no_student": sum(not studs for _, studs in chosen),  # per round in both scopes
-        "train/teacher_seqs": len(teach), "train/student_seqs": len(stud),
-        "train/teacher_adv_abs": mean([abs(s.advantage) for s in teach]),
-        "train/student_adv_abs": mean([abs(s.advantage) for s in stud]),
-        "len/teacher": mean([len(c.completion.ids) for c in cands]),
-        "len/student": mean([len(s.ids) for c in legal for s in c.solutions]),
-        "pool": len(pool.problems),
-        **{f"sec/{k}": round(timers[k], 3) for k in ("teacher_gen", "student_gen", "scoring", "train", "step")},
-        "tok_per_sec/teacher": timers["teacher_tokens"] / max(timers["teacher_gen"], 1e-9),
-        "tok_per_sec/student": timers["student_tokens"] / max(timers["student_gen"], 1e-9),
-        "peak_mem_gib": round(peak, 3),
-    }
-
-
-def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, groups: list, students: list) -> list:
-    """problems.jsonl rows: every teacher output of the round with its reference and scores."""
-    rows = []
-    for i, c in enumerate(cands):
-        rows.append({
-            "step": step, "round": rnd, "reference": ref_texts[c.group], "problem": c.parsed.problem,
-            "legal": c.parsed.legal, "concepts": c.parsed.concepts, "solve_rate": c.solve_rate,
-            "n_parsed": c.n_parsed, "majority": c.majority, "answers": c.answers,
-            "rewards": {"total": c.reward, "solvability": c.solv, "diversity": c.div, "length": c.length,
-                        "format": c.fmt},
-            "trained_as_teacher": c.group in groups, "trained_as_student": i in students,
-            "teacher_output": c.completion.text,
-        })
-    return rows
-
-
 def train(cfg: Config) -> str:
     """The whole method (the paper's Algorithm 1). cfg: a validated Config (config_from_args). Returns the
     path of the final checkpoint."""
@@ -1265,9 +1209,9 @@ def train(cfg: Config) -> str:
             timers["step"] = time.perf_counter() - t_step
 
             rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
-                    for row in problem_rows(step, rnd, [pool.problems[r] for r in refs], cands,
+                    for row in runs.problem_rows(step, rnd, [pool.problems[r] for r in refs], cands,
                                             groups if cfg.train_teacher else [], studs)]
-            run.log_step(step, step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, update, timers), rows)
+            run.log_step(step, runs.step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, update, timers), rows)
             run.end_step(step)  # what Ctrl-C saves from now; a checkpoint every --save_every
     return run.finish()
 

@@ -556,3 +556,65 @@ class Run:
         if parallel.active() is not None:
             parallel.active().destroy_process_group()
         return self.final or latest_checkpoint(self.cfg.out)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# What a step logs: metrics.jsonl and problems.jsonl rows, from the step's Candidates and TrainSeqs
+# ------------------------------------------------------------------------------------------------
+
+def step_metrics(step: int, rounds_cands: list, rounds: list, chosen: list, pool, cfg, update: dict,
+                 timers) -> dict:
+    """One metrics.jsonl line: every reward component by role, solve-rate histogram, lengths, costs."""
+    cands = [c for cs in rounds_cands for c in cs]
+    legal = [c for c in cands if c.parsed.legal]
+    seqs = [s for r in rounds for s in r]
+    teach = [s for s in seqs if s.role == "teacher"]
+    stud = [s for s in seqs if s.role == "student"]
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
+    hist = np.histogram([c.solve_rate for c in legal if c.n_parsed], bins=10, range=(0, 1))[0]
+    peak = peak_memory_gib()
+    return {
+        "step": step, "recipe": cfg.recipe, **update,
+        "teacher/legal_rate": len(legal) / max(len(cands), 1),
+        "teacher/reward": mean([c.reward for c in cands]),
+        "teacher/solvability": mean([c.solv for c in legal]),
+        "teacher/diversity": mean([c.div for c in legal]),
+        "teacher/length": mean([c.length for c in legal]),
+        "teacher/format": mean([c.fmt for c in legal]),
+        "student/reward": mean([r for c in legal for r in c.student_rewards]),
+        "student/agree": mean([float(a is not None and a == c.majority) for c in legal for a in c.answers]),
+        "student/format": mean([f for c in legal for f in c.student_formats]),
+        "student/parsed_rate": mean([float(a is not None) for c in legal for a in c.answers]),
+        "solve_rate/mean": mean([c.solve_rate for c in legal if c.n_parsed]),
+        "solve_rate/in_band": mean([float(c.solv > 0) for c in legal]),
+        "solve_rate/hist10": hist.tolist(),
+        "rounds/no_legal": sum(not any(c.parsed.legal for c in cs) for cs in rounds_cands),
+        "rounds/no_student": sum(not studs for _, studs in chosen),  # per round in both scopes
+        "train/teacher_seqs": len(teach), "train/student_seqs": len(stud),
+        "train/teacher_adv_abs": mean([abs(s.advantage) for s in teach]),
+        "train/student_adv_abs": mean([abs(s.advantage) for s in stud]),
+        "len/teacher": mean([len(c.completion.ids) for c in cands]),
+        "len/student": mean([len(s.ids) for c in legal for s in c.solutions]),
+        "pool": len(pool.problems),
+        **{f"sec/{k}": round(timers[k], 3) for k in ("teacher_gen", "student_gen", "scoring", "train", "step")},
+        "tok_per_sec/teacher": timers["teacher_tokens"] / max(timers["teacher_gen"], 1e-9),
+        "tok_per_sec/student": timers["student_tokens"] / max(timers["student_gen"], 1e-9),
+        "peak_mem_gib": round(peak, 3),
+    }
+
+
+def problem_rows(step: int, rnd: int, ref_texts: list, cands: list, groups: list, students: list) -> list:
+    """problems.jsonl rows: every teacher output of the round with its reference and scores."""
+    rows = []
+    for i, c in enumerate(cands):
+        rows.append({
+            "step": step, "round": rnd, "reference": ref_texts[c.group], "problem": c.parsed.problem,
+            "legal": c.parsed.legal, "concepts": c.parsed.concepts, "solve_rate": c.solve_rate,
+            "n_parsed": c.n_parsed, "majority": c.majority, "answers": c.answers,
+            "rewards": {"total": c.reward, "solvability": c.solv, "diversity": c.div, "length": c.length,
+                        "format": c.fmt},
+            "trained_as_teacher": c.group in groups, "trained_as_student": i in students,
+            "teacher_output": c.completion.text,
+        })
+    return rows

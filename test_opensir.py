@@ -776,16 +776,16 @@ def test_tiny_bf16_path_keeps_fp32_master_weights(tmp_path):
 
 SAME_BYTES = {
     "code": {
-        "problems.jsonl": "4b09b86c1ed94d2fa66221431925bb1883b7c058d99260d9fc87003ece9c39cb",
-        "metrics.jsonl": "4a7a6479b00e1cf249eb9aef548db9c40091343d0a74844ded608894ce78350f",
-        "ckpt-00001/model.safetensors": "18682b479c9b8fc14bfa4f6645efb2ba66cd96561c07c33b7fa4f5852d20daf6",
-        "ckpt-00002/model.safetensors": "29516a73b676f392161b4410bc3b8219d7fbabb28aab0241899e04ca30e3d684",
+        "problems.jsonl": "42947aa5f8dfa75f271bae2ec3cbaeaeca11e469f9035b82b738aebcdfb709c2",
+        "metrics.jsonl": "7add071bef6a52ea5d973ebb8fd68924c4dfb5b32c814490be3cbfa8332b81b6",
+        "ckpt-00001/model.safetensors": "d7162375e4bf4928f86f3a131fa7449d9e948c1faf6e6d494c0b826dfa66b321",
+        "ckpt-00002/model.safetensors": "ebc49feb6c69d63675854776559b90288a37b1d12d143570d5ce1533480b0f35",
     },
     "paper": {
-        "problems.jsonl": "07a69eae41fb0bc907cc78237ec121acb609aa5beda23ffa646eebe28b7f32c7",
-        "metrics.jsonl": "dd9d8a492ae631caf2a90834b611319eb15fbf024b8288ba65bd990be1cd9be6",
-        "ckpt-00001/model.safetensors": "8ec4d9f3f74cf103c82408c61772d4af274771ddbca596694b15fab2795c5f6a",
-        "ckpt-00002/model.safetensors": "3877d9ae8803cf46d2940634b3803cd3cdd0ff8f6f7fba939d8e3d99037ab55d",
+        "problems.jsonl": "2e9073df1ac3c56f70486d63d5b0642ee19fb1e6adf0cbdc4df79b5c5706bab0",
+        "metrics.jsonl": "52ca428842118fa481b5803c5fcb05fafce9eaf43f01243415bc08349bb776f3",
+        "ckpt-00001/model.safetensors": "db2b9d9febd51cba5073f70490cdce4b823fb032035f2d7f4458cdb3fa62b8cb",
+        "ckpt-00002/model.safetensors": "32a9597b153224ca942c5325c9a59f441adff4a1a9fad4544cb53df266b386e6",
     },
 }
 
