@@ -347,6 +347,8 @@ def test_eval_scores_the_last_box_and_survives_a_failing_checker(tmp_path, monke
     (d / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     class Tok:  # generation is not under test here: what eval.py reads from a completion is
+        pad_token_id = 0
+
         def apply_chat_template(self, messages, **kw):
             return messages[0]["content"]
 
@@ -354,6 +356,8 @@ def test_eval_scores_the_last_box_and_survives_a_failing_checker(tmp_path, monke
         return [O.Completion([0], [1], TWO_BOXES, False) for _ in prompts]
     monkeypatch.setattr(ev.opensir, "generate", fake_generate)
     monkeypatch.setattr(ev.opensir, "load_model", lambda *a, **kw: (None, Tok()))
+    monkeypatch.setattr(ev.opensir, "eos_token_ids", lambda model, tok: [0])  # no model: generation is faked
+    monkeypatch.setattr(ev.engines, "make_engine", lambda *a, **kw: type("Engine", (), {"name": "fake"})())
     real = checker.answers_equal
 
     def flaky(pred, gold, **kw):  # the checker blowing up on one sample must not end the evaluation

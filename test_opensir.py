@@ -163,7 +163,7 @@ def test_paper_solve_rate_over_the_whole_group():
     # 0.8 is in the band for code, 0.5 is its lower edge for paper: same answers, different rewards
     c, p = _cand(0, answers=answers, lengths=[3] * 8), _cand(0, answers=answers, lengths=[3] * 8)
     O.score_candidates([c], None, _cfg(w_div=0))
-    O.score_candidates([p], None, _cfg(w_div=0, solve_rate_over="group", tent_rule="group"))
+    O.score_candidates([p], None, _cfg(w_div=0, solve_rate_over="group", tent_floor="group"))
     assert c.solv == pytest.approx(1 - 0.75 * 0.1 / 0.2) and p.solv == pytest.approx(0.125)
 
 

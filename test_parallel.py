@@ -16,8 +16,10 @@ import opensir as O
 import parallel
 from conftest import HERE, metrics, pool, rows, torchrun, weights
 
+# --engine generate: each sequence samples its own seeded stream there, so rollouts do not depend on which rank
+# batches them (the continuous engine seeds per call; README, torchrun)
 BASE = ["--model", "tiny", "--rounds_per_step", "2", "--n_refs", "2", "--teacher_group", "4", "--student_group", "4",
-        "--seed", "3"]
+        "--seed", "3", "--engine", "generate"]
 ARGS = BASE + ["--init_pool_size", "2", "--init_pool_max_rounds", "1"]  # recipe code grows a starting pool
 
 
@@ -78,7 +80,7 @@ def test_two_processes_give_the_rollouts_pool_and_weights_of_one(dist_runs):
 def test_step_scope_selection_is_the_same_on_two_processes(tmp_path):
     """Recipe paper selects over the whole step (top groups of all ranks' rounds) and normalises the loss
     over all of the step's tokens: 2 processes choose and train what 1 process does."""
-    args = BASE + ["--recipe", "paper", "--steps", "1"]  # starts from the seed problem
+    args = BASE + ["--recipe", "paper", "--steps", "1", "--seed", "5"]  # from the seed problem; both rounds train
     O.main(args + ["--out", str(tmp_path / "one")])
     torchrun(2, "opensir.py", args + ["--out", str(tmp_path / "two")])
     one, two = rows(tmp_path / "one" / "problems.jsonl"), rows(tmp_path / "two" / "problems.jsonl")
