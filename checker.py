@@ -93,32 +93,46 @@ def _clean(ans: Optional[str], units: bool = True) -> str:
 
 
 def _clean_parts(ans: Optional[str], units: bool = True) -> tuple[str, str]:
-    """(name, answer): `y_2 = x e^x` -> ("y_2", "xe^x"), and `x e^x = y_2` the same; name "" when
+    """(name, answer): see _clean_unit."""
+    name, s, _ = _clean_unit(ans, units)
+    return name, s
+
+
+def _clean_unit(ans: Optional[str], units: bool = True) -> tuple[str, str, str]:
+    """(name, answer, unit): `y_2 = x e^x` -> ("y_2", "xe^x"), and `x e^x = y_2` the same; name "" when
     the answer is not named. units=False keeps trailing words and \\text{} (to compare `37/4 m` with
-    `37/4m` as written). ("", "") for an answer over MAX_ANSWER_CHARS."""
+    `37/4m` as written). ("", "", "") for an answer over MAX_ANSWER_CHARS. unit: the unit
+    removed after a number, canonical (`cm^2`, `h`), "" when none or not a physical unit."""
     if ans is None:
-        return "", ""
+        return "", "", ""
     s = str(ans)
     if "\\boxed" in s or "\\fbox" in s:
         s = extract_boxed(s, last=True) or s
     s = " ".join(s.split())  # one space per run: from here no pattern can backtrack over spaces
     if len(s) > MAX_ANSWER_CHARS:
-        return "", ""
+        return "", "", ""
     s = re.sub(r"\\[\[\]()]", "", s)  # \( \) \[ \] math delimiters
     s = s.replace("\\$", "").replace("$", "")  # math mode and currency
-    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = s.replace("{,}", ",").replace(",\\!", ",")  # `1{,}000`, `1,\!000`: a thousands separator
     s = " ".join(_SPACING.sub(" ", s).split())
-    s = s.replace("{,}", ",").replace("\\%", "%").replace("\u2212", "-").replace("\u03c0", "\\pi ")
+    s = _over_to_frac(s)
+    s = _relations(s)
+    s = _thousands(s)
+    s = s.replace("\\%", "%").replace("\u2212", "-").replace("\u03c0", "\\pi ")
     s = s.replace("\u221e", "\\infty ").replace("\u00d7", "\\times ").replace("\u221a", "\\sqrt")
     s = re.sub(r"\^\s?\{?\s?\\circ\s?\}?|\\circ|\u00b0|\\degree", "", s)  # degrees
     s = re.sub(r"^\s*[\u20ac\u00a3\u00a5]", "", s)  # other currencies (\$ went above)
+    unit = ""
     if units:  # a trailing \text{unit} after a number goes, and plain unit words after a plain number
         m = _TEXT_UNIT_TAIL.search(s)
-        if m and not re.search(r"\d", m.group(2)):
+        if m and not re.search(r"\d", m.group(2)) and not _JOIN.fullmatch(" " + m.group(2).strip() + " "):
+            unit = m.group(2) + (m.group(3) or "")
             s = s[:m.start() + 1]
-        s = _strip_unit_words(s)
+        s, unit = _strip_unit_words(s, unit)
     s = _TEXT_CMD.sub(lambda t: t.group(1), s)  # any other \text{} is unwrapped
     s = s.strip().rstrip(".").strip()
+    s = " ".join(_JOIN.sub(",", " " + s + " ").split())  # `3 or 5`, `x=1 and x=2`: a list of answers
     # `x = 5`, `f(x) = 2x`, `x \in [1,2]`: a lone variable on the left names the answer, it is not
     # part of it (so `y = 2x + 3` meets `2x + 3`; `x + y = 1` stays an equation). On the right it
     # names it too: `5 = x` is `x = 5`.
@@ -134,18 +148,112 @@ def _clean_parts(ans: Optional[str], units: bool = True) -> tuple[str, str]:
     s = re.sub(r"\s+", "", s)
     if re.fullmatch(r"\(\w\)", s):  # multiple-choice letter `(C)`
         s = s[1]
-    return name, s
+    return name, _base_numeral(s), _canonical_unit(unit)
 
 
-def _strip_unit_words(s: str) -> str:
-    """`1000 dollars` -> `1000`, `5 sq ft` -> `5`: trailing unit words go when a number is left."""
+def _strip_unit_words(s: str, unit: str = "") -> tuple[str, str]:
+    """`1000 dollars` -> `1000`, `5 sq ft` -> `5`: trailing unit words go when a number is left.
+    Returns (the rest, the unit removed: `unit` when none was)."""
     words = s.split(" ")
     k = len(words)
     while k > 1 and _UNIT_WORD.fullmatch(words[k - 1]):
         k -= 1
     if k < len(words) and _parse_number("".join(words[:k])) is not None:
-        return " ".join(words[:k])
+        return " ".join(words[:k]), " ".join(words[k:])
+    return s, unit
+
+
+_JOIN = re.compile(r",? (?:and|or|\\lor|\\vee) ")  # a list of answers written in words
+_RELATIONS = [(re.compile(r"\\(?:geqslant|geq|ge|gt)(?![a-zA-Z])|\u2265"), (">=", ">=", ">")),
+              (re.compile(r"\\(?:leqslant|leq|le|lt)(?![a-zA-Z])|\u2264"), ("<=", "<=", "<")),
+              (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|\u2260"), ("!=",)),
+              (re.compile(r"\\(?:approx|simeq)(?![a-zA-Z])|\u2248"), ("=",))]
+
+
+def _relations(s: str) -> str:
+    """One spelling per relation: `\\geq`, `\\ge`, `\\geqslant`, `≥` -> `>=` (`\\gt` -> `>`); `\\approx`
+    is `=` (and a leading `\\approx 3.1` is `3.1`); `\\mid` in set-builder braces is `|`."""
+    if "\\" not in s and not re.search("[\u2264\u2265\u2260\u2248]", s):
+        return s
+    for pat, reps in _RELATIONS:
+        s = pat.sub(lambda m: reps[-1] if m.group().endswith(("gt", "lt")) else reps[0], s)
+    s = re.sub(r"^\s?=\s?", "", s)
+    return re.sub(r"\\mid(?![a-zA-Z])", "|", s)
+
+
+_THOUSANDS = re.compile(r"((?:[a-zA-Z]\s?=\s?)?[-+]?\s?)([1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?)(?![\d,.])(?=[^,]*$)")
+
+
+def _thousands(s: str) -> str:
+    """`1,000` -> `1000` when the whole answer is that one number (units may follow). A comma with a
+    space after it (`40, 200`), or a first group with a leading zero (`0,245`), separates answers."""
+    m = _THOUSANDS.match(s)
+    return s if not m else m.group(1) + m.group(2).replace(",", "") + s[m.end():]
+
+
+def _over_to_frac(s: str) -> str:
+    """`{a \\over b}` -> `\\frac{a}{b}` (the brace group around \\over, or the whole answer)."""
+    for _ in range(20):
+        m = re.search(r"\\over(?![a-zA-Z])", s)
+        if not m:
+            return s
+        depth, i = 0, m.start() - 1
+        while i >= 0 and not (s[i] == "{" and depth == 0):
+            depth += (s[i] == "}") - (s[i] == "{")
+            i -= 1
+        depth, j = 0, m.end()
+        while j < len(s) and not (s[j] == "}" and depth == 0):
+            depth += (s[j] == "{") - (s[j] == "}")
+            j += 1
+        s = s[:i + 1] + "\\frac{" + s[i + 1:m.start()].strip() + "}{" + s[m.end():j].strip() + "}" + s[j:]
     return s
+
+
+_BASE_WORDS = {w: k for k, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                           "thirteen fourteen fifteen sixteen".split())}
+
+
+def _base_numeral(s: str) -> str:
+    """A numeral in a base, in any spelling (`52_8`, `52_{8}`, `(52)_{(8)}`, `52_{\\text{eight}}`,
+    `52(base8)`), as `52_8`; anything else unchanged. Base 10 is the plain number."""
+    m = re.fullmatch(r"\(?([0-9A-Za-z]+)\)?(?:_\{?\(?([0-9]+|[a-z]+)\)?\}?|\(?base([0-9]+|[a-z]+)\)?)", s)
+    if not m or not re.search(r"\d", m.group(1)):
+        return s
+    b = m.group(2) or m.group(3)
+    base = int(b) if b.isdigit() else _BASE_WORDS.get(b.lower(), 0)
+    digits = m.group(1).upper()
+    if not 2 <= base <= 36 or any(int(c, 36) >= base for c in digits):
+        return s
+    return digits if base == 10 else f"{digits}_{base}"
+
+
+_UNITS = {  # canonical physical units; a counted noun (`5 apples`) has none
+    "m": "m meter meters metre metres", "cm": "cm centimeter centimeters", "mm": "mm millimeter millimeters",
+    "km": "km kilometer kilometers", "in": "in inch inches", "ft": "ft foot feet", "yd": "yd yard yards",
+    "mi": "mi mile miles", "kg": "kg kilogram kilograms", "g": "g gram grams", "lb": "lb lbs pound pounds",
+    "oz": "oz ounce ounces", "l": "l liter liters litre litres", "ml": "ml milliliter milliliters",
+    "gal": "gal gallon gallons", "s": "s sec second seconds", "min": "min mins minute minutes",
+    "h": "h hr hrs hour hours", "day": "day days", "week": "week weeks", "month": "month months",
+    "year": "year years yr yrs", "mph": "mph", "rad": "rad radian radians", "cent": "cent cents",
+    "K": "k kelvin", "J": "j joule joules", "W": "w watt watts", "N": "n newton newtons", "Hz": "hz hertz",
+    "eV": "ev", "pc": "pc parsec parsecs", "AU": "au", "A": "angstrom angstroms \\aa \\mathrm{a}"}
+_UNIT_OF = {w: k for k, ws in _UNITS.items() for w in ws.split()}
+
+
+def _canonical_unit(u: str) -> str:
+    """`\\text{ m}^2`, `square meters`, `sq m` -> `m^2`; "" for no unit or a word that is no physical unit."""
+    u = _TEXT_CMD.sub(lambda t: t.group(1), u)
+    u = re.sub(r"[{}~\s.]|\\,|\\!", " ", u).lower().split()
+    power = ""
+    if u and u[0] in ("sq", "square", "cubic"):
+        power = "^2" if u[0] != "cubic" else "^3"
+        u = u[1:]
+    if len(u) != 1:
+        return ""
+    m = re.fullmatch(r"([a-z\\]+)(\^\d)?", u[0])
+    if not m or m.group(1) not in _UNIT_OF:
+        return ""
+    return _UNIT_OF[m.group(1)] + (m.group(2) or power)
 
 
 def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool, int]]:
@@ -160,9 +268,11 @@ def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool, int]]:
     sign = -1 if s.startswith("-") else 1
     if s[:1] in ("-", "+"):
         s = s[1:]
-    if re.fullmatch(r"\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:e([-+]?\d+)|(?:\\times|\\cdot|\*)10\^\{?([-+]?\d+)\}?)?", s)
+    rep = _repeating(s)
+    if rep is not None:
+        return sign * rep, False, pct, 0
+    s = re.sub(r"(?<=\d)(?:\\[lc]?dots|\.\.\.|\u2026)$", "", s)  # `3.14159...`: the decimal as written
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]\{?([-+]?\d+)\}?|(?:\\times|\\cdot|\*)10\^\{?([-+]?\d+)\}?)?", s)
     if m:
         exp = int(m.group(2) or m.group(3) or 0)
         if abs(exp) > 400:  # keep Fraction arithmetic small
@@ -177,6 +287,35 @@ def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool, int]]:
         whole = int(m.group(1) or 0)  # `1\frac{4}{5}` is the mixed number 9/5 (MATH's convention)
         return sign * (whole + Fraction(int(m.group(2)), int(m.group(3)))), False, pct, 0
     return None
+
+
+_REPEAT = re.compile(r"(\d*)\.(\d*)(?:\\overline\{(\d+)\}|\\overline(\d)|\\dot\{?(\d)\}?|\((\d+)\)|"
+                     r"(\\[lc]?dots|\.\.\.|\u2026))")
+
+
+def _repeating(s: str) -> Optional[Fraction]:
+    """A repeating decimal: `0.\\overline{3}`, `0.1\\overline6`, `0.\\dot{3}`, `0.(3)` and `0.333\\ldots`
+    (the shortest period written at least twice at the end) as its exact fraction; None otherwise
+    (`3.14159\\ldots` repeats nothing: not a repeating decimal)."""
+    m = _REPEAT.fullmatch(s)
+    if not m:
+        return None
+    whole, pre = m.group(1) or "0", m.group(2)
+    period = m.group(3) or m.group(4) or m.group(5) or m.group(6)
+    if period is None:  # `0.1666...`: find a period repeated at least twice (3 times for one digit)
+        for n in range(1, len(pre) // 2 + 1):
+            k = len(pre) - n
+            while k - n >= 0 and pre[k - n:k] == pre[k:k + n]:
+                k -= n
+            if (len(pre) - k) // n >= (3 if n == 1 else 2):
+                pre, period = pre[:k], pre[k:k + n]
+                break
+        if period is None:
+            return None
+    if len(pre) + len(period) > 50:
+        return None
+    return Fraction(int(whole)) + Fraction(int(pre or "0"), 10 ** len(pre)) + \
+        Fraction(int(period), (10 ** len(period) - 1) * 10 ** len(pre))
 
 
 def normalize_answer(ans: Optional[str]) -> Optional[str]:
@@ -239,18 +378,21 @@ def _enclosed(s: str, o: str, c: str) -> bool:
 def _structure(s: str) -> tuple[str, list[str]]:
     """(kind, items): 'set' (unordered: `\\{...\\}`, bare `a, b`, unions of intervals), a bracket pair
     like '(]' for tuples, points and intervals (ordered), 'matrix', or 'atom'."""
-    m = re.fullmatch(r"\\begin\{[pbvB]?matrix\}(.*)\\end\{[pbvB]?matrix\}", s)
+    m = re.fullmatch(r"[\[(]?\\begin\{([pbvB]?matrix|array)\}(?:\{[lcr|]*\})?(.*?)(?:\\\\)?"
+                     r"\\end\{\1\}[\])]?", s)
     if m:
-        rows = [r.split("&") for r in m.group(1).split("\\\\") if r]
+        rows = [r.split("&") for r in m.group(2).replace("\\hline", "").split("\\\\") if r]
         return f"matrix{len(rows)}", [x for r in rows for x in r]
     s = _strip_braces(s)
+    if _enclosed(s, "\\langle", "\\rangle"):  # the ordered parts of one answer (see ordered_parts)
+        return "ordered", _split_top(s[6:-7])
     if len(_split_top(s, ("\\cup",))) > 1:
         return "set", _split_top(s, ("\\cup",))
     if _enclosed(s, "\\{", "\\}"):
         return "set", [y for x in _split_top(s[2:-2]) for y in _expand_pm(x)]
     items = _split_top(s)
     if len(items) > 1:  # a bare list means a set of answers; `1\pm\sqrt5` stands for two
-        return "set", [y for x in items for y in _expand_pm(x)]
+        return "list", [y for x in items for y in _expand_pm(x)]
     if s[:1] in "([" and s[-1:] in ")]" and _enclosed("(" + s[1:-1] + ")", "(", ")"):
         inner = _split_top(s[1:-1])
         if len(inner) > 1:
@@ -365,10 +507,12 @@ _equal_budgeted_cached = functools.lru_cache(maxsize=65536)(_equal_budgeted)  # 
 
 def _compare(pred: str, gold: str) -> bool:
     try:
-        (pn, p), (gn, g) = _clean_parts(pred), _clean_parts(gold)
+        (pn, p, pu), (gn, g, gu) = _clean_unit(pred), _clean_unit(gold)
         if not p or not g:  # empty, or over MAX_ANSWER_CHARS: then only the same text is equal
             p, g = " ".join(pred.split()), " ".join(gold.split())
             return len(p) > MAX_ANSWER_CHARS and p == g
+        if pu and gu and pu != gu:  # `15 m^2` is not `15 cm^2`, nor 90 minutes 1.5 hours: no conversion
+            return False
         if _equal_named(pn, p, gn, g):
             return True
         # units kept, as written: `\\frac{37}{4} m` and `\\frac{37}{4}m` (a product with m) then meet
@@ -398,13 +542,29 @@ def _equal(p: str, g: str, depth: int = 0) -> bool:
     a, b = _parse_number(p), _parse_number(g)  # before structure: `1,000` is a number, not a list
     if a is not None and b is not None:
         return _numbers_equal(a, b)
+    pb, gb = re.fullmatch(r"([0-9A-Z]+)(?:_(\d+))?", p), re.fullmatch(r"([0-9A-Z]+)(?:_(\d+))?", g)
+    if pb and gb and (pb.group(2) or gb.group(2)):  # numerals in a base: one base may be left implied
+        return pb.group(1) == gb.group(1) and (pb.group(2) == gb.group(2) or not (pb.group(2) and gb.group(2)))
+    p, g = _as_intervals(p), _as_intervals(g)
+    if p == g:
+        return True
     (pk, pi), (gk, gi) = _structure(p), _structure(g)
     if pk == "atom" and gk == "atom":
         return _atom_equal(pi[0], gi[0])
-    if pk != gk or len(pi) != len(gi):
+    if len(pi) != len(gi):
+        return False
+    ordered = {pk, gk} <= {"ordered", "list", "()"} and "ordered" in (pk, gk)
+    if not ordered and pk == gk == "list":  # `b = 0, c = -3` against `-3, 0`: named parts are in order
+        pn, gn = [_clean_parts(x)[0] for x in pi], [_clean_parts(x)[0] for x in gi]
+        ordered = any((all(n) and len(set(n)) == len(n) and not any(m)) for n, m in ((pn, gn), (gn, pn)))
+    if ordered:
+        return all(_equal_named(*_clean_parts(a), *_clean_parts(b), depth + 1) for a, b in zip(pi, gi))
+    if {pk, gk} == {"set", "list"}:
+        pk = gk = "set"
+    if pk != gk:
         return False
     # items keep their names: `C_1 = 2, C_2 = 3` is not `C_1 = 2, C_3 = 3`
-    if gk != "set":  # ordered: tuples, points, intervals, matrices
+    if gk not in ("set", "list"):  # ordered: tuples, points, intervals, matrices
         return all(_equal_named(*_clean_parts(a), *_clean_parts(b), depth + 1) for a, b in zip(pi, gi))
     left = [_clean_parts(b) for b in gi]  # unordered: match each predicted item to a distinct gold item
     for a in map(_clean_parts, pi):
@@ -413,6 +573,56 @@ def _equal(p: str, g: str, depth: int = 0) -> bool:
             return False
         left.pop(j)
     return True
+
+
+def ordered_parts(parts: list[str]) -> str:
+    """One gold answer made of parts in a fixed order (`find b and c`): `\\langle b, c \\rangle`, which
+    the checker compares part by part, in order, with a bare list, a tuple or the same form."""
+    return "\\langle " + ", ".join(parts) + " \\rangle"
+
+
+_INEQ = re.compile(r"(?:(.+?)(<=|<|>=|>))?([a-zA-Z])(<=|<|>=|>)(.+)|(.+?)(<=|<|>=|>)([a-zA-Z])")
+
+
+def _as_intervals(s: str) -> str:
+    """An inequality in one variable as its interval: `x>=3` and `3<=x` -> `[3,\\infty)`, `-1<x<=2` ->
+    `(-1,2]`; a list of them (`x<2` or `x>5`) -> their union with \\cup (two one-sided ones that overlap,
+    `x>1` and `x<3`, -> their intersection); a set-builder `\\{x|x>=3\\}` the same. Else s unchanged."""
+    if "<" not in s and ">" not in s:
+        return s
+    m = re.fullmatch(r"\\\{([a-zA-Z])[|:](.*)\\\}", s)
+    if m:
+        s = m.group(2)
+    parts, var = [], None
+    for item in _split_top(s):
+        m = _INEQ.fullmatch(item)
+        if not m:
+            return s
+        if m.group(3):
+            v, lo_op, lo, hi_op, hi = m.group(3), m.group(2), m.group(1), m.group(4), m.group(5)
+            if lo is None and hi_op[0] == ">":  # x > b
+                lo_op, lo, hi_op, hi = hi_op.replace(">", "<"), hi, None, None
+            elif lo is None:  # x < b
+                pass
+            elif lo_op[0] != hi_op[0]:
+                return s
+            elif lo_op[0] == ">":  # 5 > x > 1: read from the other end
+                lo_op, lo, hi_op, hi = hi_op.replace(">", "<"), hi, lo_op.replace(">", "<"), lo
+        else:  # b op x
+            v, op, b = m.group(8), m.group(7), m.group(6)
+            lo_op, lo, hi_op, hi = ((op, b, None, None) if op[0] == "<" else (None, None, op.replace(">", "<"), b))
+        if var not in (None, v) or any(x is not None and v in re.sub(r"\\[a-zA-Z]+", "", x) for x in (lo, hi)):
+            return s
+        var = v
+        parts.append(("[" if lo_op == "<=" else "(") + (lo if lo is not None else "-\\infty") + "," +
+                      (hi if hi is not None else "\\infty") + ("]" if hi_op == "<=" else ")"))
+    if len(parts) == 2 and parts[0].endswith("\\infty)") != parts[1].endswith("\\infty)") and \
+            parts[0].startswith("(-\\infty") != parts[1].startswith("(-\\infty"):
+        one, two = sorted(parts, key=lambda x: not x.endswith("\\infty)"))  # lower bound first
+        lo, hi = _parse_number(one[1:].split(",")[0]), _parse_number(two[:-1].split(",")[1])
+        if lo is not None and hi is not None and lo[0] < hi[0]:  # they overlap: `x>1 and x<3`
+            return one[0] + one[1:].split(",")[0] + "," + two[:-1].split(",")[1] + two[-1]
+    return "\\cup".join(parts)
 
 
 def _atom_equal(p: str, g: str) -> bool:
@@ -432,8 +642,12 @@ def _numbers_equal(a: tuple[Fraction, bool, bool, int], b: tuple[Fraction, bool,
     """Exact values must match, except that a decimal may be a rounding of a value it cannot write
     in as many places (0.333333 for 1/3, 0.035156 for 9/256): then, as math-verify does, both are
     compared rounded to 6 places. 0.5 vs 0.05 or 1.0000001 vs 1 stay different numbers."""
-    for x in ([a[0], a[0] / 100] if a[2] else [a[0]]):  # 50% may mean 50 or 0.5
-        for y in ([b[0], b[0] / 100] if b[2] else [b[0]]):
+    # 50% against a plain number may mean 50, or 0.5 (a proportion: at most 1 in size); two percents
+    # are compared as written (`0.625%` is not `62.5%`), and `1000%` is not 10
+    xs = [a[0]] + ([a[0] / 100] if a[2] and not b[2] and abs(b[0]) <= 1 else [])
+    ys = [b[0]] + ([b[0] / 100] if b[2] and not a[2] and abs(a[0]) <= 1 else [])
+    for x in xs:
+        for y in ys:
             if x == y:
                 return True
             rounded = (a[1] and not b[1] and (y * 10 ** a[3]).denominator != 1) or \
@@ -457,6 +671,9 @@ _LATEX_TOKEN = re.compile(r"\\(?:" + "|".join(sorted(_FUNCS | set(_CONSTS) | _GR
 _MAX_SYMPY_CHARS = 400  # not a short answer: parsing alone could eat the budget
 _MAX_EXPONENT = 10 ** 4  # numeric exponents and factorials beyond this are refused (see _small)
 _MAX_BITS = 10 ** 6  # exact numbers any step may build: a product of two takes milliseconds
+_MAX_FACTORIAL = 2000  # n! for a larger n is refused (a function of it would be exact work on ~20,000 bits)
+_MAX_FUNCTION_BITS = 2048  # the largest exact number a function (floor, sqrt, log, x^y, ...) may be applied to
+_MAX_NESTING = 24  # deeper expression trees are refused
 
 
 def _is_letter(t: str) -> bool:
@@ -652,26 +869,34 @@ def _small(e) -> bool:
     return _bits(e) <= _MAX_BITS
 
 
-def _bits(e) -> float:
+def _bits(e, depth: int = 0) -> float:
     """An upper bound on the size in bits of the exact numbers evaluating e builds (inf: too big)."""
     import math
     import sympy
+    if depth > _MAX_NESTING:  # `\\sqrt{\\sqrt{\\sqrt{...}}}` forty deep: no answer, and slow to evaluate
+        return math.inf
     if e.is_Rational:
         return e.p.bit_length() + e.q.bit_length()
+    if e.is_Function and not isinstance(e, (sympy.factorial, sympy.binomial)):
+        inner = [_bits(a, depth + 1) for a in e.args]
+        # floor, log, sin ... of a huge exact number: sympy factors or expands it exactly, in C
+        return math.inf if max(inner, default=0) > _MAX_FUNCTION_BITS else sum(inner)
     if e.is_Pow or isinstance(e, (sympy.factorial, sympy.binomial)):
-        inner = sum(_bits(a) for a in e.args)
+        inner = sum(_bits(a, depth + 1) for a in e.args)
         if inner > _MAX_BITS:
             return math.inf
         x = e.args[1] if e.is_Pow else e.args[0]
+        if e.is_Pow and not x.is_Integer and _bits(e.args[0], depth + 1) > _MAX_FUNCTION_BITS:
+            return math.inf  # a root or symbolic power of a huge number: sympy tries to factor it
         if _unknowns(x):
             return inner
         v = abs(complex(sympy.N(x, 15)))
-        if not v <= _MAX_EXPONENT:  # also catches nan
+        if not v <= (_MAX_EXPONENT if e.is_Pow else _MAX_FACTORIAL):  # also catches nan
             return math.inf
         if e.is_Pow:
-            return inner + _bits(e.args[0]) * max(1.0, v)
+            return inner + _bits(e.args[0], depth + 1) * max(1.0, v)
         return inner + v * max(1.0, math.log2(max(v, 1.0)))  # n! has about n log2 n bits
-    return sum(_bits(a) for a in e.args)
+    return sum(_bits(a, depth + 1) for a in e.args)
 
 
 def _to_sympy(s: str, funcs: frozenset = frozenset()):
@@ -693,7 +918,7 @@ def _probe(e, syms: list, t: int) -> Optional[complex]:
     not a finite number (an unknown function, a pole)."""
     import sympy
     point = {s: sympy.Rational(1000 + 263 * j + 389 * t, 1373) for j, s in enumerate(syms)}
-    v = e.subs(point).evalf(30)
+    v = e.evalf(30, subs=point)
     if not v.is_number:
         return None
     c = complex(v)
