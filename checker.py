@@ -148,7 +148,7 @@ def _clean_unit(ans: Optional[str], units: bool = True) -> tuple[str, str, str]:
     s = re.sub(r"\s+", "", s)
     if re.fullmatch(r"\(\w\)", s):  # multiple-choice letter `(C)`
         s = s[1]
-    return name, _base_numeral(s), _canonical_unit(unit)
+    return name, _base_numeral(_strip_braces(s)), _canonical_unit(unit)
 
 
 def _strip_unit_words(s: str, unit: str = "") -> tuple[str, str]:
@@ -385,7 +385,7 @@ def _structure(s: str) -> tuple[str, list[str]]:
         return f"matrix{len(rows)}", [x for r in rows for x in r]
     s = _strip_braces(s)
     if _enclosed(s, "\\langle", "\\rangle"):  # the ordered parts of one answer (see ordered_parts)
-        return "ordered", _split_top(s[6:-7])
+        return "ordered", _split_top(s[7:-7])
     if len(_split_top(s, ("\\cup",))) > 1:
         return "set", _split_top(s, ("\\cup",))
     if _enclosed(s, "\\{", "\\}"):
@@ -526,11 +526,12 @@ def _equal_named(pn: str, p: str, gn: str, g: str, depth: int = 0) -> bool:
     """Names (`x` of `x = 5`) are dropped when they agree or only one side has one; when they
     differ, or one side is a named value and the other an equation, whole equations are compared:
     `x = y` is `y = x`, `y_2 = x` is not `y_3 = x`, `c = a + b` is `a + b - c = 0`."""
-    if (pn and gn and pn != gn) or (pn and not gn and "=" in g) or (gn and not pn and "=" in p):
+    if (pn and gn and pn != gn) or (pn and not gn and _EQ.search(g)) or (gn and not pn and _EQ.search(p)):
         p, g = (f"{pn}={p}" if pn else p), (f"{gn}={g}" if gn else g)
     return p == g or _equal(p, g, depth)
 
 
+_EQ = re.compile(r"(?<![<>!])=")  # an equation's `=`, not `<=`
 _MAX_DEPTH = 8  # tuples of tuples of ...: deeper nesting is not a final answer
 
 
@@ -577,8 +578,12 @@ def _equal(p: str, g: str, depth: int = 0) -> bool:
 
 def ordered_parts(parts: list[str]) -> str:
     """One gold answer made of parts in a fixed order (`find b and c`): `\\langle b, c \\rangle`, which
-    the checker compares part by part, in order, with a bare list, a tuple or the same form."""
-    return "\\langle " + ", ".join(parts) + " \\rangle"
+    the checker compares part by part, in order, with a bare list, a tuple or the same form. A part
+    may hold several (`-3,0`); a single part with no comma is returned as it is."""
+    items = [x.strip() for p in parts for x in _split_top(" ".join(str(p).replace("$", " ").split()))]
+    if len(items) < 2:
+        return ", ".join(parts)
+    return "\\langle " + ", ".join(items) + " \\rangle"
 
 
 _INEQ = re.compile(r"(?:(.+?)(<=|<|>=|>))?([a-zA-Z])(<=|<|>=|>)(.+)|(.+?)(<=|<|>=|>)([a-zA-Z])")

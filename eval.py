@@ -54,10 +54,23 @@ def _gsm8k_gold(row: dict) -> Optional[str]:
     return tail[1].strip().replace(",", "") if len(tail) == 2 else None
 
 
+_NAMES_PARTS = re.compile(r"\$[^$]{1,60}\$\s*,?\s*and\s+\$[^$]{1,60}\$|minimum and maximum|smallest and largest|"
+                          r"largest and smallest|their ages|how many of each", re.I)
+_ASKS_A_SET = re.compile(r"(?<!for )\ball\b|\bsolutions?\b|\btwo possible\b|\bwhich satisfy\b|\bfor which\b|\banother\b|\bother\b|\bpossible values\b", re.I)
+
+
 def _olympiad_gold(row: dict) -> Optional[str]:
-    """`final_answer` is a list of LaTeX strings; several parts form one answer (a set)."""
+    """`final_answer` is a list of LaTeX strings. Several parts (or one with commas) are a set of
+    answers, unless the question names the parts it asks for (`determine $b$ and $c$`, `the minimum
+    and maximum`) and asks for no set of solutions: then they are ordered, and the gold is written
+    checker.ordered_parts, which the checker compares part by part, in order."""
     parts = row["final_answer"]
-    return ", ".join(parts) if isinstance(parts, list) and parts else None
+    if not (isinstance(parts, list) and parts):
+        return None
+    if row.get("is_multiple_answer") and _NAMES_PARTS.search(row.get("question") or "") and \
+            not _ASKS_A_SET.search(row.get("question") or ""):
+        return checker.ordered_parts(parts)
+    return ", ".join(parts)
 
 
 BENCHMARKS = {b.name: b for b in [
