@@ -77,12 +77,13 @@ _UNIT_WORD = re.compile(  # a unit or currency word, dropped after a number; one
     r"s|sec|minutes?|mins?|hours?|hrs?|h|days?|weeks?|months?|years?|dollars?|cents?|usd|euros?|"
     r"degrees?|deg|radians?|rad|percent|students?|people|persons?|men|women|children|boys|girls|"
     r"apples?|books?|cookies?|eggs?|marbles?|pages?|points?|ways?|times|items?|pieces?|coins?|"
-    r"cars?|trees?|balls?)\.?(?:\^\{?\d\}?)?|sq|square|cubic", re.I)
+    r"cars?|trees?|balls?|(?:kilo|centi|milli)(?:grams?|meters?|metres?|liters?|litres?))\.?(?:\^\{?\d\}?)?|"
+    r"sq|square|cubic", re.I)
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname|rm)\s*\{([^{}]*)\}")
 _TEXT_UNIT_TAIL = re.compile(r"([\d}).])\s?" + _TEXT_CMD.pattern + r"\s?(\^\{?\d\}?)?\s?$")
 _SPACING = re.compile(r"\\left\.|\\right\.|\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])|"
                       r"(?<!\\)\\[,;:! ]|\\q?quad|\\displaystyle|\\mathstrut|~")
-_NAME = r"[a-zA-Z](?:_\w|_\{[^{}]*\})?(?:\s?\(\s?[a-zA-Z]\s?\))?"  # x, y_2, a_{n}, f(x)
+_NAME = r"[a-zA-Z](?:_\w|_\{[^{}]*\})?(?:\^\{-1\}|\^-1|\^T|\^\{T\})?(?:\s?\(\s?[a-zA-Z]\s?\))?"  # x, y_2, a_{n}, B^{-1}, f(x)
 _NAMED = re.compile(r"(" + _NAME + r")\s?(?:=|\\in)\s?(.+)")
 _NAME_RE = re.compile(_NAME)
 
@@ -215,16 +216,16 @@ _BASE_WORDS = {w: k for k, w in enumerate("zero one two three four five six seve
 
 def _base_numeral(s: str) -> str:
     """A numeral in a base, in any spelling (`52_8`, `52_{8}`, `(52)_{(8)}`, `52_{\\text{eight}}`,
-    `52(base8)`), as `52_8`; anything else unchanged. Base 10 is the plain number."""
+    `52(base8)`), as `52_8`; anything else unchanged."""
     m = re.fullmatch(r"\(?([0-9A-Za-z]+)\)?(?:_\{?\(?([0-9]+|[a-z]+)\)?\}?|\(?base([0-9]+|[a-z]+)\)?)", s)
-    if not m or not re.search(r"\d", m.group(1)):
+    if not m or not (re.search(r"\d", m.group(1)) or len(m.group(1)) > 1):
         return s
     b = m.group(2) or m.group(3)
     base = int(b) if b.isdigit() else _BASE_WORDS.get(b.lower(), 0)
     digits = m.group(1).upper()
     if not 2 <= base <= 36 or any(int(c, 36) >= base for c in digits):
         return s
-    return digits if base == 10 else f"{digits}_{base}"
+    return f"{digits}_{base}"
 
 
 _UNITS = {  # canonical physical units; a counted noun (`5 apples`) has none
@@ -595,6 +596,11 @@ def _as_intervals(s: str) -> str:
     `x>1` and `x<3`, -> their intersection); a set-builder `\\{x|x>=3\\}` the same. Else s unchanged."""
     if "<" not in s and ">" not in s:
         return s
+    s = s.replace("\\bigcup", "\\cup")
+    halves = _split_top(s, (":",))
+    if len(halves) == 2 and not halves[0].startswith("\\{"):  # `x<-7:(-\\infty,-7)`: the answer both ways
+        left = _as_intervals(halves[0])
+        return left if left != halves[0] else s
     m = re.fullmatch(r"\\\{([a-zA-Z])[|:](.*)\\\}", s)
     if m:
         s = m.group(2)
