@@ -115,6 +115,7 @@ def _clean_unit(ans: Optional[str], units: bool = True) -> tuple[str, str, str]:
     s = re.sub(r"\\[\[\]()]", "", s)  # \( \) \[ \] math delimiters
     s = s.replace("\\$", "").replace("$", "")  # math mode and currency
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"\\frac\s?(\d)\s?(\d)", r"\\frac{\1}{\2}", s)  # `\\frac23`: TeX reads one digit each
     s = s.replace("{,}", ",").replace(",\\!", ",")  # `1{,}000`, `1,\!000`: a thousands separator
     s = " ".join(_SPACING.sub(" ", s).split())
     s = _over_to_frac(s)
@@ -527,12 +528,19 @@ def _equal_named(pn: str, p: str, gn: str, g: str, depth: int = 0) -> bool:
     """Names (`x` of `x = 5`) are dropped when they agree or only one side has one; when they
     differ, or one side is a named value and the other an equation, whole equations are compared:
     `x = y` is `y = x`, `y_2 = x` is not `y_3 = x`, `c = a + b` is `a + b - c = 0`."""
-    if (pn and gn and pn != gn) or (pn and not gn and _EQ.search(g)) or (gn and not pn and _EQ.search(p)):
+    if (pn and gn and pn != gn) or (pn and not gn and _EQ.search(g) and not _all_named(g, pn)) or \
+            (gn and not pn and _EQ.search(p) and not _all_named(p, gn)):
         p, g = (f"{pn}={p}" if pn else p), (f"{gn}={g}" if gn else g)
     return p == g or _equal(p, g, depth)
 
 
 _EQ = re.compile(r"(?<![<>!])=")  # an equation's `=`, not `<=`
+
+
+def _all_named(s: str, name: str) -> bool:
+    """s is a list whose items all carry this name: `x=2,x=3` against `x \\in \\{2,3\\}`."""
+    items = _split_top(s)
+    return len(items) > 1 and all(_clean_parts(x)[0] == name for x in items)
 _MAX_DEPTH = 8  # tuples of tuples of ...: deeper nesting is not a final answer
 
 
@@ -601,7 +609,7 @@ def _as_intervals(s: str) -> str:
     if len(halves) == 2 and not halves[0].startswith("\\{"):  # `x<-7:(-\\infty,-7)`: the answer both ways
         left = _as_intervals(halves[0])
         return left if left != halves[0] else s
-    m = re.fullmatch(r"\\\{([a-zA-Z])[|:](.*)\\\}", s)
+    m = re.fullmatch(r"\\\{([a-zA-Z])(?:\\in\\mathbb\{?R\}?)?[|:](.*)\\\}", s)
     if m:
         s = m.group(2)
     parts, var = [], None

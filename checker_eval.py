@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections import defaultdict
 
@@ -26,6 +27,8 @@ def math_verify_equal():
         return None
 
     def equal(pred: str, gold: str) -> bool:
+        # an ordered gold (checker.ordered_parts) reaches it as eval.py wrote it before: a bare list
+        gold = re.sub(r"^\\langle (.*) \\rangle$", r"\1", gold)
         try:
             g, p = parse("\\boxed{" + gold + "}"), parse("\\boxed{" + pred + "}")
             return bool(verify(g, p))
