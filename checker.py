@@ -567,6 +567,8 @@ def _equal(p: str, g: str, depth: int = 0) -> bool:
     if not ordered and pk == gk == "list":  # `b = 0, c = -3` against `-3, 0`: named parts are in order
         pn, gn = [_clean_parts(x)[0] for x in pi], [_clean_parts(x)[0] for x in gi]
         ordered = any((all(n) and len(set(n)) == len(n) and not any(m)) for n, m in ((pn, gn), (gn, pn)))
+    if ordered and all(_EQ.search(x) for x in pi + gi):
+        ordered, pk, gk = False, "set", "set"  # every part carries its name (`\\angle B = 90`): the names order them
     if ordered:
         return all(_equal_named(*_clean_parts(a), *_clean_parts(b), depth + 1) for a, b in zip(pi, gi))
     if {pk, gk} == {"set", "list"}:
