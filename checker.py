@@ -148,6 +148,9 @@ def _clean_unit(ans: Optional[str], units: bool = True) -> tuple[str, str, str]:
             name, s = right, left  # (not in `a <= b`)
     name = re.sub(r"[\s{}]", "", name)
     s = re.sub(r"\s+", "", s)
+    m = re.fullmatch(r"(\((?:[a-zA-Z],)+[a-zA-Z]\))=(\(.*\))", s)  # `(b, c) = (-3, 0)`
+    if m and not name:
+        name, s = m.group(1), m.group(2)
     if re.fullmatch(r"\(\w\)", s):  # multiple-choice letter `(C)`
         s = s[1]
     return name, _base_numeral(_strip_braces(s)), _canonical_unit(unit)
@@ -165,7 +168,7 @@ def _strip_unit_words(s: str, unit: str = "") -> tuple[str, str]:
     return s, unit
 
 
-_JOIN = re.compile(r",? (?:and|or|\\lor|\\vee) ")  # a list of answers written in words
+_JOIN = re.compile(r",? (?:and|or|\\lor|\\vee) |;")  # a list of answers in words, or with semicolons
 _RELATIONS = [(re.compile(r"\\(?:geqslant|geq|ge|gt)(?![a-zA-Z])|\u2265"), (">=", ">=", ">")),
               (re.compile(r"\\(?:leqslant|leq|le|lt)(?![a-zA-Z])|\u2264"), ("<=", "<=", "<")),
               (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|\u2260"), ("!=",)),
@@ -291,25 +294,25 @@ def _parse_number(s: str) -> Optional[tuple[Fraction, bool, bool, int]]:
     return None
 
 
-_REPEAT = re.compile(r"(\d*)\.(\d*)(?:\\overline\{(\d+)\}|\\overline(\d)|\\dot\{?(\d)\}?|\((\d+)\)|"
+_REPEAT = re.compile(r"(\d*)\.(\d*)(?:\\(?:overline|bar)\{(\d+)\}|\\(?:overline|bar)(\d)|\\dot\{?(\d)\}?|\((\d+)\)|"
                      r"(\\[lc]?dots|\.\.\.|\u2026))")
 
 
 def _repeating(s: str) -> Optional[Fraction]:
-    """A repeating decimal: `0.\\overline{3}`, `0.1\\overline6`, `0.\\dot{3}`, `0.(3)` and `0.333\\ldots`
-    (the shortest period written at least twice at the end) as its exact fraction; None otherwise
+    """A repeating decimal: `0.\\overline{3}`, `0.\\bar{3}`, `0.1\\overline6`, `0.\\dot{3}`, `0.(3)` and
+    `0.33\\ldots` (the shortest period written at least twice at the end) as its exact fraction; None otherwise
     (`3.14159\\ldots` repeats nothing: not a repeating decimal)."""
     m = _REPEAT.fullmatch(s)
     if not m:
         return None
     whole, pre = m.group(1) or "0", m.group(2)
     period = m.group(3) or m.group(4) or m.group(5) or m.group(6)
-    if period is None:  # `0.1666...`: find a period repeated at least twice (3 times for one digit)
+    if period is None:  # `0.1666...`: find a period written at least twice
         for n in range(1, len(pre) // 2 + 1):
             k = len(pre) - n
             while k - n >= 0 and pre[k - n:k] == pre[k:k + n]:
                 k -= n
-            if (len(pre) - k) // n >= (3 if n == 1 else 2):
+            if (len(pre) - k) // n >= 2:
                 pre, period = pre[:k], pre[k:k + n]
                 break
         if period is None:
@@ -564,6 +567,8 @@ def _equal(p: str, g: str, depth: int = 0) -> bool:
     if len(pi) != len(gi):
         return False
     ordered = {pk, gk} <= {"ordered", "list", "()"} and "ordered" in (pk, gk)
+    if {pk, gk} & {f"matrix{len(pi)}"} and {pk, gk} & {"()", "ordered"}:
+        ordered = True  # a column vector against the tuple `(1, 2, 3)` or `\\langle 1, 2, 3 \\rangle`
     if not ordered and pk == gk == "list":  # `b = 0, c = -3` against `-3, 0`: named parts are in order
         pn, gn = [_clean_parts(x)[0] for x in pi], [_clean_parts(x)[0] for x in gi]
         ordered = any((all(n) and len(set(n)) == len(n) and not any(m)) for n, m in ((pn, gn), (gn, pn)))
