@@ -916,6 +916,8 @@ def _bits(e, depth: int = 0) -> float:
         if e.is_Pow and not x.is_Integer and _bits(e.args[0], depth + 1) > _MAX_FUNCTION_BITS:
             return math.inf  # a root or symbolic power of a huge number: sympy tries to factor it
         if _unknowns(x):
+            if not e.is_Pow and x.has(sympy.factorial, sympy.binomial):
+                return math.inf  # `((15 m^2)!)!`: the probe points would need factorials of factorials
             return inner
         v = abs(complex(sympy.N(x, 15)))
         if not v <= (_MAX_EXPONENT if e.is_Pow else _MAX_FACTORIAL):  # also catches nan
