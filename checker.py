@@ -532,6 +532,10 @@ def _equal_named(pn: str, p: str, gn: str, g: str, depth: int = 0) -> bool:
     """Names (`x` of `x = 5`) are dropped when they agree or only one side has one; when they
     differ, or one side is a named value and the other an equation, whole equations are compared:
     `x = y` is `y = x`, `y_2 = x` is not `y_3 = x`, `c = a + b` is `a + b - c = 0`."""
+    if pn[:1] == "(" and not gn and _structure(g)[0] in ("list", "ordered"):  # `(b,c) = (-3,0)` against `-3, 0`
+        pn, p = "", ",".join(f"{n}={v}" for n, v in zip(pn[1:-1].split(","), _split_top(p[1:-1])))
+    if gn[:1] == "(" and not pn and _structure(p)[0] in ("list", "ordered"):
+        gn, g = "", ",".join(f"{n}={v}" for n, v in zip(gn[1:-1].split(","), _split_top(g[1:-1])))
     if (pn and gn and pn != gn) or (pn and not gn and _EQ.search(g) and not _all_named(g, pn)) or \
             (gn and not pn and _EQ.search(p) and not _all_named(p, gn)):
         p, g = (f"{pn}={p}" if pn else p), (f"{gn}={g}" if gn else g)
@@ -570,9 +574,10 @@ def _equal(p: str, g: str, depth: int = 0) -> bool:
     ordered = {pk, gk} <= {"ordered", "list", "()"} and "ordered" in (pk, gk)
     if {pk, gk} & {f"matrix{len(pi)}"} and {pk, gk} & {"()", "ordered"}:
         ordered = True  # a column vector against the tuple `(1, 2, 3)` or `\\langle 1, 2, 3 \\rangle`
-    if not ordered and pk == gk == "list":  # `b = 0, c = -3` against `-3, 0`: named parts are in order
+    if not ordered and {pk, gk} <= {"list", "()"} and "list" in (pk, gk):  # `b = 0, c = -3` against `-3, 0`
         pn, gn = [_clean_parts(x)[0] for x in pi], [_clean_parts(x)[0] for x in gi]
         ordered = any((all(n) and len(set(n)) == len(n) and not any(m)) for n, m in ((pn, gn), (gn, pn)))
+        ordered = ordered and (pk == gk or (pk == "list" and all(pn)) or (gk == "list" and all(gn)))
     if ordered and all(_EQ.search(x) for x in pi + gi):
         ordered, pk, gk = False, "set", "set"  # every part carries its name (`\\angle B = 90`): the names order them
     if ordered:
