@@ -823,8 +823,11 @@ def _latex_to_code(s: str, funcs: frozenset = frozenset()) -> Optional[str]:
                 out.append("**" + group())
                 prev_operand = True
                 continue
-            elif t == "!":
-                out.append("!")
+            elif t == "!":  # n! on the piece before it, as sympy's factorial notation reads it (`2^3!` is 2^(3!))
+                if not out or out[-1] in "+-*/":
+                    raise ValueError("factorial of nothing")
+                last = out[-1]
+                out[-1] = "**factorial(" + last[2:] + ")" if last.startswith("**") else "factorial(" + last + ")"
                 continue
             elif t == "_":
                 if not out or not out[-1].startswith("v_"):
@@ -933,14 +936,83 @@ def _bits(e, depth: int = 0) -> float:
     return sum(_bits(a, depth + 1) for a in e.args)
 
 
+_SMALL_FUNCS = {"floor", "ceiling", "sqrt", "log", "exp", "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos",
+                "atan", "sinh", "cosh", "tanh", "Abs"}
+
+
+def _magnitude(code: str) -> float:
+    """An upper bound on the bits of the exact numbers evaluating `code` (the translation's Python
+    expression) may build, read from its syntax tree before sympy sees it: inf for a numeric power
+    over _MAX_EXPONENT, a factorial over _MAX_FACTORIAL, a function, root or symbolic power of a
+    number over _MAX_FUNCTION_BITS, a factorial of a factorial of unknowns, or nesting over _MAX_NESTING."""
+    import ast
+    import math
+    inf = math.inf
+
+    def value(node):  # the exact value of a small numeric subtree, else None
+        try:
+            v = eval(compile(ast.Expression(node), "<n>", "eval"), {"__builtins__": {}}, {})
+            return v if isinstance(v, (int, float)) and abs(v) < 1e15 else None
+        except Exception:
+            return None
+
+    def walk(node, depth: int) -> tuple[float, bool, bool]:
+        """(bits, has unknowns, has a factorial)"""
+        if depth > _MAX_NESTING:
+            return inf, False, False
+        if isinstance(node, ast.Constant):
+            v = node.value
+            return (abs(v).bit_length() if isinstance(v, int) else 64.0), False, False
+        if isinstance(node, ast.Name):
+            return 2.0, node.id.startswith("v_"), False
+        if isinstance(node, ast.UnaryOp):
+            return walk(node.operand, depth + 1)
+        if isinstance(node, ast.BinOp):
+            (a, ua, fa), (b, ub, fb) = walk(node.left, depth + 1), walk(node.right, depth + 1)
+            if not isinstance(node.op, ast.Pow):
+                return a + b + 1, ua or ub, fa or fb
+            e = value(node.right) if b <= 64 and not ub else None
+            if ub or e is None or e != int(e):  # a symbolic or fractional power: a root of the base at most
+                return (inf if a > _MAX_FUNCTION_BITS or b > _MAX_FUNCTION_BITS else a + b), ua or ub, fa or fb
+            if abs(e) > _MAX_EXPONENT:
+                return (a if a <= 1 and not ua else inf), ua, fa or fb
+            return a * max(1.0, abs(e)) + b, ua, fa or fb
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            args = [walk(x, depth + 1) for x in node.args]
+            bits = sum(x[0] for x in args)
+            unknown, fact = any(x[1] for x in args), any(x[2] for x in args)
+            name = node.func.id
+            if name == "factorial":
+                n = value(node.args[0]) if not unknown and args[0][0] <= 64 else None
+                if unknown:
+                    return (inf if fact else bits), True, True
+                if n is None or n > _MAX_FACTORIAL:
+                    return inf, False, True
+                return n * max(1.0, math.log2(max(n, 1))), False, True
+            if name == "binomial":
+                n = value(node.args[0]) if not unknown and args[0][0] <= 64 else None
+                if unknown:
+                    return (inf if fact else bits), True, fact
+                return (inf if n is None or n > _MAX_BITS else max(bits, n)), False, fact
+            if name in _SMALL_FUNCS or name.startswith("F_"):
+                return (inf if bits > _MAX_FUNCTION_BITS else bits), unknown, fact
+            return bits, unknown, fact
+        return inf, False, False  # nothing else comes out of the translation
+
+    try:
+        return walk(ast.parse(code, mode="eval").body, 0)[0]
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return inf
+
+
 def _to_sympy(s: str, funcs: frozenset = frozenset()):
     import sympy
     from sympy.parsing.sympy_parser import parse_expr, rationalize, standard_transformations
     code = _latex_to_code(s, funcs)
     if code is None:
         return None
-    if any(len(n) > 6 or int(n) > _MAX_FACTORIAL for n in re.findall(r"(\d+)\)*!", code)):
-        return None  # `9999!`: the parser computes a literal factorial even unevaluated
+    if _magnitude(code) > _MAX_BITS:
+        return None  # sympy evaluates some of it even when asked not to: refused before it starts
     names = {n: sympy.Symbol(n[2:]) for n in re.findall(r"\bv_\w+", code)}
     names.update({n: sympy.Function(n[2:]) for n in re.findall(r"\bF_\w+", code)})
     kw = dict(local_dict=names, transformations=standard_transformations + (rationalize,))
