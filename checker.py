@@ -991,6 +991,10 @@ def _magnitude(code: str) -> float:
                 return n * max(1.0, math.log2(max(n, 1))), False, True
             if name == "binomial":
                 n = value(node.args[0]) if not unknown and args[0][0] <= 64 else None
+                if len(args) == 2 and not args[1][1]:  # binomial(x, k) for a number k is a product of k terms
+                    k = value(node.args[1]) if args[1][0] <= 64 else None
+                    if k is None or abs(k) > _MAX_FACTORIAL:
+                        return inf, unknown, fact
                 if unknown:
                     return (inf if fact else bits), True, fact
                 return (inf if n is None or n > _MAX_BITS else max(bits, n)), False, fact
