@@ -511,7 +511,45 @@ def _equal_budgeted(pred: str, gold: str, timeout: float) -> bool:
 _equal_budgeted_cached = functools.lru_cache(maxsize=65536)(_equal_budgeted)  # samples repeat answers
 
 
-def _compare(pred: str, gold: str) -> bool:
+def _compare(pred: str, gold: str, approx: bool = True) -> bool:
+    if _compare_as_written(pred, gold):
+        return True
+    if not approx:
+        return False
+    try:
+        for x, other in ((pred, gold), (gold, pred)):  # `\\frac{\\sqrt3}{2} \\approx 0.866`: the value or its decimal
+            sides = _approx_sides(x)
+            if sides and (_compare(sides[0], other, False) or _compare(sides[1], other, False)):
+                return True
+    except Exception:
+        pass
+    return False
+
+
+_APPROX = re.compile(r"\\approx(?![a-zA-Z])|\u2248")
+
+
+def _approx_sides(s: str) -> Optional[tuple[str, str]]:
+    """(A, B) for an answer `A \\approx B` (a name before A may stand: `x = A \\approx B`) whose two sides
+    are close numbers (within 1%, or one unit of B's last decimal place): a value and its rounding."""
+    parts = _APPROX.split(s)
+    if len(parts) != 2 or len(s) > 200:
+        return None
+    a, b = parts[0].rsplit("=", 1)[-1].strip(" $"), parts[1].strip(" $")
+    x, y = _clean(a), _clean(b)
+    if not x or not y or _parse_number(y) is None:
+        return None
+    try:
+        va, vb = _to_sympy(x), float(_parse_number(y)[0])
+        va = complex(va.evalf(20)) if va is not None and not _unknowns(va) else None
+    except Exception:
+        return None
+    if va is None or abs(va - vb) > max(0.01 * abs(vb), 10.0 ** -_parse_number(y)[3]):
+        return None
+    return a, b
+
+
+def _compare_as_written(pred: str, gold: str) -> bool:
     try:
         (pn, p, pu), (gn, g, gu) = _clean_unit(pred), _clean_unit(gold)
         if not p or not g:  # empty, or over MAX_ANSWER_CHARS: then only the same text is equal
