@@ -55,7 +55,7 @@ def _gsm8k_gold(row: dict) -> Optional[str]:
 
 
 _NAMES_PARTS = re.compile(r"\$[^$]{1,60}\$\s*,?\s*and\s+\$[^$]{1,60}\$|minimum and maximum|smallest and largest|"
-                          r"largest and smallest|their ages|how many of each", re.I)
+                          r"largest and smallest|how many of each", re.I)
 _ASKS_A_SET = re.compile(r"(?<!for )\ball\b|\bsolutions?\b|\btwo possible\b|\bwhich satisfy\b|\bfor which\b|\banother\b|\bother\b|\bpossible values\b", re.I)
 
 
