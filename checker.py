@@ -1010,6 +1010,8 @@ def _magnitude(code: str) -> float:
             if not isinstance(node.op, ast.Pow):
                 return a + b + 1, ua or ub, fa or fb
             e = value(node.right) if b <= 64 and not ub else None
+            if ub and fb:  # `m^{2^{(15m)!}}`: an exponent that grows like a factorial at the probe points
+                return inf, True, True
             if ub or e is None or e != int(e):  # a symbolic or fractional power: a root of the base at most
                 return (inf if a > _MAX_FUNCTION_BITS or b > _MAX_FUNCTION_BITS else a + b), ua or ub, fa or fb
             if abs(e) > _MAX_EXPONENT:
