@@ -1024,8 +1024,8 @@ def _magnitude(code: str) -> float:
             name = node.func.id
             if name == "factorial":
                 n = value(node.args[0]) if not unknown and args[0][0] <= 64 else None
-                if unknown:
-                    return (inf if fact else bits), True, True
+                if unknown:  # (n+1)!, not (n + 10^{17})! or (x^{10^{30}})!: probe points would need huge gammas
+                    return (inf if fact or bits > 32 else bits), True, True
                 if n is None or n > _MAX_FACTORIAL:
                     return inf, False, True
                 return n * max(1.0, math.log2(max(n, 1))), False, True
@@ -1036,7 +1036,7 @@ def _magnitude(code: str) -> float:
                     if k is None or abs(k) > _MAX_FACTORIAL:
                         return inf, unknown, fact
                 if unknown:
-                    return (inf if fact else bits), True, fact
+                    return (inf if fact or bits > 64 else bits), True, fact
                 return (inf if n is None or n > _MAX_BITS else max(bits, n)), False, fact
             if name in _SMALL_FUNCS or name.startswith("F_"):
                 return (inf if bits > _MAX_FUNCTION_BITS else bits), unknown, fact
