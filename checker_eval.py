@@ -27,7 +27,7 @@ def math_verify_equal():
         return None
 
     def equal(pred: str, gold: str) -> bool:
-        # an ordered gold (checker.ordered_parts) reaches it as eval.py wrote it before: a bare list
+        # an ordered gold (checker.ordered_parts) reaches it as a bare list, a form it reads
         gold = re.sub(r"^\\langle (.*) \\rangle$", r"\1", gold)
         try:
             g, p = parse("\\boxed{" + gold + "}"), parse("\\boxed{" + pred + "}")
