@@ -115,14 +115,32 @@ def _boxed_gold(row: dict) -> Optional[str]:
     return as_text(checker.extract_boxed(solution, last=True)) if isinstance(solution, str) else None
 
 
+_NAMES_PARTS = re.compile(r"\$[^$]{1,60}\$\s*,?\s*and\s+\$[^$]{1,60}\$|minimum and maximum|smallest and largest|"
+                          r"largest and smallest|how many of each", re.I)
+_ASKS_A_SET = re.compile(r"(?<!for )\ball\b|\bsolutions?\b|\btwo possible\b|\bwhich satisfy\b|\bfor which\b|\banother\b|\bother\b|\bpossible values\b", re.I)
+
+
+def _olympiad_gold(row: dict) -> Optional[str]:
+    """`final_answer` is a list of LaTeX strings. Several parts (or one with commas) are a set of
+    answers, unless the question names the parts it asks for (`determine $b$ and $c$`, `the minimum
+    and maximum`) and asks for no set of solutions: then they are ordered, and the gold is written
+    checker.ordered_parts, which the checker compares part by part, in order."""
+    parts, question = row["final_answer"], row.get("question")
+    question = question if isinstance(question, str) else ""
+    if (isinstance(parts, list) and parts and all(isinstance(p, str) for p in parts)
+            and row.get("is_multiple_answer") and _NAMES_PARTS.search(question) and not _ASKS_A_SET.search(question)):
+        return checker.ordered_parts(parts)
+    return as_text(parts)
+
+
 BENCHMARKS = {b.name: b for b in [
     Benchmark("gsm8k", "question", "answer", _gsm8k_gold, f"{QWEN}/gsm8k/test.jsonl"),
     Benchmark("math500", "problem", "answer", lambda r: as_text(r["answer"]),
               "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"),
     Benchmark("minerva_math", "problem", "solution", _boxed_gold,
               f"{QWEN}/minerva_math/test.jsonl"),
-    Benchmark("olympiadbench", "question", "final_answer", lambda r: as_text(r["final_answer"]),
-              f"{QWEN}/olympiadbench/test.jsonl"),  # a list of LaTeX parts: one answer (a set)
+    Benchmark("olympiadbench", "question", "final_answer", _olympiad_gold,
+              f"{QWEN}/olympiadbench/test.jsonl"),  # a list of LaTeX parts: a set, or ordered parts (_olympiad_gold)
     Benchmark("college_math", "question", "answer", lambda r: as_text(r["answer"]), f"{QWEN}/college_math/test.jsonl"),
     # AIME: 30 problems a year (I and II), integer answers 0-999 (some copies store numbers, some strings)
     Benchmark("aime24", "problem", "answer", lambda r: _stripped(r["answer"]), f"{QWEN}/aime24/test.jsonl"),

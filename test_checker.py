@@ -371,3 +371,176 @@ def test_eval_scores_the_last_box_and_survives_a_failing_checker(tmp_path, monke
     samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
     assert [(s["extracted"], s["correct"]) for s in samples] == [("2", True), ("2", False)]
     assert "checker failed on gsm8k problem 1 sample 0 (RecursionError" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Ordered parts, percents, comma lists, units: no false "equal"
+# ------------------------------------------------------------------------------------------------
+
+ORDERED_GOLD = checker.ordered_parts(["-3, 0"])  # "find b and c": b = -3, c = 0
+
+
+def test_ordered_parts_form():
+    assert ORDERED_GOLD == "\\langle -3, 0 \\rangle"
+    assert checker.ordered_parts(["$-3$", "$0$"]) == ORDERED_GOLD
+    assert checker.ordered_parts(["(1,2)"]) == "(1,2)"  # one part: unchanged
+
+
+@pytest.mark.parametrize("pred,equal", [
+    ("-3, 0", True), ("(-3, 0)", True), ("b = -3, c = 0", True), ("-3 \\text{ and } 0", True),
+    ("(b, c) = (-3, 0)", True), ("b = -3; c = 0", True),
+    ("0, -3", False), ("b = 0, c = -3", False), ("(0,-3)", False), ("-3", False), ("-3, 0, 1", False),
+    ("(b, c) = (0, -3)", False), ("b = 0; c = -3", False)])
+def test_ordered_parts_keep_their_order(pred, equal):
+    assert answers_equal(pred, ORDERED_GOLD) is equal and answers_equal(ORDERED_GOLD, pred) is equal
+
+
+def test_named_parts_against_a_bare_list_are_in_order():
+    assert not answers_equal("b = 0, c = -3", "-3, 0")
+    assert answers_equal("b = -3, c = 0", "-3, 0")
+    assert answers_equal("x = 0, x = -3", "-3, 0")  # one name: the solutions of x, a set
+    assert answers_equal("(b, c) = (-3, 0)", "-3, 0") and not answers_equal("(b, c) = (0, -3)", "-3, 0")
+    assert answers_equal("b = -3, c = 0", "(-3, 0)") and not answers_equal("b = 0, c = -3", "(-3, 0)")
+    assert not answers_equal("1, 2", "(1, 2)")  # a list is no tuple or interval
+
+
+def test_olympiad_gold_orders_the_parts_the_question_names():
+    q = "Determine the values of $b$ and $c$ so that $x^6 = T^3 + bT + c$."
+    row = {"final_answer": ["-3,0"], "is_multiple_answer": True, "question": q}
+    assert ev._olympiad_gold(row) == ORDERED_GOLD
+    row = {"final_answer": ["-3,0"], "is_multiple_answer": True, "question": "Determine all values of $x$ and $y$."}
+    assert ev._olympiad_gold(row) == "-3,0"  # a set of solutions
+    assert ev._olympiad_gold({"final_answer": ["5"], "is_multiple_answer": False, "question": q}) == "5"
+
+
+@pytest.mark.parametrize("pred,gold,equal", [
+    ("62.5\\%", "62.5\\%", True), ("62.5", "62.5\\%", True), ("0.625", "62.5\\%", True),
+    ("0.625\\%", "62.5\\%", False), ("6250\\%", "62.5\\%", False), ("1000\\%", "10", False),
+    ("10\\%", "10", True), ("50\\%", "0.5", True), ("19.38", "1938\\%", False)])
+def test_percent_not_read_100_times_off(pred, gold, equal):
+    assert answers_equal(pred, gold) is equal and answers_equal(gold, pred) is equal
+
+
+@pytest.mark.parametrize("pred,gold,equal", [
+    ("40200", "40, 200", False), ("0,245", "245", False), ("1,234", "1234", True), ("1{,}234", "1234", True),
+    ("1,\\!234", "1234", True), ("\\$1,234", "1234", True), ("1, 234", "1234", False), ("40, 200", "200, 40", True)])
+def test_comma_list_is_not_a_thousands_number(pred, gold, equal):
+    assert answers_equal(pred, gold) is equal and answers_equal(gold, pred) is equal
+
+
+def test_vote_key_keeps_comma_lists_apart():
+    assert normalize_answer("40, 200") == "40,200" != normalize_answer("40200")
+    assert normalize_answer("40,200") == normalize_answer("40200") == "40200"
+    assert normalize_answer("0,245") != normalize_answer("245")
+    assert normalize_answer("0.\\overline{3}") == normalize_answer("\\frac13") == "1/3"
+
+
+@pytest.mark.parametrize("pred,gold,equal", [
+    ("15 \\text{ m}^2", "15 \\text{ cm}^2", False), ("90 \\text{ minutes}", "1.5 \\text{ hours}", False),
+    ("90 minutes", "90 \\text{ hours}", False), ("3 km", "3 \\mathrm{~m}", False),
+    ("15 \\text{ cm}^2", "15", True), ("15 square centimeters", "15 \\text{ cm}^2", True),
+    ("6.5 \\mathrm{~m}", "6.5 meters", True), ("30 kilograms", "30 \\text{ kg}", True),
+    ("5 \\text{ students}", "5 \\text{ people}", True)])  # counted nouns are no unit
+def test_units_must_agree(pred, gold, equal):
+    assert answers_equal(pred, gold) is equal and answers_equal(gold, pred) is equal
+
+
+# ------------------------------------------------------------------------------------------------
+# Forms of the same answer: no false "unequal"
+# ------------------------------------------------------------------------------------------------
+
+SAME_ANSWER = [
+    ("x \\ge 3", "[3,\\infty)"), ("x\\geq 3", "x \\geqslant 3"), ("3 \\le x", "[3, \\infty)"), ("x > 3", "(3, \\infty)"),
+    ("-1 < x \\le 2", "(-1, 2]"), ("5 > x > 1", "(1,5)"), ("x<2 \\text{ or } x>5", "(-\\infty,2)\\cup(5,\\infty)"),
+    ("x > 1 \\text{ and } x < 3", "(1,3)"), ("\\{x \\mid x \\geq 3\\}", "[3,\\infty)"), ("x \\in [3,\\infty)", "x \\ge 3"),
+    ("(-1,1]", "$-1<x \\leqslant 1:(-1,1]$"), ("x \\neq 2", "x \\ne 2"), ("x \u2265 3", "x \\ge 3"),
+    ("0.\\overline{3}", "\\frac13"), ("0.333\\ldots", "\\frac{1}{3}"), ("0.1\\overline{6}", "\\frac16"),
+    ("1.\\overline{27}", "\\frac{14}{11}"), ("0.\\dot{3}", "\\frac13"), ("0.142857142857\\ldots", "\\frac17"),
+    ("\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+    ("\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", "$B^{-1}=\\left[\\begin{array}{rr}1&2\\\\3&4\\end{array}\\right]$"),
+    ("3 \\text{ or } 5", "3, 5"), ("x=3 \\text{ or } x=-5", "-5, 3"), ("3 and 5", "5,3"), ("1, 2, and 3", "3,2,1"),
+    ("{1 \\over 2}", "\\frac12"), ("\\cfrac{1}{2}", "0.5"), ("2 \\over 3", "\\frac{2}{3}"),
+    ("\\approx 3.14", "3.14"), ("x \\approx 2.5", "2.5"), ("\\frac{\\sqrt{3}}{2} \\approx 0.866", "0.866"),
+    ("x = \\frac{1}{3} \\approx 0.333", "\\frac13"),
+    ("52_{8}", "52_8"), ("52_{(8)}", "52_8"), ("52_{\\text{eight}}", "52_8"), ("(52)_8", "52_8"), ("52", "52_8"),
+    ("ff_{16}", "FF_{16}"), ("52 \\text{ (base 8)}", "52_8"),
+    ("4.5E33", "4.5\\times10^{33}"), ("4.5E+3", "4500"), ("4.5e-3", "0.0045"),
+]
+DIFFERENT_ANSWER = [
+    ("x > 3", "[3,\\infty)"), ("x \\ge 3", "x \\le 3"), ("x<2 \\text{ or } x>5", "(2,5)"), ("0.\\overline{3}", "0.3"),
+    ("0.\\overline{3}", "\\frac{3}{10}"), ("0.\\overline{12}", "\\frac{1}{9}"),
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\left[\\begin{array}{cc}1&3\\\\2&4\\end{array}\\right]"),
+    ("3 \\text{ or } 5", "3, 6"), ("3 \\text{ or } 5", "3"), ("{2 \\over 1}", "\\frac12"), ("\\approx 3.15", "3.14"),
+    ("5 \\approx 7", "7"), ("\\frac{1}{3} \\approx 0.333", "0.334"),
+    ("52_8", "52_9"), ("42", "52_8"), ("40_{10}", "40_9"), ("4.5E33", "4.5E34"), ("4.5E3", "45000"),
+]
+
+
+@pytest.mark.parametrize("pred,gold", SAME_ANSWER)
+def test_same_answer_in_other_spellings(pred, gold):
+    assert answers_equal(pred, gold) and answers_equal(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold", DIFFERENT_ANSWER)
+def test_near_misses_of_other_spellings(pred, gold):
+    assert not answers_equal(pred, gold) and not answers_equal(gold, pred)
+
+
+# ------------------------------------------------------------------------------------------------
+# The labelled pair set, argument order, heavy inputs, and math-verify side by side
+# ------------------------------------------------------------------------------------------------
+
+PAIRS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "checker_pairs.jsonl")
+
+
+def _pairs() -> list[dict]:
+    with open(PAIRS_PATH, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_labelled_pairs_no_false_equal_and_agreement():
+    import checker_eval
+    res = checker_eval.score(_pairs(), answers_equal)
+    assert res["all"]["false_equal"] == 0, [p for k, r in res.items() if k != "all" for p in r["wrong"] if not p["label"]]
+    assert res["all"]["right"] >= 0.995 * res["all"]["n"]
+
+
+def test_verdict_does_not_depend_on_argument_order():
+    for p in _pairs()[::3]:
+        assert answers_equal(p["pred"], p["gold"]) == answers_equal(p["gold"], p["pred"]), p
+
+
+HEAVY = [
+    "\\lfloor 9999! \\rfloor", "\\sqrt{9999!}", "\\sqrt{(10^{4})!}", "\\lfloor \\binom{9999}{5000} \\rfloor",
+    "\\sqrt{\\binom{20000}{10000}}", "\\frac{" * 40 + "1" + "}{2}" * 40, "\\sqrt{" * 40 + "2" + "}" * 40,
+    "123456789123456789123456789^{x}", "(10^{300}+7)^{x}", "\\log(9999!)", "\\sin(9999!)", "\\sqrt{2^{9999}+1}",
+    "(2^{9000}+3)^{1/3}", "\\lceil \\sqrt{9999!} \\rceil", "\\sqrt{\\sqrt{\\sqrt{9999!}}}", "9999!^{x}",
+    "(9999!)^{1/2}", "2^{" * 30 + "2" + "}" * 30, "\\binom{10^{6}}{5}^{1/2}", "(3^{3000})^{y/2}",
+    "\\sqrt{(\\lfloor 10^{300}^{10^{300}} \\rfloor)!}", "(((\\binom{4.5E33}{10^{300}!}))!)!", "((15 \\text{ cm}^2)!)!",
+    "\\sqrt{(\\binom{\\log(10^{300}!)}{x})!}", "\\sqrt{\\lfloor \\sin(\\log(e!!))! \\rfloor}",
+    "\\sqrt{123456789^{\\binom{15 \\text{ cm}^2}{123456789123456789}}}", "15 \\text{ cm}^2^{15 \\text{ cm}^2}!",
+    "\\sqrt{\\sin(\\sqrt{\\sin(\\sqrt{\\sqrt{n+123456789123456789}!})})}", "(\\lfloor 123456789123456789 \\rfloor^{4.5E33})!",
+]
+
+
+def test_heavy_inputs_stay_under_a_second():
+    answers_equal("1", "2")  # sympy imported
+    worst = 0.0
+    for h in HEAVY:
+        for other in ("5", h + "+1", "x"):
+            for a, b in ((h, other), (other, h)):
+                t = time.perf_counter()
+                assert answers_equal(a, b) in (True, False)
+                worst = max(worst, time.perf_counter() - t)
+    assert worst < 1.0, worst
+
+
+def test_math_verify_side_by_side():
+    """Per kind, on a slice of the pair set: at least as good as math-verify (an optional extra,
+    requirements-compare.txt); skipped where it is not installed."""
+    pytest.importorskip("math_verify")
+    import checker_eval
+    pairs = _pairs()[::40]
+    ours, theirs = checker_eval.score(pairs, answers_equal), checker_eval.score(pairs, checker_eval.math_verify_equal())
+    for kind, row in ours.items():
+        assert row["right"] >= theirs[kind]["right"], (kind, row["right"], theirs[kind]["right"])
