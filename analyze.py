@@ -254,7 +254,7 @@ def check_label_spec(spec: str, flag: str, fields: bool) -> None:
     """Refuse a malformed --difficulty / --truth before any run is read."""
     ok = spec in ("auto", "none", "toy") or (fields and spec.startswith("field:") and len(spec) > 6) \
         or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec or "")
-    if not ok:
+    if not ok or (not fields and spec.startswith("field:")):
         raise SystemExit(f"{flag} {spec!r}: expected auto, none, toy, {'field:NAME, ' if fields else ''}or MODULE:FUNC")
     if ":" in spec and not spec.startswith("field:"):
         _import_func(spec, flag)
