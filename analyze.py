@@ -773,12 +773,23 @@ def _tex(s) -> str:
     return str(s).replace("$", r"\$")
 
 
-def _stage_axis(ax, stages: list) -> None:
-    """Integer ticks, one per stage, labelled with the stage's steps."""
-    ax.set_xticks(range(len(stages)))
-    ax.set_xticklabels([f"{i}\n{s['steps'][0]}-{s['steps'][1]}" for i, s in enumerate(stages)], fontsize=7)
-    ax.set_xlabel("stage (steps)")
-    ax.set_xlim(-0.5, len(stages) - 0.5)
+DIFF_CMAP = "turbo"  # ordered and well apart: blue (easy) through green to red (hard)
+
+
+def _diff_colour(cmap, j: int, n: int):
+    """The colour of the j-th of n difficulty labels, "no label" not counted (the caller draws it grey)."""
+    return cmap(0.1 + 0.8 * j / max(n - 1, 1))
+
+
+def _stage_axis(ax, runs: list) -> None:
+    """Integer ticks, one per stage, labelled with the stage's steps where every run has the same stages."""
+    k = max(len(r["stages"]) for r in runs)
+    same = all([s["steps"] for s in r["stages"]] == [s["steps"] for s in runs[0]["stages"]] for r in runs)
+    ax.set_xticks(range(k))
+    ax.set_xticklabels([f"{i}\n{s['steps'][0]}-{s['steps'][1]}" for i, s in enumerate(runs[0]["stages"])]
+                       if same else [str(i) for i in range(k)], fontsize=7)
+    ax.set_xlabel("stage (steps)" if same else "stage (the runs' own spans of steps)")
+    ax.set_xlim(-0.5, k - 0.5)
 
 
 def _annotated_heatmap(fig, ax, mat: np.ndarray, names: list, title: str) -> None:
@@ -869,9 +880,9 @@ def make_figures(runs: list, out: str, args=None) -> dict:
             share = np.array([[0.0 if v is None else v for v in row] for row in ps["difficulty_share"]],
                              float).reshape(len(ps["step"]), len(names))
             share = np.array([smooth(share[:, j].tolist(), sm) for j in range(len(names))], float)
-            cmap = plt.get_cmap("plasma")
+            cmap = plt.get_cmap(DIFF_CMAP)
             names = ps["difficulty_labels"]
-            lab_cols = [("lightgrey" if nm == "no label" else cmap(j / max(len(names) - 1, 1) * 0.9))
+            lab_cols = [("lightgrey" if nm == "no label" else _diff_colour(cmap, j, sum(x != "no label" for x in names)))
                         for j, nm in enumerate(names)]
             ax.stackplot(ps["step"], share, labels=[_tex(nm) for nm in names], colors=lab_cols, alpha=0.9)
             ax.set_ylim(0, 1)
@@ -888,8 +899,8 @@ def make_figures(runs: list, out: str, args=None) -> dict:
             off = (with_diff.index((i, r)) - (len(with_diff) - 1) / 2) * 0.06
             ax.errorbar([x + off for x in xs], [st[j]["mean"] for j in xs], [st[j]["se"] or 0 for j in xs],
                         marker="o", capsize=3, color=col[i], label=_tex(r["label"]))
-            _stage_axis(ax, r["stages"])
             drawn = True
+        _stage_axis(ax, [r for _, r in with_diff])
         ax.set_title("mean difficulty per stage (± SE)", fontsize=9)
         if drawn:
             ax.legend(fontsize=7)
@@ -933,8 +944,8 @@ def make_figures(runs: list, out: str, args=None) -> dict:
                 xx = np.array([xs[0], xs[-1]], float)
                 xbar = np.mean([j for j in xs for _ in range(st[j]["frozen_solve_rate"]["n"])])
                 ax.plot(xx, mean + t["slope"] * (xx - xbar), ls=":", color=col[i],
-                        label=f"trend {t['slope']:+.3f} ± {t['se']:.3f} / stage")
-            _stage_axis(ax, st)
+                        label=_tex(f"{r['label']}: trend {t['slope']:+.3f} ± {t['se']:.3f} / stage"))
+        _stage_axis(ax, runs)
         ax.set_title("frozen initial model: solve rate by stage (± SE)", fontsize=10)
         ax.legend(fontsize=7)
         save(fig, "frozen")
@@ -949,6 +960,8 @@ def make_figures(runs: list, out: str, args=None) -> dict:
                 axes[1].plot(ps["step"], ys, ls=ls, color=col[i], label=_tex(f"{r['label']}: {kind}"))
     axes[0].set_title("legal rate of teacher outputs" + sm_note, fontsize=10)
     axes[1].set_title("distinct concept strings so far, by kind", fontsize=10)
+    from matplotlib.ticker import MaxNLocator
+    axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -986,12 +999,12 @@ def make_figures(runs: list, out: str, args=None) -> dict:
         if has_d:
             ax = axes[0][1]
             order = r["difficulty"]["labels"]
-            dcmap = plt.get_cmap("plasma")
+            dcmap = plt.get_cmap(DIFF_CMAP)
             for j, nm in enumerate(order):
                 sel = np.array([d == nm for d in diffs], bool)
                 if sel.any():
                     ax.scatter(pts[sel, 0], pts[sel, 1], s=10, alpha=0.7, label=_tex(nm),
-                               color="lightgrey" if nm == "no label" else dcmap(j / max(len(order) - 1, 1) * 0.9))
+                               color="lightgrey" if nm == "no label" else _diff_colour(dcmap, j, sum(x != "no label" for x in order)))
             ax.set_title(_tex(f"{r['label']}: problems by difficulty (PCA)"), fontsize=9)
             ax.legend(fontsize=7, title="difficulty", title_fontsize=7)
         save(fig, f"map_{i}")
