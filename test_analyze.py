@@ -119,8 +119,11 @@ def test_real_tiny_run_with_frozen_model(tmp_path, recipe):
     O.train(O.config_from_args(["--model", "tiny", "--recipe", recipe, "--steps", "2", "--n_refs", "2",
                                 "--out", str(tmp_path / "run")]))
     rep = A.main([str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--stages", "2", "--quiet",
-                  "--frozen-model", "tiny", "--frozen-problems", "4", "--frozen-samples", "4"])
+                  "--frozen-model", "tiny", "--frozen-problems", "4", "--frozen-samples", "4",
+                  "--difficulty", "toy", "--truth", "toy"])  # the tiny model writes some toy-template problems
     r = rep["runs"][0]
+    import tiny as T
+    from checker import normalize_answer
     rows = [json.loads(line) for line in open(tmp_path / "run" / "problems.jsonl")]
     legal = [x for x in rows if x["legal"]]
     assert r["summary"]["problems"] == len(rows) and r["summary"]["legal_rate"] == pytest.approx(len(legal) / len(rows))
@@ -133,6 +136,17 @@ def test_real_tiny_run_with_frozen_model(tmp_path, recipe):
         fz = s["frozen_solve_rate"]
         assert 1 <= fz["n"] <= 4 and 0.0 <= fz["mean"] <= 1.0
     assert "hidden states" in r["map"]["method"] and not r["skipped_lines"]
+    for i, st in enumerate((1, 2)):  # labels and their accuracy, by hand from the rows
+        here = [x for x in legal if x["step"] == st]
+        assert sum(r["per_step"]["difficulty_share"][i]) == pytest.approx(1.0)
+        assert r["per_step"]["difficulty_share"][i][-1] == pytest.approx(
+            np.mean([T.toy_rung(x["problem"]) is None for x in here]))
+        known = [x for x in here if x["n_parsed"] and T.toy_answer(x["problem"]) is not None]
+        ok = [normalize_answer(x["majority"]) == normalize_answer(str(T.toy_answer(x["problem"]))) for x in known]
+        assert r["per_step"]["label_accuracy_n"][i] == len(known)
+        assert r["per_step"]["label_accuracy"][i] == (pytest.approx(np.mean(ok)) if ok else None)
+    assert all("frozen_label_accuracy" in s for s in r["stages"]) and r["solutions"]["file"] is None
+    assert "saved no student solutions" in (tmp_path / "rep" / "report.html").read_text()
 
 
 # --- a toy-world-like run written here, with known rungs, truths and concepts ----------------------------
