@@ -534,7 +534,9 @@ def frozen_solve_rates(model, tok, stage_problems: list, samples: int, max_new_t
     import torch
 
     import opensir as O
-    get = lambda k: run_cfg.get(k, getattr(O.Config, k))  # noqa: E731
+    def get(k):  # the run's value where it has the type of Config's default (a hand-edited config.json)
+        v, d = run_cfg.get(k), getattr(O.Config, k)
+        return v if isinstance(v, type(d)) or (isinstance(d, float) and _is_num(v)) else d
     torch.manual_seed(seed)
     rates = []
     for i, probs in enumerate(stage_problems):
@@ -550,20 +552,39 @@ def frozen_solve_rates(model, tok, stage_problems: list, samples: int, max_new_t
 
 # --- the analysis ----------------------------------------------------------------------------------
 
-def _label_order(labels) -> list:
-    """Numbers ascending, then strings, then None (no label)."""
-    labels = set(labels)
-    nums = sorted(x for x in labels if isinstance(x, float))
-    strs = sorted(x for x in labels if isinstance(x, str))
-    return nums + strs + ([None] if None in labels else [])
-
-
 def label_name(x) -> str:
     if x is None:
         return "no label"
     if isinstance(x, float):
         return str(int(x)) if x.is_integer() else f"{x:g}"
     return str(x)
+
+
+def label_groups(counts: Counter, max_groups: int = 12) -> tuple:
+    """(ordered group names, function raw label -> group name) for the difficulty mix: numbers as themselves,
+    or in 8 equal-width bins where there are more than max_groups distinct ones; strings as themselves, the
+    rarest pooled as "other labels" beyond max_groups; None as "no label"."""
+    nums = sorted(x for x in counts if isinstance(x, float))
+    strs = sorted((x for x in counts if isinstance(x, str)), key=lambda x: (-counts[x], x))
+    if len(nums) > max_groups:
+        lo, hi = nums[0], nums[-1]
+        edges = np.linspace(lo, hi, 9)
+        names = [f"{edges[i]:.3g}–{edges[i + 1]:.3g}" for i in range(8)]
+        num_key = lambda x: names[min(int(np.searchsorted(edges, x, side="right")) - 1, 7)]  # noqa: E731
+        num_order = [n for n in names if any(num_key(x) == n for x in nums)]
+    else:
+        num_key, num_order = label_name, [label_name(x) for x in nums]
+    room = max(max_groups - len(num_order), 1)
+    kept = set(strs if len(strs) <= room else strs[: room - 1])
+    str_order = sorted(kept) + (["other labels"] if len(kept) < len(strs) else [])
+
+    def key(x):
+        if x is None:
+            return "no label"
+        if isinstance(x, float):
+            return num_key(x)
+        return x if x in kept else "other labels"
+    return num_order + str_order + (["no label"] if None in counts else []), key
 
 
 def _share_se(k: int, n: int) -> Optional[float]:
@@ -587,7 +608,13 @@ def analyse_run(run: str, args) -> dict:
     steps = sorted(r["steps"])
     S = r["steps"]
     per_step = {"step": steps}
-    labels = _label_order(set().union(*[S[st]["difficulty"] for st in steps]) if steps else [])
+    raw_labels = sum((S[st]["difficulty"] for st in steps), Counter())
+    labels, group = label_groups(raw_labels)
+    for st in steps:
+        c = Counter()
+        for x, k in S[st]["difficulty"].items():
+            c[group(x)] += k
+        S[st]["difficulty"] = c
     vocab = concept_vocab(args.concept_vocab, r["config"])
     kinds = classify_concepts(r["concept_count"], vocab)
     cum, seen = [], set()
@@ -679,6 +706,7 @@ def analyse_run(run: str, args) -> dict:
         model, tok = O.load_model(args.frozen_model, device=args.device)
         fz_items = [items[: args.frozen_problems] for items in map_items]
         mnt = args.frozen_max_new_tokens or r["config"].get("student_max_new_tokens", 512)
+        mnt = mnt if _is_int(mnt) and mnt > 0 else 512
         rates = frozen_solve_rates(model, tok, [[it["problem"] for it in items] for items in fz_items],
                                    args.frozen_samples, mnt, r["config"], args.seed, not args.quiet)
         xs, ys, all_ok = [], [], []
@@ -699,7 +727,7 @@ def analyse_run(run: str, args) -> dict:
                                      "se": _share_se(sum(all_ok), len(all_ok))}}
     map_texts = [it["problem"] for items in map_items for it in items]
     map_stage = [i for i, items in enumerate(map_items) for _ in items]
-    map_diff = [label_name(it["difficulty"]) if diff_set(labels) else None for items in map_items for it in items]
+    map_diff = [group(it["difficulty"]) if diff_set(labels) else None for items in map_items for it in items]
     if model is not None and map_texts:
         emb = O.embed_texts(model, tok, map_texts).numpy()
         method = f"PCA of {args.frozen_model}'s mean-pooled last hidden states (the diversity embedding)"
@@ -721,7 +749,7 @@ def analyse_run(run: str, args) -> dict:
                    if k2 in r["config"]},
         "skipped_lines": r["skipped"], "label_errors": r["label_errors"], "per_step": per_step, "stages": stages,
         "difficulty": {"by": r["difficulty_desc"], "labels": [label_name(x) for x in labels],
-                       "numeric": any(isinstance(x, float) for x in labels),
+                       "numeric": any(isinstance(x, float) for x in raw_labels),
                        "share": {label_name(x): all_labels[x] / n_legal if n_legal else None for x in labels}},
         "truth": {"by": r["truth_desc"], "label_accuracy": {"n": lab_n, "mean": lab_ok / lab_n if lab_n else None,
                                                             "se": _share_se(lab_ok, lab_n)}},
@@ -753,7 +781,7 @@ def analyse_run(run: str, args) -> dict:
 
 def diff_set(labels: list) -> bool:
     """Whether a run has difficulty labels at all (not only "no label")."""
-    return any(x is not None for x in labels)
+    return any(x != "no label" for x in labels)
 
 
 # --- figures and the page -----------------------------------------------------------------------------
@@ -770,7 +798,8 @@ def _plt():
 
 def _tex(s) -> str:
     """A string for a matplotlib label: `$` would start mathtext (and an odd count raises), so escape it."""
-    return str(s).replace("$", r"\$")
+    s = str(s).replace("$", r"\$")
+    return " " + s if s.startswith("_") else s  # a leading "_" would hide the legend entry
 
 
 DIFF_CMAP = "turbo"  # ordered and well apart: blue (easy) through green to red (hard)

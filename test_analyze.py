@@ -272,6 +272,19 @@ def test_malformed_concepts_are_set_apart_by_a_stated_reason():
     assert kv["algebra"]["kind"] == "vocabulary" and kv["linear equations"]["kind"] == "other"
 
 
+def test_many_difficulty_labels_are_grouped():
+    nums = Counter({float(x): 1 for x in range(20)})
+    order, key = A.label_groups(nums + Counter({None: 2}))
+    assert len(order) == 9 and order[-1] == "no label" and order[0] == "0–2.38"
+    assert key(0.0) == order[0] and key(19.0) == order[7] and key(None) == "no label"
+    words = Counter({f"topic {i:02d}": 20 - i for i in range(15)})
+    order, key = A.label_groups(words)
+    assert len(order) == 12 and order[-1] == "other labels" and key("topic 14") == "other labels"
+    assert key("topic 00") == "topic 00"
+    order, key = A.label_groups(Counter({2.0: 3, 1.0: 1, "hard": 1}))
+    assert order == ["1", "2", "hard"]
+
+
 def test_trend_smoothing_and_stat_by_hand():
     t = A.trend([0, 0, 1, 1, 2, 2], [1.0, 0.8, 0.7, 0.5, 0.4, 0.2])
     assert t["slope"] == pytest.approx(-0.3) and t["n"] == 6
@@ -368,13 +381,13 @@ def test_hostile_strings_are_escaped_in_the_report(tmp_path):
 
     import tiny as T
     evil = '<img src=x onerror=alert(1)>'
-    run = tmp_path / f"run{evil}"
-    rows = [_row(1, f"What is 2 + 3?</td><script>alert(2)</script>", concepts=[f"<script>alert(3)</script>"]),
+    run = tmp_path / f"_run$1{evil}"  # `$` starts mathtext in a figure label, `_` hides a legend entry
+    rows = [_row(1, "What is 2 + 3?</td><script>alert(2)</script>", concepts=["<script>alert(3)</script>"]),
             _row(2, "What is 4 + 4?", concepts=["addition"])]
     rows[0]["majority"] = "<script>alert(4)</script>"
     os.makedirs(run)
     (run / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "config.json").write_text(json.dumps({"model": f"<script>alert(5)</script>", "seed": 0}))
+    (run / "config.json").write_text(json.dumps({"model": "<script>alert(5)</script>", "seed": 0}))
     (run / "solutions.jsonl").write_text(json.dumps({"step": 1, "round": 0, "problem": "<script>alert(6)</script>",
                                                      "majority": "<b>", "answers": ["<i>"],
                                                      "solutions": ["</pre><script>alert(7)</script>"]}) + "\n")
