@@ -857,7 +857,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     col = {i: colors[i % len(colors)] for i in range(len(runs))}
-    sm_note = f" (moving average of {sm} steps)" if sm > 1 else ""
+    sm_note = f"\n(moving average of {sm} steps)" if sm > 1 else ""
 
     # training curves from metrics.jsonl, every run overlaid
     keys = [k for k in (getattr(args, "curves", None) or DEFAULT_CURVES) if any(k in r["metrics"]["keys"] for r in runs)]
@@ -876,7 +876,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
-        fig.suptitle("training curves (metrics.jsonl)" + sm_note, fontsize=10)
+        fig.suptitle("training curves (metrics.jsonl)" + sm_note.replace("\n", " "), fontsize=10)
         save(fig, "curves")
 
     # solve rate (mean ± SE) with the frozen model as the step-0 reference, and the in-band share
@@ -917,7 +917,9 @@ def make_figures(runs: list, out: str, args=None) -> dict:
             ax.set_ylim(0, 1)
             ax.set_xlabel("step")
             ax.set_title(_tex(f"{r['label']}: difficulty mix of legal problems") + sm_note, fontsize=9)
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="label", title_fontsize=7)
+            hs, ls = ax.get_legend_handles_labels()  # top of the legend = top of the stack
+            ax.legend(hs[::-1], ls[::-1], fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="label",
+                      title_fontsize=7)
         ax = axes[0][-1]
         drawn = False
         for i, r in with_diff:
@@ -1207,8 +1209,13 @@ def write_html(runs: list, figs: dict, out: str, note: str, args=None) -> None:
                      + f"<p><b>Majority:</b> {_fmt(x['majority'])}"
                      + (f"; <b>truth:</b> {_e(x['truth'])}" if x.get("truth") is not None else "")
                      + "; <b>answers:</b> " + _e(", ".join(f"{a} ×{k}" for a, k in answers.most_common())) + "</p>")
-            for j, sol in enumerate(x["solutions"][: getattr(args, "solutions_per_problem", 3)]):
-                h.append(f"<p>solution {j + 1} of {len(x['solutions'])}:</p>" + _pre(sol, limit))
+            ans = list(x["answers"]) + [None] * max(len(x["solutions"]) - len(x["answers"]), 0)
+            same = Counter(zip(x["solutions"], ans))  # identical texts shown once, with their count
+            for j, ((sol, a), k) in enumerate(same.most_common(getattr(args, "solutions_per_problem", 3))):
+                agree = " (the majority)" if a is not None and x["majority"] is not None \
+                    and str(a) == str(x["majority"]) else ""
+                h.append(f"<p>distinct solution {j + 1} of {len(same)}: answer {_fmt(a)}{agree}, written {k} of "
+                         f"{len(x['solutions'])} times</p>" + _pre(sol, limit))
     sec("compare", "Runs side by side")
     h.append(_table(["run", "steps", "problems", "legal rate", "solve rate", "sd", "in-band share",
                      "label accuracy", "unique concepts", "malformed", "config"],
