@@ -202,7 +202,8 @@ def malformed_why(c: str, more_frequent: list) -> Optional[str]:
     """Why a concept string looks malformed (a broken copy of a concept, not a new topic), or None. A heuristic:
     no letters; markup characters; more than 8 words or 80 characters; a fragment written twice in a row
     (`numbersnumbers`); a truncated prefix of a more frequent concept (`mult`); or a near-copy of one
-    (difflib ratio >= 0.85, `multiplcation`). more_frequent: concepts used more often, most frequent first."""
+    (difflib ratio >= 0.85, `multiplcation`). more_frequent: concepts used more often, most frequent first,
+    as strings or as difflib.SequenceMatcher objects holding them as their second sequence (faster)."""
     if not re.search(r"[a-z]", c):
         return "no letters"
     if _MARKUP.search(c):
@@ -211,28 +212,38 @@ def malformed_why(c: str, more_frequent: list) -> Optional[str]:
         return "too long for a concept"
     if _DOUBLED.search(c.replace(" ", "")):
         return "a fragment written twice"
-    for d in more_frequent:
+    for m in more_frequent:
+        d = m.b if isinstance(m, difflib.SequenceMatcher) else m
         if d.startswith(c) and d[len(c)].isalpha() and c[-1].isalpha():
             return f"a truncated '{d}'"
-        m = difflib.SequenceMatcher(None, c, d)
-        if m.real_quick_ratio() >= 0.85 and m.quick_ratio() >= 0.85 and m.ratio() >= 0.85:
+        if 2 * min(len(c), len(d)) < 0.85 * (len(c) + len(d)):  # difflib's upper bound, without its set-up
+            continue
+        if not isinstance(m, difflib.SequenceMatcher):
+            m = difflib.SequenceMatcher(None, c, d, autojunk=False)
+        m.set_seq1(c)
+        if m.quick_ratio() >= 0.85 and m.ratio() >= 0.85:
             return f"a near-copy of '{d}'"
     return None
 
 
-def classify_concepts(counts: Counter, vocab: Optional[set] = None, compare_top: int = 200) -> dict:
+def classify_concepts(counts: Counter, vocab: Optional[set] = None, compare_top: int = 50) -> dict:
     """{concept: {"kind": "vocabulary" | "other" | "malformed", "why": ...}}: "vocabulary" only where a vocabulary
     is known (the toy world's, or --concept-vocab); other strings are "malformed" by malformed_why(), else
     "other" (well-formed: a new topic, or a known one in other words). Each string is compared with at most the
-    compare_top most frequent concepts, so a run with many thousands stays fast."""
+    compare_top most frequent concepts, so a run with many thousands of distinct strings stays fast."""
     order = sorted(counts, key=lambda c: (-counts[c], c))
     top = [c for c in order if vocab is None or c in vocab][:compare_top]
+    matchers = []
+    for d in top:
+        m = difflib.SequenceMatcher(None, autojunk=False)
+        m.set_seq2(d)
+        matchers.append(m)
     out = {}
     for c in order:
         if vocab is not None and c in vocab:
             out[c] = {"kind": "vocabulary", "why": None}
             continue
-        why = malformed_why(c, [d for d in top if counts[d] > counts[c] and d != c])
+        why = malformed_why(c, [m for m in matchers if counts[m.b] > counts[c]])
         out[c] = {"kind": "malformed" if why else "other", "why": why}
     return out
 
@@ -1086,6 +1097,17 @@ def write_html(runs: list, figs: dict, out: str, note: str, args=None) -> None:
 
     def sec(sid, title):
         h.append(f'<h2 id="{sid}">{_e(title)}</h2>')
+
+    h.append("<p>" + " · ".join(f'<a href="#{sid}">{_e(sid)}</a>' for sid in SECTIONS) + "</p>")
+    h.append("<p>At a glance, first stage → last stage (± SE):</p>" + _table(
+        ["run", "steps", "student solve rate", "mean difficulty", "label accuracy", "frozen model's solve rate",
+         "malformed concept strings"],
+        [[r["label"], r["summary"]["steps"]]
+         + [f"{_pm(r['stages'][0].get(k), 3 if k != 'difficulty' else 2)} → "
+            f"{_pm(r['stages'][-1].get(k), 3 if k != 'difficulty' else 2)}" if r["stages"] else None
+            for k in ("solve_rate", "difficulty", "label_accuracy", "frozen_solve_rate")]
+         + [f"{r['summary']['concepts_by_kind'].get('malformed', 0)} of {r['summary']['unique_concepts']}"]
+         for r in runs]))
 
     sec("curves", "Training curves (metrics.jsonl), runs overlaid")
     h.append(_img(figs, "curves") or "<p>No metrics.jsonl values to plot.</p>")
