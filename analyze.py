@@ -49,6 +49,7 @@ import random
 import re
 import stat
 import sys
+import zlib
 from collections import Counter, defaultdict
 from typing import Callable, Optional
 
@@ -316,7 +317,7 @@ def read_jsonl_stream(path: str, on_bad, desc: str = "", check=None):
         while True:
             try:
                 raw = f.readline()
-            except (OSError, EOFError, gzip.BadGzipFile) as err:  # a truncated or corrupt .gz
+            except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt .gz
                 on_bad(n + 1, f"unreadable ({err.__class__.__name__}); the rest of the file skipped")
                 return
             if not raw:
@@ -1020,6 +1021,8 @@ def make_figures(runs: list, out: str, args=None) -> dict:
     save(fig, "lengths")
 
     for i, r in enumerate(runs):
+        if not r["stages"]:  # no usable line: nothing to compare or map
+            continue
         names = [f"{j}: {s['steps'][0]}-{s['steps'][1]}" for j, s in enumerate(r["stages"])]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.0))
         for ax, key, t in zip(axes, ["concept_overlap", "rouge_l"], ["concept overlap (Jaccard)", "ROUGE-L F1"]):

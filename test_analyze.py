@@ -330,6 +330,15 @@ def test_wrong_typed_fields_are_skipped_and_counted(tmp_path):
     A.main([str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--quiet"])
 
 
+def test_a_run_with_no_usable_line_still_gets_a_report(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    (tmp_path / "empty" / "problems.jsonl").write_text('{"step": "x"}\n[]\n')
+    _toy_like_run(tmp_path / "toy", steps=2, per_step=8)
+    rep = A.main([str(tmp_path / "empty"), str(tmp_path / "toy"), "--out", str(tmp_path / "rep"), "--quiet"])
+    assert rep["runs"][0]["summary"]["problems"] == 0 and len(rep["runs"][0]["skipped_lines"]) == 2
+    assert rep["runs"][1]["summary"]["problems"] == 16
+
+
 def test_no_file_is_written_through_a_link_planted_in_out(tmp_path):
     _toy_like_run(tmp_path / "run", steps=2, per_step=8, solutions=False)
     victim = tmp_path / "victim.txt"
