@@ -424,13 +424,15 @@ def read_run(run: str, sample_per_step: int, seed: int, progress: bool = True, d
     diff_f, diff_desc = make_labeler(difficulty, cfg, "difficulty")
     truth_f, truth_desc = make_labeler(truth, cfg, "truth")
     from checker import normalize_answer
-    bad = []
+    bad, bad_per_file = [], Counter()
     label_errors = Counter()
 
     def on_bad_for(fname, p):
-        def on_bad(n, why):
+        def on_bad(n, why):  # every one is listed in the report; the first 10 of a file also on stderr
             bad.append({"file": fname, "line": n, "error": why})
-            print(f"warning: {p} line {n}: {why}; skipped", file=sys.stderr)
+            bad_per_file[fname] += 1
+            if bad_per_file[fname] <= 10:
+                print(f"warning: {p} line {n}: {why}; skipped", file=sys.stderr)
         return on_bad
 
     def call(f, row, what):
@@ -519,6 +521,9 @@ def read_run(run: str, sample_per_step: int, seed: int, progress: bool = True, d
             for row in solutions:
                 t = call(truth_f, row, "--truth")
                 row["_truth"] = None if t is None else str(t)
+    for fname, k in bad_per_file.items():
+        if k > 10:
+            print(f"warning: {run}/{fname}: {k} lines skipped in all (report.json lists each)", file=sys.stderr)
     return {"config": cfg, "steps": dict(steps), "first_seen": first_seen, "concept_count": concept_count,
             "metrics": metrics, "skipped": bad, "band": [lo, hi], "difficulty_desc": diff_desc,
             "truth_desc": truth_desc, "label_errors": dict(label_errors), "solutions": solutions,
@@ -822,6 +827,12 @@ def _diff_colour(cmap, j: int, n: int):
     return cmap(0.1 + 0.8 * j / max(n - 1, 1))
 
 
+def _legend(ax, **kw) -> None:
+    """A legend where something is labelled (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, **kw)
+
+
 def _stage_axis(ax, runs: list) -> None:
     """Integer ticks, one per stage, labelled with the stage's steps where every run has the same stages."""
     k = max(len(r["stages"]) for r in runs)
@@ -873,6 +884,9 @@ def make_figures(runs: list, out: str, args=None) -> dict:
 
     # training curves from metrics.jsonl, every run overlaid
     keys = [k for k in (getattr(args, "curves", None) or DEFAULT_CURVES) if any(k in r["metrics"]["keys"] for r in runs)]
+    missing = [k for k in (getattr(args, "curves", None) or []) if k not in keys]
+    if missing:
+        print(f"warning: --curves {' '.join(missing)}: in no run's metrics.jsonl (as numbers); not drawn", file=sys.stderr)
     if keys:
         ncol = min(4, len(keys))
         nrow = math.ceil(len(keys) / ncol)
@@ -887,7 +901,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
+        _legend(axes.flat[0])
         fig.suptitle("training curves (metrics.jsonl)" + sm_note.replace("\n", " "), fontsize=10)
         save(fig, "curves")
 
@@ -907,7 +921,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
         ax.set_title(t + sm_note, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
+        _legend(ax)
     save(fig, "solve_rate")
 
     # difficulty: mix over time per run, and the mean per stage (± SE) with the runs overlaid
@@ -946,7 +960,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
         _stage_axis(ax, [r for _, r in with_diff])
         ax.set_title("mean difficulty per stage (± SE)", fontsize=9)
         if drawn:
-            ax.legend(fontsize=7)
+            _legend(ax)
         else:
             ax.text(0.5, 0.5, "labels are not numbers", ha="center", transform=ax.transAxes)
         save(fig, "difficulty")
@@ -967,7 +981,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step")
         ax.set_title("accuracy of the majority label against the truth (± SE)" + sm_note, fontsize=9)
-        ax.legend(fontsize=7)
+        _legend(ax)
         save(fig, "label_accuracy")
 
     if any(s.get("frozen_solve_rate") for r in runs for s in r["stages"]):
@@ -990,7 +1004,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
                         label=_tex(f"{r['label']}: trend {t['slope']:+.3f} ± {t['se']:.3f} / stage"))
         _stage_axis(ax, runs)
         ax.set_title("frozen initial model: solve rate by stage (± SE)", fontsize=10)
-        ax.legend(fontsize=7)
+        _legend(ax)
         save(fig, "frozen")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -1007,7 +1021,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
     axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        _legend(ax)
     save(fig, "legal_concepts")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -1017,7 +1031,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
             ax.plot(r["per_step"]["step"], nz(smooth(r["per_step"][key], sm)), color=col[i], label=_tex(r["label"]))
         ax.set_title(title + sm_note, fontsize=10)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        _legend(ax)
     save(fig, "lengths")
 
     for i, r in enumerate(runs):
@@ -1040,7 +1054,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
             ax.scatter(pts[sel, 0], pts[sel, 1], s=10, alpha=0.6, label=s["name"],
                        color=cmap(si / max(len(r["stages"]) - 1, 1)))
         ax.set_title(_tex(f"{r['label']}: problems by stage (PCA)"), fontsize=9)
-        ax.legend(fontsize=7)
+        _legend(ax)
         if has_d:
             ax = axes[0][1]
             order = r["difficulty"]["labels"]
@@ -1051,7 +1065,7 @@ def make_figures(runs: list, out: str, args=None) -> dict:
                     ax.scatter(pts[sel, 0], pts[sel, 1], s=10, alpha=0.7, label=_tex(nm),
                                color="lightgrey" if nm == "no label" else _diff_colour(dcmap, j, sum(x != "no label" for x in order)))
             ax.set_title(_tex(f"{r['label']}: problems by difficulty (PCA)"), fontsize=9)
-            ax.legend(fontsize=7, title="difficulty", title_fontsize=7)
+            _legend(ax, title="difficulty", title_fontsize=7)
         save(fig, f"map_{i}")
     return figs
 
@@ -1252,8 +1266,9 @@ def write_html(runs: list, figs: dict, out: str, note: str, args=None) -> None:
     sec("skipped", "Skipped lines")
     bad = [[r["label"], b["file"], b["line"], b["error"]] for r in runs for b in r["skipped_lines"]]
     counts = ", ".join(f"{_e(r['label'])}: {len(r['skipped_lines'])}" for r in runs)
-    h.append(f"<p>Skipped per run: {counts}.</p>" + (_table(["run", "file", "line", "why"], bad[:200]) if bad
-                                                       else "<p>None.</p>"))
+    h.append(f"<p>Skipped per run: {counts}." + (" The first 200 below; report.json lists every one."
+                                                 if len(bad) > 200 else "") + "</p>"
+             + (_table(["run", "file", "line", "why"], bad[:200]) if bad else "<p>None.</p>"))
     h.append("</body></html>")
     safe_write(out, "report.html", "\n".join(h).encode("utf-8"))
 
