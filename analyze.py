@@ -445,7 +445,8 @@ def read_run(run: str, sample_per_step: int, seed: int, progress: bool = True, d
     rng = random.Random(seed)
     steps = defaultdict(lambda: {"rows": 0, "legal": 0, "solve": [], "in_band": 0, "q_chars": [], "q_words": [],
                                  "sol_tokens": [], "concepts": set(), "seen": 0, "sample": [],
-                                 "difficulty": Counter(), "diff_values": [], "label_ok": 0, "label_n": 0})
+                                 "difficulty": Counter(), "diff_values": [], "label_ok": 0, "label_n": 0,
+                                 "label_ok_by": Counter(), "label_n_by": Counter()})
     first_seen, concept_count = {}, Counter()
     desc = f"{os.path.basename(run.rstrip('/'))} problems" if progress else ""
     for n, row in read_jsonl_stream(path, on_bad_for("problems.jsonl", path), desc=desc, check=check_problem_row):
@@ -476,6 +477,8 @@ def read_run(run: str, sample_per_step: int, seed: int, progress: bool = True, d
             correct = normalize_answer(str(row["majority"])) == normalize_answer(str(truth_v))
             s["label_n"] += 1
             s["label_ok"] += int(correct)
+            s["label_ok_by"][label] += int(correct)
+            s["label_n_by"][label] += 1
         for c in row.get("concepts") or []:
             k = concept_key(c)
             s["concepts"].add(k)
@@ -632,6 +635,11 @@ def analyse_run(run: str, args) -> dict:
         for x, k in S[st]["difficulty"].items():
             c[group(x)] += k
         S[st]["difficulty"] = c
+        for key in ("label_ok_by", "label_n_by"):
+            c = Counter()
+            for x, k in S[st][key].items():
+                c[group(x)] += k
+            S[st][key] = c
     vocab = concept_vocab(args.concept_vocab, r["config"])
     kinds = classify_concepts(r["concept_count"], vocab)
     cum, seen = [], set()
@@ -692,6 +700,7 @@ def analyse_run(run: str, args) -> dict:
             "difficulty": _stat([x for st in in_st for x in S[st]["diff_values"]]),
             "difficulty_share": {label_name(x): (dcount[x] / legal if legal else None) for x in labels},
             "label_accuracy": {"n": lab_n, "mean": lab_ok / lab_n if lab_n else None, "se": _share_se(lab_ok, lab_n)},
+            "label_accuracy_by_difficulty": _acc_by(in_st, S, labels),
             "_sample": sample,
         })
     for s in stages:
@@ -769,7 +778,8 @@ def analyse_run(run: str, args) -> dict:
                        "numeric": any(isinstance(x, float) for x in raw_labels),
                        "share": {label_name(x): all_labels[x] / n_legal if n_legal else None for x in labels}},
         "truth": {"by": r["truth_desc"], "label_accuracy": {"n": lab_n, "mean": lab_ok / lab_n if lab_n else None,
-                                                            "se": _share_se(lab_ok, lab_n)}},
+                                                            "se": _share_se(lab_ok, lab_n)},
+                  "by_difficulty": _acc_by(steps, S, labels)},
         "summary": {
             "steps": len(steps), "problems": sum(S[st]["rows"] for st in steps),
             "legal_rate": (n_legal / max(sum(S[st]["rows"] for st in steps), 1)),
@@ -794,6 +804,16 @@ def analyse_run(run: str, args) -> dict:
                                  "answers": x.get("answers") or [], "solutions": x["solutions"]}
                                 for x in r["solutions"]]},
     }
+
+
+def _acc_by(steps: list, S: dict, labels: list) -> dict:
+    """Label accuracy (n, mean, SE) per difficulty group over the given steps; groups with no known truth left out."""
+    out = {}
+    for x in labels:
+        ok, n = sum(S[st]["label_ok_by"][x] for st in steps), sum(S[st]["label_n_by"][x] for st in steps)
+        if n:
+            out[x] = {"n": n, "mean": ok / n, "se": _share_se(ok, n)}
+    return out
 
 
 def diff_set(labels: list) -> bool:
@@ -1159,6 +1179,13 @@ def write_html(runs: list, figs: dict, out: str, note: str, args=None) -> None:
                      ["stage", "problems", "label accuracy ± SE", "frozen model's label accuracy ± SE"],
                      [[s["name"], s["label_accuracy"]["n"], _pm(s["label_accuracy"]),
                        _pm(s.get("frozen_label_accuracy"))] for s in r["stages"]]))
+        by = t["by_difficulty"]
+        if by:
+            h.append("<p>By difficulty (± SE, problems in brackets): where the majority vote fails.</p>" + _table(
+                ["stage"] + list(by),
+                [[s["name"]] + [f"{_pm(s['label_accuracy_by_difficulty'].get(x))} "
+                                f"({s['label_accuracy_by_difficulty'].get(x, {}).get('n', 0)})" for x in by]
+                 for s in r["stages"]] + [["all"] + [f"{_pm(by[x])} ({by[x]['n']})" for x in by]]))
     sec("frozen", "Frozen initial model's solve rate on each stage's problems")
     if any(r["frozen"] for r in runs):
         h.append(_img(figs, "frozen"))

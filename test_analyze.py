@@ -214,6 +214,13 @@ def test_difficulty_mix_and_label_accuracy_of_a_toy_run_by_hand(tmp_path):
     st = [s["difficulty"] for s in r["stages"]]
     assert st[0]["mean"] < st[1]["mean"] < st[2]["mean"] and all(s["se"] > 0 for s in st)
     assert r["truth"]["by"] == "the toy world's true answer" and 0.5 < r["truth"]["label_accuracy"]["mean"] < 0.8
+    by = r["truth"]["by_difficulty"]  # label accuracy per rung, by hand
+    assert set(by) == {"0", "1", "2", "3", "4"}
+    for j in range(5):
+        known = [x for x in rows if x["legal"] and T.toy_rung(x["problem"]) == j]
+        assert by[str(j)]["n"] == len(known)
+        assert by[str(j)]["mean"] == pytest.approx(np.mean([x["majority"] == str(T.toy_answer(x["problem"]))
+                                                            for x in known]))
     # the toy vocabulary is known: the three malformed strings are set apart, with a reason each
     kinds = {c["concept"]: c["kind"] for c in r["concepts_first_seen"]}
     assert {c for c, k in kinds.items() if k == "malformed"} == set(MALFORMED)
