@@ -988,7 +988,11 @@ def make_figures(runs: list, out: str, args=None) -> dict:
     # label accuracy over time, where a truth function is given
     with_truth = [(i, r) for i, r in enumerate(runs) if r["truth"]["label_accuracy"]["n"]]
     if with_truth:
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        groups = []
+        for _, r in with_truth:
+            groups += [x for x in r["truth"]["by_difficulty"] if x not in groups]
+        fig, axes = plt.subplots(1, 2 if groups else 1, figsize=(11 if groups else 6.5, 3.8), squeeze=False)
+        ax = axes[0][0]
         for i, r in with_truth:
             ps = r["per_step"]
             acc, n = nz(smooth(ps["label_accuracy"], sm)), np.array(ps["label_accuracy_n"], float)
@@ -1002,6 +1006,21 @@ def make_figures(runs: list, out: str, args=None) -> dict:
         ax.set_xlabel("step")
         ax.set_title("accuracy of the majority label against the truth (± SE)" + sm_note, fontsize=9)
         _legend(ax)
+        if groups:
+            ax = axes[0][1]
+            for k, (i, r) in enumerate(with_truth):
+                by = r["truth"]["by_difficulty"]
+                xs = [j for j, x in enumerate(groups) if x in by]
+                off = (k - (len(with_truth) - 1) / 2) * 0.08
+                ax.errorbar([x + off for x in xs], [by[groups[j]]["mean"] for j in xs],
+                            [by[groups[j]]["se"] or 0 for j in xs], marker="o", capsize=3, ls="none", color=col[i],
+                            label=_tex(r["label"]))
+            ax.set_xticks(range(len(groups)))
+            ax.set_xticklabels([_tex(g) for g in groups], fontsize=8)
+            ax.set_xlabel("difficulty")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title("label accuracy by difficulty, whole run (± SE)", fontsize=9)
+            _legend(ax)
         save(fig, "label_accuracy")
 
     if any(s.get("frozen_solve_rate") for r in runs for s in r["stages"]):
