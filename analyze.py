@@ -229,7 +229,8 @@ def malformed_why(c: str, more_frequent: list) -> Optional[str]:
 
 def classify_concepts(counts: Counter, vocab: Optional[set] = None, compare_top: int = 50) -> dict:
     """{concept: {"kind": "vocabulary" | "other" | "malformed", "why": ...}}: "vocabulary" only where a vocabulary
-    is known (the toy world's, or --concept-vocab); other strings are "malformed" by malformed_why(), else
+    is known (the toy world's, or --concept-vocab); other strings are "malformed" by malformed_why() or, with a
+    vocabulary, when they are whole words cut out of one of its concepts (`numbers`), else
     "other" (well-formed: a new topic, or a known one in other words). Each string is compared with at most the
     compare_top most frequent concepts, so a run with many thousands of distinct strings stays fast."""
     order = sorted(counts, key=lambda c: (-counts[c], c))
@@ -245,6 +246,9 @@ def classify_concepts(counts: Counter, vocab: Optional[set] = None, compare_top:
             out[c] = {"kind": "vocabulary", "why": None}
             continue
         why = malformed_why(c, [m for m in matchers if counts[m.b] > counts[c]])
+        if why is None and vocab is not None:  # a closed vocabulary: a piece of one of its concepts is broken
+            whole = next((d for d in top if f" {c} " in f" {d} "), None)
+            why = f"a fragment of '{whole}'" if whole else None
         out[c] = {"kind": "malformed" if why else "other", "why": why}
     return out
 
@@ -870,7 +874,7 @@ def _annotated_heatmap(fig, ax, mat: np.ndarray, names: list, title: str) -> Non
         for j in range(mat.shape[1]):
             if np.isfinite(mat[i, j]):
                 ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if mat[i, j] > 0.6 else "white")
+                        color="black" if mat[i, j] > 0.7 else "white")
     ax.set_xticks(range(len(names)))
     ax.set_yticks(range(len(names)))
     ax.set_xticklabels(names, fontsize=7, rotation=30, ha="right")
@@ -887,7 +891,12 @@ def make_figures(runs: list, out: str, args=None) -> dict:
     sm = getattr(args, "smooth", 1) or 1
     figs = {}
 
+    from matplotlib.ticker import MaxNLocator
+
     def save(fig, name):
+        for ax in fig.axes:  # steps are whole numbers
+            if ax.get_xlabel() == "step":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
@@ -1056,7 +1065,6 @@ def make_figures(runs: list, out: str, args=None) -> dict:
                 axes[1].plot(ps["step"], ys, ls=ls, color=col[i], label=_tex(f"{r['label']}: {kind}"))
     axes[0].set_title("legal rate of teacher outputs" + sm_note, fontsize=10)
     axes[1].set_title("distinct concept strings so far, by kind", fontsize=10)
-    from matplotlib.ticker import MaxNLocator
     axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.set_xlabel("step")
@@ -1229,7 +1237,8 @@ def write_html(runs: list, figs: dict, out: str, note: str, args=None) -> None:
     h.append("<p>A concept string counts as malformed when it has no letters or has markup, is too long, writes "
              "a fragment twice in a row, or is a truncated or near copy of a more frequent concept (a heuristic; "
              "the reason is listed). Where a vocabulary is known (the toy world's, or --concept-vocab), strings in "
-             "it count as vocabulary.</p>")
+             "it count as vocabulary, and whole words cut out of one of its concepts as malformed; every other "
+             "well-formed string counts as other (a new topic, or a known one in other words).</p>")
     for r in runs:
         kinds = r["summary"]["concepts_by_kind"]
         h.append(f"<h3>{_e(r['label'])}: {r['summary']['unique_concepts']} distinct concept strings ("

@@ -275,8 +275,10 @@ def test_malformed_concepts_are_set_apart_by_a_stated_reason():
                                                                       "<b>", "x" * 90, "42"}
     assert k["linear algebra"]["kind"] == k["algebra"]["kind"] == "other"  # a real topic is not a typo
     assert "near-copy of 'multiplication'" in k["multiplcation"]["why"] and "truncated" in k["mult"]["why"]
-    kv = A.classify_concepts(counts, vocab={"multiplication", "algebra"})
-    assert kv["algebra"]["kind"] == "vocabulary" and kv["linear equations"]["kind"] == "other"
+    kv = A.classify_concepts(counts + Counter({"equations": 1}), vocab={"multiplication", "algebra", "linear equations"})
+    assert kv["algebra"]["kind"] == "vocabulary" and kv["linear algebra"]["kind"] == "other"
+    assert kv["equations"]["why"] == "a fragment of 'linear equations'"  # with a closed vocabulary only
+    assert A.classify_concepts(Counter({"linear equations": 3, "equations": 1}))["equations"]["kind"] == "other"
 
 
 def test_many_difficulty_labels_are_grouped():
