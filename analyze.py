@@ -13,10 +13,11 @@ REPORT_DIR/fig_*.png. Plots need matplotlib (optional: `pip install -r requireme
 without it the tables are still written. A file in REPORT_DIR that is a symbolic link (or anything
 but a plain file) is refused, never written through.
 
-Sections, per run and overlaid: training curves from metrics.jsonl; student solve rate (mean ± SE)
-and the in-band share, with the frozen initial model as the step-0 reference; the difficulty mix over
-time and mean difficulty per stage (± SE); the majority label's accuracy over time where a truth
-function is given; the frozen initial model's solve rate per stage (± SE, with its linear trend);
+Sections, per run and overlaid, after a first-stage-to-last-stage summary: training curves from
+metrics.jsonl; student solve rate (mean ± SE) and the in-band share, with the frozen initial model as
+the step-0 reference; the difficulty mix over time and mean difficulty per stage (± SE); the majority
+label's accuracy over time and by difficulty where a truth function is given (the frozen model's as
+the step-0 reference); the frozen initial model's solve rate per stage (± SE, with its linear trend);
 legal rate; concepts over time, well-formed strings apart from malformed ones; concept overlap
 (Jaccard) and ROUGE-L between stages; question and solution lengths; a 2-D map of problems coloured
 by stage and by difficulty; example problems; a few saved student solutions. A "stage" is one of
@@ -27,6 +28,8 @@ Difficulty labels (--difficulty): `toy` is the toy world's rung (tiny.toy_rung: 
 templates); `field:NAME` reads the field NAME of each problems.jsonl row; `MODULE:FUNC` imports FUNC
 from MODULE and calls it on each legal problem's text, which returns a label (a number, or a string
 for unordered categories) or None; `auto` (the default) is `toy` for runs of `--model toy`, else none.
+In the mix, more than 12 distinct numbers are shown in 8 equal-width bins, and the rarest strings beyond
+12 as "other labels"; means and SEs use the values themselves.
 The truth (--truth) works the same way: `toy` is tiny.toy_answer, `MODULE:FUNC` returns the true
 answer of a problem text or None where it is unknown; label accuracy is the share of problems with a
 known truth and a majority answer whose majority equals the truth (both through the vote key).
@@ -1156,7 +1159,7 @@ def write_html(runs: list, figs: dict, out: str, note: str, args=None) -> None:
          "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse;"
          "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"
          "pre{white-space:pre-wrap;background:#f6f6f6;padding:4px;font-size:12px;margin:2px 0}"
-         ".bad{color:#a00}</style></head><body><h1>OpenSIR curriculum report</h1>",
+         "</style></head><body><h1>OpenSIR curriculum report</h1>",
          f"<p>Runs: {', '.join(_e(r['run']) for r in runs)}. {_e(note)}</p>"]
 
     def sec(sid, title):
