@@ -1301,7 +1301,7 @@ def write_html(runs: list, figs: dict, out: str, note: str, args=None) -> None:
                  "chosen at random (seeded)</h3>")
         for x in so["shown"]:
             answers = Counter("(none)" if a is None else str(a) for a in x["answers"])
-            h.append(f"<h4>step {_e(x['step'])}, round {_e(x['round'])}</h4><p><b>Problem:</b></p>"
+            h.append(f"<h4>step {_e(x['step'])}, round {_fmt(x['round'])}</h4><p><b>Problem:</b></p>"
                      + _pre(x["problem"], limit)
                      + f"<p><b>Majority:</b> {_fmt(x['majority'])}"
                      + (f"; <b>truth:</b> {_e(x['truth'])}" if x.get("truth") is not None else "")
