@@ -1385,6 +1385,8 @@ def main(argv: Optional[list] = None) -> dict:
         import opensir as O
         if O.model_name_error(args.frozen_model):
             raise SystemExit(O.model_name_error(args.frozen_model))
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out}: exists and is not a directory (a file, or a link to nothing)")
     os.makedirs(args.out, exist_ok=True)
     for name in ("report.html", "report.json"):  # refuse a planted link before the long part, not after
         p = os.path.join(args.out, name)

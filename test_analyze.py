@@ -376,6 +376,10 @@ def test_no_file_is_written_through_a_link_planted_in_out(tmp_path):
     os.remove(out / "report.json")
     A.main([str(tmp_path / "run"), "--out", str(out), "--quiet"])
     assert (out / "report.html").is_file() and not (out / "report.html").is_symlink()
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    with pytest.raises(SystemExit, match="not a directory"):
+        A.main([str(tmp_path / "run"), "--out", str(tmp_path / "dangling"), "--quiet"])
+    assert not os.path.lexists(tmp_path / "nowhere")
 
 
 def test_several_runs_overlaid_and_compare_flag(tmp_path):
