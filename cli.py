@@ -132,12 +132,15 @@ def config_from_args(argv: Optional[list], config_cls, recipes: dict, recipe_fie
     typed = {k: v for k, v in vars(build_parser(config_cls).parse_args(argv)).items() if v is not None}
     from_file = read_config_file(typed.pop("config"), config_cls) if "config" in typed else {}
     given = {**from_file, **typed}
-    # what counts as typed for NEEDS: a run's config.json holds every field, so its defaults are not choices
-    chosen = {**{k: v for k, v in from_file.items() if v != getattr(config_cls, k)}, **typed}
     recipe = given.get("recipe", config_cls.recipe)
-    if recipe not in recipes:
-        raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(recipes)}, got {recipe!r}")
+    for r in {recipe, from_file.get("recipe", recipe)} - set(recipes):
+        raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(recipes)}, got {r!r}")
     model = given.get("model", config_cls.model)
+    # what counts as typed for NEEDS: a file's value that differs from what its own model and recipe give
+    # (a run's config.json holds every field; its defaults are no choice)
+    file_model, file_recipe = from_file.get("model", model), from_file.get("recipe", recipe)
+    usual = {**recipes[file_recipe], **small_defaults.get(file_model, {})}
+    chosen = {**{k: v for k, v in from_file.items() if v != usual.get(k, getattr(config_cls, k))}, **typed}
     small = {k: v for k, v in small_defaults.get(model, {}).items() if k not in given}
     preset = {k: v for k, v in recipes[recipe].items()  # only what differs from Config's defaults
               if k not in given and k not in small and v != getattr(config_cls, k)}
