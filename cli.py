@@ -3,12 +3,15 @@
 Plumbing beside opensir.py; a first reading can skip it. One precedence rule, applied once in
 config_from_args: flags you type > the built-in small models' defaults > the --recipe preset > Config's
 defaults. The tables it checks against (CHOICES, BOUNDS, NEEDS) sit in opensir.py next to the fields.
+`--config FILE` (JSON, a run's own config.json works) sits where the flags you type sit; flags typed win over it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
+import json
 import math
 import os
 import re
@@ -55,7 +58,46 @@ def value_errors(cfg) -> list:
         errors.append(model_name_error(cfg.model, cfg.random_init))
     if cfg.init_pool and not (cfg.resume or cfg.resume_from) and not os.path.exists(cfg.init_pool):
         errors.append(f"--init_pool {cfg.init_pool}: cannot read it (no such file); a resumed run never reads it")
+    package = TRACKER_PACKAGES.get(getattr(cfg, "report_to", "none"))
+    if package and importlib.util.find_spec(package) is None:
+        errors.append(f"--report_to {cfg.report_to} needs the {package} package, which is not installed: "
+                      "pip install -r requirements-track.txt (or pass --report_to none)")
     return errors
+
+
+KINDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}  # a Config field's type, in words
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report_to -> the package it imports
+
+
+def read_config_file(path: str, config_cls) -> dict:
+    """--config FILE: a JSON object of Config fields (a run's config.json works). An unreadable file, an
+    unknown key or a value of the wrong type is a SystemExit naming the file and the key; ints are accepted
+    for float fields."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"--config {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    except ValueError as err:
+        raise SystemExit(f"--config {path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path}: expected a JSON object of flags, e.g. {{\"w_div\": 0.0}}")
+    types = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    errors, values = [], {}
+    for key, value in data.items():
+        kind = types.get(key)
+        ok = {"bool": isinstance(value, bool), "str": isinstance(value, str),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}.get(kind)
+        if kind is None:
+            errors.append(f"{key!r} is not a flag (the flags are Config's fields; see --help)")
+        elif not ok:
+            errors.append(f"{key!r} must be {KINDS[kind]}, got {json.dumps(value)}")
+        else:
+            values[key] = float(value) if kind == "float" else value
+    if errors:
+        raise SystemExit(f"invalid config file {path}:\n  " + "\n  ".join(errors))
+    return values
 
 
 def field_help(config_cls) -> dict:
@@ -77,28 +119,38 @@ def build_parser(config_cls) -> argparse.ArgumentParser:
         else:
             p.add_argument(*names, type=types[f.type], default=None, metavar=f.type.upper(),
                            help=f"{helps.get(f.name, '')} (default: {f.default})")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="JSON file of flags (a run's config.json works, or one of configs/); flags you type win over it")
     return p
 
 
 def config_from_args(argv: Optional[list], config_cls, recipes: dict, recipe_fields: tuple, small_defaults: dict):
-    """The Config a command line asks for. Precedence, here only: the flags you type, then (for --model tiny
-    or toy) that model's smaller numbers, then the --recipe preset, then Config's defaults. Prints what the
-    preset and the small-model defaults set; a bad value stops here (SystemExit naming the flag)."""
-    given = {k: v for k, v in vars(build_parser(config_cls).parse_args(argv)).items() if v is not None}
+    """The Config a command line asks for. Precedence, here only: the flags you type and --config FILE's
+    values (typed flags win over the file), then (for --model tiny or toy) that model's smaller numbers,
+    then the --recipe preset, then Config's defaults. Prints what the preset and the small-model defaults
+    set; a bad value stops here (SystemExit naming the flag)."""
+    typed = {k: v for k, v in vars(build_parser(config_cls).parse_args(argv)).items() if v is not None}
+    from_file = read_config_file(typed.pop("config"), config_cls) if "config" in typed else {}
+    given = {**from_file, **typed}
     recipe = given.get("recipe", config_cls.recipe)
-    if recipe not in recipes:
-        raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(recipes)}, got {recipe!r}")
+    for r in {recipe, from_file.get("recipe", recipe)} - set(recipes):
+        raise SystemExit(f"invalid config:\n  --recipe must be one of {', '.join(recipes)}, got {r!r}")
     model = given.get("model", config_cls.model)
+    # what counts as typed for NEEDS: a file's value that differs from what its own model and recipe give
+    # (a run's config.json holds every field; its defaults are no choice)
+    file_model, file_recipe = from_file.get("model", model), from_file.get("recipe", recipe)
+    usual = {**recipes[file_recipe], **small_defaults.get(file_model, {})}
+    chosen = {**{k: v for k, v in from_file.items() if v != usual.get(k, getattr(config_cls, k))}, **typed}
     small = {k: v for k, v in small_defaults.get(model, {}).items() if k not in given}
     preset = {k: v for k, v in recipes[recipe].items()  # only what differs from Config's defaults
               if k not in given and k not in small and v != getattr(config_cls, k)}
     cfg = config_cls(**{**preset, **small, **given})
     print(f"recipe {recipe}: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in recipe_fields)
-          + (f" (your flags: {', '.join(k for k in recipe_fields if k in given)})" if set(given) & set(recipe_fields) else ""))
+          + (f" (your flags: {', '.join(k for k in recipe_fields if k in chosen)})" if set(chosen) & set(recipe_fields) else ""))
     if small:
         print(f"{model} model defaults (override with flags): " + ", ".join(f"{k}={v}" for k, v in small.items()))
     try:
-        cfg.validate(given)
+        cfg.validate(chosen)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     return cfg

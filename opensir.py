@@ -81,6 +81,7 @@ class Config:
     seed: int = 0  # seeds python, numpy and torch
     steps: int = 200  # optimisation steps
     save_every: int = 25  # checkpoint every N steps (and at the end)
+    report_to: str = "none"  # also log each step to "tensorboard" or "wandb" (pip install -r requirements-track.txt)
     # one round
     n_refs: int = 4  # reference problems drawn from the pool per round
     teacher_group: int = 8  # g: teacher samples per reference
@@ -198,7 +199,7 @@ CHOICES = dict(
     div_mode=("topk", "nearest"), teacher_format=("think", "tags"), student_format=("final_line", "boxed"),
     select_key=("combined", "total"), select_scope=("round", "step"), start_pool=("grow", "seed"),
     loss_agg=("token", "sequence", "role", "constant"), div_embed=("center", "raw"), dtype=("auto", "bf16", "fp32"),
-    engine=("auto", *engines.ENGINES), device=("auto", "cuda", "cpu"),
+    engine=("auto", *engines.ENGINES), device=("auto", "cuda", "cpu"), report_to=("none", "tensorboard", "wandb"),
     attn=("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"))
 
 
@@ -1211,7 +1212,8 @@ def train(cfg: Config) -> str:
             rows = [row for rnd, (refs, cands, (groups, studs)) in enumerate(zip(rounds_refs, rounds_cands, chosen))
                     for row in runs.problem_rows(step, rnd, [pool.problems[r] for r in refs], cands,
                                             groups if cfg.train_teacher else [], studs)]
-            run.log_step(step, runs.step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, update, timers), rows)
+            run.log_step(step, runs.step_metrics(step, rounds_cands, rounds, chosen, pool, cfg, update, timers), rows,
+                         rounds_cands)
             run.end_step(step)  # what Ctrl-C saves from now; a checkpoint every --save_every
     return run.finish()
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import gzip
 import json
 import os
 import random
 import re
+import time
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -118,6 +121,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def kept_rng():
+    """Inside, anything may draw random numbers: every generator is put back as it was on leaving."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def checkpoint_dir(out: str, step: int) -> str:
@@ -243,7 +256,7 @@ def peak_memory_gib() -> float:
 
 MAY_CHANGE_ON_RESUME = {"init_pool", "nonfinite_stop", "compile", "vllm_gpu_memory", "out", "resume", "resume_from", "steps", "save_every", "device", "gen_batch",
                    "train_micro_batch", "logprob_chunk", "grad_ckpt", "dist_timeout", "threads", "engine",
-                   "kv_cache_gib"}  # may change between a run and its resume
+                   "kv_cache_gib", "report_to"}  # may change between a run and its resume
 
 
 _OUT_LOCKS: dict = {}  # real path of --out -> its open .lock file, held for the life of the process
@@ -307,7 +320,167 @@ def _scan_log(path: str, keep_to: Optional[int] = None) -> int:
     return last
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "problems.jsonl", "init_pool.jsonl", "pool.pt")  # what a start writes in --out
+SOLUTIONS = "solutions.jsonl.gz"  # the student's solutions, one gzip member a step
+RUN_FILES = ("config.json", "metrics.jsonl", "problems.jsonl", SOLUTIONS, "init_pool.jsonl", "pool.pt",
+             "tensorboard", "wandb")  # what a start writes in --out
+
+
+# ------------------------------------------------------------------------------------------------
+# solutions.jsonl.gz: every legal problem of a step with the student's texts, so each reward can be traced
+# ------------------------------------------------------------------------------------------------
+
+def solution_rows(step: int, rounds_cands: list) -> list:
+    """One row per legal problem of the step (rounds_cands: round -> its opensir.Candidates): the problem,
+    the majority answer, each solution's parsed answer, text and student reward, in the same order."""
+    return [{"step": step, "round": rnd, "problem": c.parsed.problem, "majority": c.majority,
+             "answers": list(c.answers), "solutions": [s.text for s in c.solutions],
+             "student_rewards": [float(r) for r in c.student_rewards]}
+            for rnd, cands in enumerate(rounds_cands) for c in cands if c.parsed.legal]
+
+
+def append_solutions(path: str, rows: list) -> None:
+    """Append the step's rows as one gzip member (mtime 0: the same bytes on a resume), so a run killed
+    while writing loses only that step. A step with no legal problem writes nothing."""
+    if rows:
+        data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0)
+        with open_out(path, "ab") as f:
+            f.write(data)
+
+
+def solution_members(path: str):
+    """(end, rows) for each complete gzip member of a solutions file, in order; `end` is the byte offset
+    where the member ends. A torn last member (a run killed mid-write) ends the iteration quietly; bytes
+    that are not gzip are a ValueError naming the file and the offset. Streams: one member in memory."""
+    d, parts, fed, pending = zlib.decompressobj(wbits=31), [], 0, b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = pending or f.read(1 << 20)
+            pending = b""
+            if not chunk:
+                return
+            start, fed = fed, fed + len(chunk)
+            try:
+                parts.append(d.decompress(chunk))
+            except zlib.error as err:
+                raise ValueError(f"{path}: not gzip data near byte {start} ({err})") from None
+            if d.eof:
+                pending = d.unused_data
+                fed -= len(pending)
+                text = b"".join(parts).decode("utf-8")
+                yield fed, [json.loads(line) for line in text.splitlines() if line.strip()]
+                d, parts = zlib.decompressobj(wbits=31), []
+
+
+def read_solutions(path: str) -> list:
+    """Every row of a solutions.jsonl.gz (a torn last member is left out)."""
+    return [row for _, rows in solution_members(path) for row in rows]
+
+
+def cut_solutions(path: str, keep_to: int) -> None:
+    """On resume: keep the members of steps up to keep_to (the checkpoint's), drop the later steps and a
+    torn last member, in place. Bytes that are not gzip stop the resume, naming the file."""
+    if not os.path.exists(path):
+        return
+    keep = 0
+    try:
+        for end, rows in solution_members(path):
+            if rows and rows[0]["step"] > keep_to:
+                break
+            keep = end
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path} is damaged ({err}); move it aside, then resume again") from None
+    size = os.path.getsize(path)
+    if keep < size:
+        os.truncate(path, keep)
+
+
+def eta(elapsed: float, step_secs: list, left_steps: int) -> str:
+    """'0:04:10 elapsed, ~1:02:00 left': the left estimate is the mean step time of this process times the
+    steps still to run."""
+    hms = lambda s: f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}"  # noqa: E731
+    mean = sum(step_secs) / len(step_secs) if step_secs else 0.0
+    return f"{hms(elapsed)} elapsed, ~{hms(mean * left_steps)} left"
+
+
+# ------------------------------------------------------------------------------------------------
+# --report_to: TensorBoard or wandb (optional packages, requirements-track.txt)
+# ------------------------------------------------------------------------------------------------
+
+class Tracker:
+    """Each step's scalar metrics, the solve-rate histogram and a small table of sampled problems with a
+    solution, to TensorBoard (event files in --out/tensorboard; a resume purges the redone steps) or wandb
+    (--out/wandb; WANDB_MODE=offline works without a network; each start is its own wandb run, grouped by
+    --out). Nothing here draws a random number: a tracked run gives the same results as an untracked one."""
+
+    SAMPLES = 4  # problems in each step's table
+
+    def __init__(self, kind: str, out: str, start: int, config: dict):
+        self.kind = kind
+        with kept_rng():  # the tracker's packages may draw from the global generators
+            self._open(out, start, config)
+
+    def _open(self, out: str, start: int, config: dict) -> None:
+        kind = self.kind
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start + 1)
+            self.writer.add_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "), start)
+        elif kind == "wandb":
+            import wandb
+            self.wandb = wandb
+            name = os.path.basename(os.path.abspath(out))
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "opensir"), dir=out, config=config,
+                                  group=name, name=f"{name}-from-{start}" if start else name)
+        else:
+            raise ValueError(f"unknown tracker {kind!r}")
+
+    @classmethod
+    def sample(cls, rows: list) -> list:
+        """Up to SAMPLES solution rows spread over the step: [round, problem, majority, agree, solution, reward]."""
+        picked = rows[::max(1, -(-len(rows) // cls.SAMPLES))][:cls.SAMPLES]
+        return [[r["round"], r["problem"], str(r["majority"]),
+                 sum(a is not None and a == r["majority"] for a in r["answers"]) / max(len(r["answers"]), 1),
+                 r["solutions"][0][:2000] if r["solutions"] else "",
+                 r["student_rewards"][0] if r["student_rewards"] else 0.0] for r in picked]
+
+    COLUMNS = ["round", "problem", "majority", "agree", "first solution", "its reward"]
+
+    def log(self, step: int, metrics: dict, rows: list) -> None:
+        """One step: metrics.jsonl's line, rows: the step's solution_rows (a few go in the table)."""
+        with kept_rng():
+            self._log(step, metrics, rows)
+
+    def _log(self, step: int, metrics: dict, rows: list) -> None:
+        scalars = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        hist = metrics.get("solve_rate/hist10")
+        table = self.sample(rows)
+        if self.kind == "tensorboard":
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+            if hist and sum(hist):  # the exact bin counts; sum and sum of squares from the bin centres
+                centres = [(i + 0.5) / len(hist) for i in range(len(hist))]
+                self.writer.add_histogram_raw(
+                    "solve_rate", 0.0, 1.0, sum(hist), sum(c * n for c, n in zip(centres, hist)),
+                    sum(c * c * n for c, n in zip(centres, hist)), [(i + 1) / len(hist) for i in range(len(hist))],
+                    hist, step)
+            if table:
+                cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+                self.writer.add_text("samples", "\n".join(
+                    ["| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
+                    + ["| " + " | ".join(cell(v) for v in r) + " |" for r in table]), step)
+            self.writer.flush()  # a killed run keeps every logged step
+        else:
+            extra = {}
+            if hist and sum(hist):
+                extra["solve_rate"] = self.wandb.Histogram(np_histogram=(hist, [i / len(hist) for i in range(len(hist) + 1)]))
+            if table:
+                extra["samples"] = self.wandb.Table(columns=self.COLUMNS, data=table)
+            self.run.log({**scalars, **extra}, step=step)
+
+    def close(self) -> None:
+        with kept_rng():
+            self.writer.close() if self.kind == "tensorboard" else self.run.finish()
 
 
 def holdings(out: str) -> str:
@@ -413,6 +586,7 @@ def prepare_out(cfg) -> Optional[str]:
         resume_from = newest
     for p in (metrics, problems):  # steps after the checkpoint are redone
         _scan_log(p, keep_to=checkpoint_step(resume_from))
+    cut_solutions(os.path.join(cfg.out, SOLUTIONS), checkpoint_step(resume_from))
     return resume_from
 
 
@@ -455,8 +629,10 @@ class Run:
             parallel.dist_call("barrier")
         per = cfg.rounds_per_step // self.world
         self.mine = range(self.rank * per, (self.rank + 1) * per)  # this rank's rounds of every step
-        self.metrics_path, self.problems_path = (os.path.join(cfg.out, f) for f in ("metrics.jsonl", "problems.jsonl"))
-        self.final = None
+        self.metrics_path, self.problems_path, self.solutions_path = (
+            os.path.join(cfg.out, f) for f in ("metrics.jsonl", "problems.jsonl", SOLUTIONS))
+        self.final = self.tracker = None
+        self.began, self.step_secs = time.monotonic(), []  # for the step line's elapsed time and estimate
 
     def start(self, policy, optimizer, scheduler) -> tuple:
         """Write config.json; on resume restore the optimizer, scheduler and RNG. Returns (the step to start
@@ -468,8 +644,11 @@ class Run:
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
         if self.world > 1:
             self.log(f"{self.world} processes: rounds {cfg.rounds_per_step // self.world} per rank per step")
+        if self.rank == 0 and cfg.report_to != "none":
+            self.tracker = Tracker(cfg.report_to, cfg.out, self.state["step"] if self.resume_from else 0,
+                                   dataclasses.asdict(cfg))
         if not self.resume_from:
-            for p in (self.metrics_path, self.problems_path) if self.rank == 0 else ():
+            for p in (self.metrics_path, self.problems_path, self.solutions_path) if self.rank == 0 else ():
                 open_out(p).close()
             return 0, None
         opt_path = os.path.join(self.resume_from, "optimizer.pt")
@@ -485,18 +664,26 @@ class Run:
         self.log(f"resumed from {self.resume_from} at step {self.state['step']}, pool of {len(pool['problems'])}")
         return self.state["step"], pool
 
-    def log_step(self, step: int, m: dict, rows: list) -> None:
-        """Append the step's metrics.jsonl line and problems.jsonl rows (rank 0), and print its one-line summary."""
+    def log_step(self, step: int, m: dict, rows: list, rounds_cands: list = ()) -> None:
+        """Append the step's metrics.jsonl line, problems.jsonl rows and solutions.jsonl.gz member (rank 0),
+        send them to --report_to's tracker, and print the one-line summary with the time left.
+        rounds_cands: round -> its Candidates (their solutions)."""
         m["ranks"] = self.world  # sec/, tok_per_sec/: rank 0's
+        self.step_secs.append(m["sec/step"])
         if self.rank == 0:
             with open_out(self.metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             with open_out(self.problems_path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+            solutions = solution_rows(step, rounds_cands)
+            append_solutions(self.solutions_path, solutions)
+            if self.tracker:
+                self.tracker.log(step, m, solutions)
         self.log(f"step {step}/{self.cfg.steps} | teacher R {m['teacher/reward']:.3f} legal {m['teacher/legal_rate']:.0%}"
                  f" | student R {m['student/reward']:.3f} | solve {m['solve_rate/mean']:.2f} in-band "
                  f"{m['solve_rate/in_band']:.0%} | pool {m['pool']} | loss {m['loss']:+.4f} kl {m['kl']:.2e} "
-                 f"gnorm {m['grad_norm']:.3f} | {m['sec/step']:.1f}s")
+                 f"gnorm {m['grad_norm']:.3f} | {m['sec/step']:.1f}s, "
+                 + eta(time.monotonic() - self.began, self.step_secs, self.cfg.steps - step))
 
     @contextlib.contextmanager
     def interrupts(self, start: int, policy, sampler, tokenizer, optimizer, scheduler, pool):
@@ -553,6 +740,9 @@ class Run:
 
     def finish(self) -> Optional[str]:
         """Leave the process group; the path of the final checkpoint."""
+        if self.tracker:
+            self.tracker.close()
+            self.tracker = None
         if parallel.active() is not None:
             parallel.active().destroy_process_group()
         return self.final or latest_checkpoint(self.cfg.out)

@@ -143,3 +143,64 @@ def test_init_pool_file_contradicts_the_seed_start(tmp_path):
     f.write_text(json.dumps({"problem": "What is 2 + 2?"}) + "\n")
     with pytest.raises(SystemExit, match="--init_pool"):
         O.config_from_args(["--recipe", "paper", "--init_pool", str(f)])
+
+
+# ------------------------------------------------------------------------------------------------
+# --config FILE: sits where typed flags sit; typed flags win over it
+# ------------------------------------------------------------------------------------------------
+
+def config_file(tmp_path, data, name="c.json"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def test_config_file_values_sit_with_the_flags_and_typed_flags_win(tmp_path):
+    path = config_file(tmp_path, {"w_div": 0.5, "n_refs": 3, "rounds_per_step": 5, "lr": 1, "recipe": "paper"})
+    cfg = O.config_from_args(["--config", path, "--model", "tiny", "--n_refs", "2"])
+    assert (cfg.w_div, cfg.n_refs, cfg.rounds_per_step) == (0.5, 2, 5)  # the file over tiny's 2; the flag over the file
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # an integer is a number for a float field
+    assert (cfg.recipe, cfg.select_scope, cfg.start_pool) == ("paper", "step", "seed")  # the preset under the file
+    assert cfg.teacher_max_new_tokens == O.TINY_DEFAULTS["teacher_max_new_tokens"]  # unset: tiny's
+    assert O.config_from_args(["--config", path, "--model", "tiny", "--recipe", "code"]).select_scope == "round"
+
+
+@pytest.mark.parametrize("argv", [["--model", "tiny", "--recipe", "paper"], ["--model", "a/b", "--div_topk", "3"],
+                                  ["--model", "toy", "--recipe", "paper", "--select_teacher_frac", "0.25"]])
+def test_a_runs_own_config_json_gives_back_the_same_config(tmp_path, argv):
+    """config.json holds every field, its defaults included (div_topk under div_mode nearest, init_pool_size
+    under start_pool seed): fed back, none of them counts as a flag without effect."""
+    cfg = O.config_from_args(argv)
+    path = config_file(tmp_path, dataclasses.asdict(cfg))
+    assert O.config_from_args(["--config", path]) == cfg
+    assert O.config_from_args(["--config", path, "--steps", "7"]) == dataclasses.replace(cfg, steps=7)
+
+
+def test_a_config_file_value_without_effect_is_refused(tmp_path):
+    path = config_file(tmp_path, {"recipe": "paper", "div_topk": 3})
+    with pytest.raises(SystemExit, match="--div_topk has no effect with --div_mode nearest"):
+        O.config_from_args(["--config", path])
+
+
+@pytest.mark.parametrize("data, msg", [
+    ({"w_dvi": 0.0, "steps": 3}, "'w_dvi' is not a flag"),
+    ({"steps": "10"}, "'steps' must be an integer, got \"10\""),
+    ({"steps": 1.5}, "'steps' must be an integer, got 1.5"),
+    ({"steps": True}, "'steps' must be an integer, got true"),
+    ({"grad_ckpt": 1}, "'grad_ckpt' must be true or false, got 1"),
+    ({"lr": "1e-5"}, "'lr' must be a number, got \"1e-5\""),
+    ({"model": None}, "'model' must be a string, got null"),
+    ({"config": "other.json"}, "'config' is not a flag"),
+    ('{"steps": 3,}', "not valid JSON"),
+    ('[["steps", 3]]', "expected a JSON object of flags"),
+])
+def test_a_bad_config_file_is_refused_naming_the_key_before_anything_loads(tmp_path, data, msg):
+    out = tmp_path / "x"
+    with pytest.raises(SystemExit, match=re.escape(msg)):
+        O.main(["--config", config_file(tmp_path, data), "--model", "tiny", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_a_missing_config_file_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(f"--config {tmp_path}/none.json: cannot read it")):
+        O.config_from_args(["--config", str(tmp_path / "none.json")])
