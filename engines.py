@@ -432,7 +432,9 @@ class HFEngine:
 
 class ContinuousEngine(HFEngine):
     """`--engine continuous`: transformers' continuous batching (generate_continuous above), one manager kept
-    for the run (restarted per call over the model's current weights, updated in place). It takes no
+    from call to call (restarted per call over the model's current weights, updated in place) and released
+    by `sleep`, around training: every step then starts from a fresh manager, as a resumed step does, so a
+    resume stays exact (a kept manager's scheduling state would change the batches). It takes no
     logits processor, so it samples from the global torch stream, seeded per call from the call's first
     seed: reproducible for the same call, but a completion depends on the other prompts of its call."""
     name = "continuous"
@@ -440,7 +442,7 @@ class ContinuousEngine(HFEngine):
     def __init__(self, model, eos_ids: list, pad_id: int, kv_cache_gib: float = 0.0, log: Callable = print):
         super().__init__(model, eos_ids, pad_id, batch_size=0, log=log)
         self.kv_cache_gib = kv_cache_gib
-        self.kept: dict = {}  # one manager for the run: its paged cache and warm-up are paid once
+        self.kept: dict = {}  # one manager for a step's calls: its paged cache and warm-up are paid once a step
 
     def generate(self, prompts: list, max_new_tokens: int, sampling: Sampling, seeds: list, desc: str = "",
                  budgets: Optional[list] = None) -> list:
@@ -452,6 +454,10 @@ class ContinuousEngine(HFEngine):
                                        sampling.top_k, sampling.top_p, greedy=sampling.greedy,
                                        kv_cache_gib=self.kv_cache_gib, log=self.log, desc=desc, keep=self.kept,
                                        budgets=budgets)
+
+    def sleep(self) -> None:
+        """Free the kept manager and its KV cache for training."""
+        release(self.kept)
 
 
 class VLLMEngine:

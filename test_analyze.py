@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import analyze as A
+from conftest import tiny_path
 
 
 def _row(step, problem, legal=True, solve=0.5, n_parsed=8, concepts=("addition",), length=0.02):
@@ -145,8 +146,8 @@ def test_real_tiny_run_with_frozen_model(tmp_path, recipe):
         ok = [normalize_answer(x["majority"]) == normalize_answer(str(T.toy_answer(x["problem"]))) for x in known]
         assert r["per_step"]["label_accuracy_n"][i] == len(known)
         assert r["per_step"]["label_accuracy"][i] == (pytest.approx(np.mean(ok)) if ok else None)
-    assert all("frozen_label_accuracy" in s for s in r["stages"]) and r["solutions"]["file"] is None
-    assert "saved no student solutions" in (tmp_path / "rep" / "report.html").read_text()
+    assert all("frozen_label_accuracy" in s for s in r["stages"]) and r["solutions"]["file"] == "solutions.jsonl.gz"
+    assert "saved no student solutions" not in (tmp_path / "rep" / "report.html").read_text()  # a real run saves them
 
 
 # --- a toy-world-like run written here, with known rungs, truths and concepts ----------------------------
@@ -401,7 +402,6 @@ def test_hostile_strings_are_escaped_in_the_report(tmp_path):
     """A model path, a run directory, concepts, problems, answers and solutions that carry markup."""
     import shutil
 
-    import tiny as T
     evil = '<img src=x onerror=alert(1)>'
     run = tmp_path / f"_run$1{evil}"  # `$` starts mathtext in a figure label, `_` hides a legend entry
     rows = [_row(1, "What is 2 + 3?</td><script>alert(2)</script>", concepts=["<script>alert(3)</script>"]),
@@ -414,7 +414,7 @@ def test_hostile_strings_are_escaped_in_the_report(tmp_path):
                                                      "majority": "<b>", "answers": ["<i>"],
                                                      "solutions": ["</pre><script>alert(7)</script>"]}) + "\n")
     model = tmp_path / f"model{evil}"
-    shutil.copytree(T.ensure_tiny_model(), model)
+    shutil.copytree(tiny_path(), model)
     A.main([str(run), "--out", str(tmp_path / "rep"), "--quiet", "--frozen-model", str(model),
             "--frozen-problems", "2", "--frozen-samples", "2", "--frozen-max-new-tokens", "8",
             "--difficulty", "toy", "--truth", "toy"])
