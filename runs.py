@@ -226,15 +226,15 @@ def save_checkpoint(out: str, step: int, policy, tokenizer, optimizer, scheduler
 
 class StepGuard:
     """Ctrl-C stops the run at once, except between a step's first weight update and the moment the
-    step is recorded: then it waits, so the checkpoint saved on exit is never half a step."""
+    step is recorded: then it waits, so the checkpoint saved on exit is never half a step. It is never
+    lost: an interrupt that lands in a finalizer (where Python drops exceptions) still ends the step."""
 
     def __init__(self):
         self.critical = self.pending = False
 
     def handler(self, *_):
-        if self.critical:
-            self.pending = True
-        else:
+        self.pending = True
+        if not self.critical:
             raise KeyboardInterrupt
 
     def begin(self):

@@ -162,6 +162,7 @@ def test_second_run_into_the_same_out_refuses_and_the_lock_ends_with_the_run(tmp
         while not os.path.exists(os.path.join(out, "ckpt-00001", "state.pt")):  # step 1 saved (save_every 1)
             assert proc.poll() is None and time.time() < deadline, "step 1 was never saved"
             time.sleep(0.05)
+        time.sleep(0.3)  # the save is done
         proc.send_signal(signal.SIGINT)  # in step 2's rollouts: nothing new to save
         printed = proc.communicate(timeout=120)[0]
         assert proc.returncode == 130, printed
