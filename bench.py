@@ -1,5 +1,14 @@
-"""Generation speed of the two engines (`--engine generate` / `continuous`), side by side in one run.
+"""Speed of the two engines (`--engine generate` / `continuous`), side by side in one run.
 
+Two modes. `--mode gen` (default): generation alone, per phase, at the paper's shapes. `--mode step`:
+the whole GRPO step on CPU (sample P prompts x G completions, score them, one AdamW update through
+opensir.optimise with the frozen reference's KL term) for the tiny and toy models and a ~29M-parameter
+shape, per thread count, the engines alternating round by round (A, B, A, B, ...). `--mode trl` runs the
+same workload through TRL's GRPOTrainer (needs `pip install trl`), and `--mode compare` alternates whole
+processes of the project (both engines) and of TRL, so the three see the same machine load.
+
+    python bench.py --mode step --models tiny,toy,cpu-29m --threads 1,2 --rounds 5
+    python bench.py --mode compare --python_trl /work/venv-trl/bin/python --threads 1,2 --processes 3
     python bench.py --device cuda            # gemma-2-2b-it and llama-3.2-3b-instruct shapes (about 8 min on an H200; README)
     python bench.py --device cpu             # a ~29M-parameter Llama on CPU at the student phase's shape
     python bench.py --device cpu --smoke     # seconds: what the tests run
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -186,14 +196,137 @@ def bench_model(name: str, args) -> list:
         torch.cuda.empty_cache()
     return rows
 
+# --- the whole step on CPU --------------------------------------------------------------------------
+
+# Per model: problems x G completions an optimiser step, max_new_tokens, and (random weights only) the mean
+# completion length the EOS set aims at. tiny/toy: the built-in trained models and their own EOS, student
+# prompts of their own problems; their completions run about 10-20 tokens.
+STEP_SHAPES = {"tiny": (16, 8, 48, None), "toy": (16, 8, 64, None), "cpu-29m": (8, 8, 128, 64),
+               "smoke": (2, 4, 8, 4)}
+STEP_CONFIG = dict(beta=0.04, lr=1e-5, train_micro_batch=16, updates_per_rollout=1, loss_agg="token",
+                   temperature=1.0, top_k=50, top_p=1.0, gen_batch=256)  # the tiny model's defaults
+
+
+def step_prompts(name: str, tok, n_problems: int, group: int, seed: int) -> list:
+    """n_problems student prompts, each repeated `group` times: the model's own kind of problem."""
+    import random
+    import tiny
+    rng = random.Random(f"bench-{name}-{seed}")
+    if name == "tiny":
+        texts = [tiny._tiny_problem(rng)[0] for _ in range(n_problems)]
+    elif name == "toy":
+        texts = [tiny.toy_problem(rng, rng.randrange(len(tiny.TOY_RUNGS)))[0] for _ in range(n_problems)]
+    else:
+        return prompts_for(tok, n_problems, group, (30, 90), seed)
+    return [O.chat(tok, O.student_prompt(t)) for t in texts for _ in range(group)]
+
+
+def step_workload(name: str, args) -> dict:
+    """Policy (fp32, trained), frozen reference, tokenizer, prompts and budget of one model's step."""
+    import copy
+    n_problems, group, max_new, mean_len = STEP_SHAPES[name]
+    max_new = args.max_new_tokens or max_new
+    if name in ("tiny", "toy"):
+        policy, tok = O.load_model(name, device="cpu", dtype="fp32")
+    else:
+        policy, tok = build(name, "cpu", args.seed)
+        length_spread_eos(policy, tok, args.mean_len or mean_len)
+    frozen = copy.deepcopy(policy).requires_grad_(False).eval()
+    cfg = O.Config(**{**STEP_CONFIG, "teacher_max_new_tokens": max_new, "student_max_new_tokens": max_new})
+    return dict(name=name, policy=policy, frozen=frozen, tok=tok, cfg=cfg, max_new=max_new, group=group,
+                prompts=step_prompts(name, tok, n_problems, group, args.seed),
+                n_params=sum(p.numel() for p in policy.parameters()))
+
+
+def make_optimizer(w: dict):
+    opt = torch.optim.AdamW(w["policy"].parameters(), lr=w["cfg"].lr, weight_decay=w["cfg"].weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def one_step(w: dict, engine: str, optimizer, scheduler, seed: int) -> dict:
+    """One GRPO step as opensir.train runs it on CPU: generate with the policy, reward, optimise.
+    Rewards are random draws (the scorer's cost is not the engines' business); advantages per group."""
+    cfg, tok, policy = w["cfg"], w["tok"], w["policy"]
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    comps = O.generate(policy, tok, w["prompts"], w["max_new"], cfg.temperature, cfg.top_k, cfg.top_p,
+                       batch_size=cfg.gen_batch, engine=engine)
+    t1 = time.perf_counter()
+    g = w["group"]
+    rewards = torch.rand(len(comps) // g, g, dtype=torch.float64)
+    adv = O.group_advantages(rewards, cfg.adv_eps).flatten().tolist()
+    seqs = [O.TrainSeq(c.prompt_ids, c.ids, [1] * len(c.ids), a, "student") for c, a in zip(comps, adv)]
+    O.optimise(policy, w["frozen"], optimizer, scheduler, [seqs], cfg, None)
+    t2 = time.perf_counter()
+    tokens = sum(len(c.ids) for c in comps)
+    return dict(engine=engine, gen_s=t1 - t0, train_s=t2 - t1, step_s=t2 - t0, tokens=tokens,
+                completions=len(comps), mean_len=tokens / len(comps))
+
+
+def spread(xs: list) -> dict:
+    return dict(mean=statistics.mean(xs), sd=statistics.stdev(xs) if len(xs) > 1 else 0.0, min=min(xs), max=max(xs))
+
+
+def bench_steps(name: str, threads: int, args) -> list:
+    """Warm-up steps, then `rounds` rounds in each of which every engine runs one step, in the same
+    order every round (A, B, A, B, ...): a busy machine slows neighbours alike, so the per-round ratio is
+    the figure to trust. Rows: one per engine (means, spreads), one per engine pair (paired ratios)."""
+    torch.set_num_threads(threads)
+    w = step_workload(name, args)
+    optimizer, scheduler = make_optimizer(w)
+    load0 = os.getloadavg()[0]
+    print(f"\n{name}: {w['n_params'] / 1e6:.2f}M parameters, {threads} thread(s), {len(w['prompts'])} completions "
+          f"(x G {w['group']}) <= {w['max_new']} tokens, load average {load0:.2f}")
+    engines = list(args.engines)
+    order, runs = [], {e: [] for e in engines}
+    for r in range(args.warmup + args.rounds):
+        for e in engines:
+            res = one_step(w, e, optimizer, scheduler, args.seed + r)
+            if r >= args.warmup:
+                order.append(e)
+                runs[e].append(res)
+    rows = []
+    for e in engines:
+        rs = runs[e]
+        row = dict(mode="step", model=name, n_params=w["n_params"], threads=threads, engine=e,
+                   max_new_tokens=w["max_new"], completions=rs[0]["completions"], rounds=len(rs),
+                   mean_len=statistics.mean(x["mean_len"] for x in rs),
+                   step_s=spread([x["step_s"] for x in rs]), gen_s=spread([x["gen_s"] for x in rs]),
+                   train_s=spread([x["train_s"] for x in rs]),
+                   completions_per_s=spread([x["completions"] / x["step_s"] for x in rs]),
+                   gen_tokens_per_s=spread([x["tokens"] / x["gen_s"] for x in rs]), per_round=rs)
+        rows.append(row)
+        print(f"  {e:10s} step {row['step_s']['mean']:6.2f} s (sd {row['step_s']['sd']:.2f}, "
+              f"{row['step_s']['min']:.2f}-{row['step_s']['max']:.2f})  generation {row['gen_s']['mean']:6.2f} s "
+              f"({row['gen_tokens_per_s']['mean']:7.1f} tok/s)  training {row['train_s']['mean']:6.2f} s  "
+              f"{row['completions_per_s']['mean']:6.2f} completions/s  mean length {row['mean_len']:.1f}")
+    for b in engines[1:]:
+        a = engines[0]
+        for key in ("step_s", "gen_s"):  # time of a over time of b: > 1 means b is faster
+            ratio = [x[key] / y[key] for x, y in zip(runs[a], runs[b])]
+            rows.append(dict(mode="step", model=name, threads=threads, ratio=f"{a}/{b} {key}", **spread(ratio),
+                             per_round=ratio))
+            print(f"  {key}: {a} / {b} = {statistics.mean(ratio):.2f} (range {min(ratio):.2f}-{max(ratio):.2f}; "
+                  f"> 1: {b} faster)")
+    rows.append(dict(mode="step", model=name, threads=threads, order=order, load_avg=[load0, os.getloadavg()[0]]))
+    return rows
+
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mode", default="gen", choices=["gen", "step", "trl", "compare"],
+                   help="gen: generation alone; step: the whole GRPO step (CPU); trl: the step in TRL's "
+                        "GRPOTrainer; compare: alternate processes of step and trl")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds; for tests)")
-    p.add_argument("--models", help="comma-separated (default: both paper shapes on cuda, cpu-29m on cpu)")
+    p.add_argument("--models", help="comma-separated (default: both paper shapes on cuda, cpu-29m on cpu; "
+                                    "step: tiny,toy,cpu-29m)")
     p.add_argument("--engines", default="generate,continuous")
     p.add_argument("--rounds", type=int, help="repeats per phase (tokens/s mean +- standard error)")
+    p.add_argument("--warmup", type=int, default=1, help="step/trl: untimed steps first (per engine)")
+    p.add_argument("--max_new_tokens", type=int, default=0, help="step/trl: budget (0: the model's STEP_SHAPES)")
+    p.add_argument("--processes", type=int, default=3, help="compare: processes of each system")
+    p.add_argument("--python_trl", default="python", help="compare: the interpreter that has trl")
     p.add_argument("--teacher_prompts", type=int, help="teacher samples per phase (paper round: 32)")
     p.add_argument("--student_problems", type=int, help="problems x 8 solutions per phase")
     p.add_argument("--teacher_max_new", type=int)
@@ -204,10 +337,35 @@ def main(argv=None) -> list:
     p.add_argument("--bandwidth_tbs", type=float, default=0.0, help="memory bandwidth (TB/s) for the roofline")
     p.add_argument("--paper_teacher_len", type=int, default=700, help="assumed mean teacher tokens (extrapolation)")
     p.add_argument("--paper_student_len", type=int, default=700, help="assumed mean student tokens (extrapolation)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    p.add_argument("--threads", default="0", help="CPU threads for torch, comma-separated for step/trl/compare "
+                                                   "(0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
+    threads = [int(t) for t in str(args.threads).split(",")]
+    args.engines = args.engines.split(",")
+    print(f"bench.py {' '.join(argv) if argv else ''}: torch {torch.__version__}, mode {args.mode}, "
+          f"threads {threads}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    if args.mode in ("step", "trl", "compare"):
+        if args.device != "cpu":
+            raise SystemExit("bench.py: --mode step/trl/compare measure CPU steps (pass --device cpu)")
+        args.rounds = args.rounds or (1 if args.smoke else 5)
+        models = args.models.split(",") if args.models else ["smoke"] if args.smoke else ["tiny", "toy", "cpu-29m"]
+        threads = [t or torch.get_num_threads() for t in threads]
+        if args.mode == "compare":
+            rows = compare(models, threads, args)
+        else:
+            run = bench_steps if args.mode == "step" else trl_steps
+            rows = [r for m in models for t in threads for r in run(m, t, args)]
+    else:
+        rows = generation_bench(args, threads[0])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def generation_bench(args, threads: int) -> list:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device cuda, but torch sees no GPU (use --device cpu)")
     sizes = {  # rounds, teacher prompts, student problems, teacher/student budgets, mean length
@@ -217,18 +375,11 @@ def main(argv=None) -> list:
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.engines = args.engines.split(",")
     models = args.models.split(",") if args.models else (
         ["smoke"] if args.smoke else ["cpu-29m"] if args.device == "cpu" else list(O.ARCHITECTURES)[:2])
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"bench.py {' '.join(argv) if argv else ''}: torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}, rounds {args.rounds}")
-    rows = [r for m in models for r in bench_model(m, args)]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    if threads:
+        torch.set_num_threads(threads)
+    return [r for m in models for r in bench_model(m, args)]
 
 
 if __name__ == "__main__":
