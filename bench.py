@@ -312,6 +312,119 @@ def bench_steps(name: str, threads: int, args) -> list:
     return rows
 
 
+# --- the same step in TRL's GRPOTrainer --------------------------------------------------------------
+
+def trl_steps(name: str, threads: int, args) -> list:
+    """The tiny/toy step workload through TRL's GRPOTrainer: the same prompts (conversational, so TRL
+    applies the same chat template: identical token ids), G, budget, sampler (T 1, top-k 50), KL weight,
+    learning rate, clip and micro-batch; 16 x G completions generated at once, one AdamW update a step.
+    Step time is from the trainer's step callbacks, generation time from a timer around its sampler."""
+    import random
+    import tiny
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    if name not in ("tiny", "toy", "smoke"):
+        raise SystemExit(f"bench.py --mode trl: tiny, toy or smoke, not {name}")
+    torch.set_num_threads(threads)
+    n_problems, group, max_new, _ = STEP_SHAPES["tiny" if name == "smoke" else name]
+    if name == "smoke":
+        n_problems, group, max_new = 2, 4, 8
+    max_new = args.max_new_tokens or max_new
+    path = O.resolve_model("tiny" if name == "smoke" else name)
+    tok = O.load_model(path, device="cpu")[1]
+    texts = [p for p in step_prompts("tiny" if name == "smoke" else name, tok, n_problems, 1, args.seed)]
+    rng = random.Random(f"bench-{'tiny' if name == 'smoke' else name}-{args.seed}")
+    problems = ([tiny._tiny_problem(rng)[0] for _ in range(n_problems)] if name != "toy" else
+                [tiny.toy_problem(rng, rng.randrange(len(tiny.TOY_RUNGS)))[0] for _ in range(n_problems)])
+    assert [O.chat(tok, O.student_prompt(p)) for p in problems] == texts  # the same prompts as --mode step
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": O.student_prompt(p)}]} for p in problems])
+    reward_rng = random.Random(args.seed)
+
+    def random_reward(completions, **kw):
+        return [reward_rng.random() for _ in completions]
+
+    steps = args.warmup + args.rounds
+    micro = STEP_CONFIG["train_micro_batch"]
+    cfg = GRPOConfig(
+        output_dir=os.path.join(O.cache_root(), "bench-trl"), use_cpu=True, bf16=False, fp16=False,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=n_problems * group // micro,
+        num_generations=group, max_completion_length=max_new, temperature=1.0, top_k=50, top_p=1.0,
+        beta=STEP_CONFIG["beta"], learning_rate=STEP_CONFIG["lr"], lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=O.Config().max_grad_norm, num_iterations=1, max_steps=steps,
+        logging_steps=1, report_to="none", save_strategy="no", seed=args.seed, dataloader_num_workers=0,
+        disable_dropout=True, gradient_checkpointing=False)
+    trainer = GRPOTrainer(model=path, reward_funcs=random_reward, args=cfg, train_dataset=data,
+                          processing_class=tok)
+    gen_times, step_times, t = [], [], {}
+    sampler = trainer._generate_single_turn
+
+    def timed_sampler(*a, **k):
+        t0 = time.perf_counter()
+        out = sampler(*a, **k)
+        gen_times.append(time.perf_counter() - t0)
+        return out
+
+    trainer._generate_single_turn = timed_sampler
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            t["start"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_times.append(time.perf_counter() - t["start"])
+
+    trainer.add_callback(Timer())
+    load0 = os.getloadavg()[0]
+    trainer.train()
+    lens = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    n = n_problems * group
+    step_s, gen_s, lens = step_times[args.warmup:], gen_times[args.warmup:], lens[args.warmup:]
+    row = dict(mode="trl", model=name, threads=threads, engine="trl", max_new_tokens=max_new, completions=n,
+               rounds=len(step_s), mean_len=statistics.mean(lens) if lens else float("nan"),
+               step_s=spread(step_s), gen_s=spread(gen_s), train_s=spread([a - b for a, b in zip(step_s, gen_s)]),
+               completions_per_s=spread([n / s for s in step_s]),
+               gen_tokens_per_s=spread([n * m / g for m, g in zip(lens, gen_s)]) if lens else None,
+               load_avg=[load0, os.getloadavg()[0]], trl=__import__("trl").__version__)
+    print(f"\n{name} TRL {row['trl']}, {threads} thread(s): step {row['step_s']['mean']:.2f} s "
+          f"({row['step_s']['min']:.2f}-{row['step_s']['max']:.2f}), generation {row['gen_s']['mean']:.2f} s, "
+          f"{row['completions_per_s']['mean']:.2f} completions/s, mean length {row['mean_len']:.1f}")
+    return [row]
+
+
+def compare(models: list, threads: list, args) -> list:
+    """Alternate whole processes, project (both engines, alternating inside) then TRL, `processes` times
+    per model and thread count, and pair them: project / TRL completions per second of the step."""
+    import subprocess
+    import sys
+    import tempfile
+    rows = []
+    common = ["--device", "cpu", "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    if args.max_new_tokens:
+        common += ["--max_new_tokens", str(args.max_new_tokens)]
+    for m in models:
+        for t in threads:
+            got = {"step": [], "trl": []}
+            for p in range(args.processes):
+                for mode, python in (("step", sys.executable), ("trl", args.python_trl)):
+                    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                        cmd = [python, os.path.abspath(__file__), "--mode", mode, "--models", m, "--threads", str(t),
+                               "--engines", ",".join(args.engines), "--json", f.name, *common]
+                        subprocess.run(cmd, check=True, stdout=sys.stdout if args.verbose else subprocess.DEVNULL)
+                        got[mode].append(json.load(open(f.name)))
+            for p, (proj, trl) in enumerate(zip(got["step"], got["trl"])):
+                rows += [dict(r, process=p) for r in proj + trl]
+            trl_cps = [x[0]["completions_per_s"]["mean"] for x in got["trl"]]
+            for e in args.engines:
+                cps = [next(r for r in x if r.get("engine") == e)["completions_per_s"]["mean"] for x in got["step"]]
+                ratio = [a / b for a, b in zip(cps, trl_cps)]
+                rows.append(dict(mode="compare", model=m, threads=t, ratio=f"{e}/trl completions_per_s",
+                                 **spread(ratio), per_process=ratio))
+                print(f"{m}, {t} thread(s): project --engine {e} / TRL completions per second of the step = "
+                      f"{statistics.mean(ratio):.2f} (range {min(ratio):.2f}-{max(ratio):.2f}, {len(ratio)} processes each)")
+    return rows
+
+
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", default="gen", choices=["gen", "step", "trl", "compare"],
@@ -339,6 +452,7 @@ def main(argv=None) -> list:
     p.add_argument("--paper_student_len", type=int, default=700, help="assumed mean student tokens (extrapolation)")
     p.add_argument("--threads", default="0", help="CPU threads for torch, comma-separated for step/trl/compare "
                                                    "(0: torch's default)")
+    p.add_argument("--verbose", action="store_true", help="compare: show the processes' output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
