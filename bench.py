@@ -345,7 +345,7 @@ def trl_steps(name: str, threads: int, args) -> list:
         return [reward_rng.random() for _ in completions]
 
     steps = args.warmup + args.rounds
-    micro = STEP_CONFIG["train_micro_batch"]
+    micro = min(STEP_CONFIG["train_micro_batch"], n_problems * group)
     cfg = GRPOConfig(
         output_dir=os.path.join(O.cache_root(), "bench-trl"), use_cpu=True, bf16=False, fp16=False,
         per_device_train_batch_size=micro, gradient_accumulation_steps=n_problems * group // micro,
