@@ -201,7 +201,7 @@ def bench_model(name: str, args) -> list:
 # Per model: problems x G completions an optimiser step, max_new_tokens, and (random weights only) the mean
 # completion length the EOS set aims at. tiny/toy: the built-in trained models and their own EOS, student
 # prompts of their own problems; their completions run about 10-20 tokens.
-STEP_SHAPES = {"tiny": (16, 8, 48, None), "toy": (16, 8, 64, None), "cpu-29m": (8, 8, 128, 64),
+STEP_SHAPES = {"tiny": (16, 8, 48, None), "toy": (16, 8, 64, None), "cpu-29m": (4, 8, 128, 64),
                "smoke": (2, 4, 8, 4)}
 STEP_CONFIG = dict(beta=0.04, lr=1e-5, train_micro_batch=16, updates_per_rollout=1, loss_agg="token",
                    temperature=1.0, top_k=50, top_p=1.0, gen_batch=256)  # the tiny model's defaults
@@ -425,6 +425,32 @@ def compare(models: list, threads: list, args) -> list:
     return rows
 
 
+def markdown(rows: list) -> str:
+    """The step rows as the tables of docs/engines-cpu.md: per model, thread count and engine (TRL too),
+    then the paired ratios."""
+    def f(s, nd=2):
+        return f"{s['mean']:.{nd}f} (sd {s['sd']:.{nd}f}; {s['min']:.{nd}f}-{s['max']:.{nd}f})"
+    out = ["| model | threads | engine | max new | mean length | step s | generation s | training s | "
+           "generation tokens/s | completions/s of the step | rounds |", "|" + "---|" * 11]
+    seen = set()
+    for r in rows:
+        if "engine" not in r or "step_s" not in r:
+            continue
+        key = (r["model"], r["threads"], r["engine"], r.get("process"))
+        seen.add(key)
+        tps = f(r["gen_tokens_per_s"], 0) if r.get("gen_tokens_per_s") else "-"
+        out.append(f"| {r['model']} | {r['threads']} | {r['engine']}{'' if r.get('process') is None else ' #%d' % r['process']} "
+                   f"| {r['max_new_tokens']} | {r['mean_len']:.1f} | {f(r['step_s'])} | {f(r['gen_s'])} | "
+                   f"{f(r['train_s'])} | {tps} | {f(r['completions_per_s'])} | {r['rounds']} |")
+    out += ["", "| model | threads | ratio | mean | sd | range | per round / process |", "|" + "---|" * 7]
+    for r in rows:
+        if "ratio" in r:
+            per = r.get("per_round") or r.get("per_process")
+            out.append(f"| {r['model']} | {r['threads']} | {r['ratio']} | {r['mean']:.2f} | {r['sd']:.2f} | "
+                       f"{r['min']:.2f}-{r['max']:.2f} | {', '.join(f'{x:.2f}' for x in per)} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", default="gen", choices=["gen", "step", "trl", "compare"],
@@ -455,7 +481,13 @@ def main(argv=None) -> list:
     p.add_argument("--verbose", action="store_true", help="compare: show the processes' output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--tables", nargs="+", metavar="JSON", help="print the markdown tables of saved step/trl/"
+                                                                 "compare rows and exit")
     args = p.parse_args(argv)
+    if args.tables:
+        rows = [r for path in args.tables for r in json.load(open(path))]
+        print(markdown(rows))
+        return rows
     threads = [int(t) for t in str(args.threads).split(",")]
     args.engines = args.engines.split(",")
     print(f"bench.py {' '.join(argv) if argv else ''}: torch {torch.__version__}, mode {args.mode}, "
@@ -471,6 +503,7 @@ def main(argv=None) -> list:
         else:
             run = bench_steps if args.mode == "step" else trl_steps
             rows = [r for m in models for t in threads for r in run(m, t, args)]
+        print("\n" + markdown(rows))
     else:
         rows = generation_bench(args, threads[0])
     if args.json:
