@@ -278,6 +278,8 @@ def bench_steps(name: str, threads: int, args) -> list:
     print(f"\n{name}: {w['n_params'] / 1e6:.2f}M parameters, {threads} thread(s), {len(w['prompts'])} completions "
           f"(x G {w['group']}) <= {w['max_new']} tokens, load average {load0:.2f}")
     engines = list(args.engines)
+    for e in engines:  # first-call costs (imports, lazy init) out of the timing, even with --warmup 0
+        O.generate(w["policy"], w["tok"], w["prompts"][:2], 4, 1.0, 50, 1.0, 2, engine=e)
     order, runs = [], {e: [] for e in engines}
     for r in range(args.warmup + args.rounds):
         for e in engines:
