@@ -207,6 +207,34 @@ STEP_CONFIG = dict(beta=0.04, lr=1e-5, train_micro_batch=16, updates_per_rollout
                    temperature=1.0, top_k=50, top_p=1.0, gen_batch=256)  # the tiny model's defaults
 
 
+# --- the rule for --engine auto on CPU ----------------------------------------------------------------
+# From the whole-step measurements in docs/engines-cpu.md (`--mode step` / `--mode compare`). The
+# continuous engine pays a fixed price a call (building and tearing down its manager and paged cache,
+# ~0.15-0.3 s on CPU) and decodes at most engines.CPU_MAX_REQUESTS sequences at once (four waves for 128
+# completions); `generate` decodes one padded batch. Padded slots cost more than that fixed price only when
+# a decode slot is real work (a model of tens of millions of parameters) and completions can differ by
+# many tokens (a long budget). Below either threshold `generate` wins the step.
+AUTO_CPU_MIN_PARAMS = 20_000_000
+AUTO_CPU_MIN_NEW_TOKENS = 128
+
+
+def auto_engine(device: str, n_params: int, max_new_tokens: int) -> tuple:
+    """(engine, reason) for --engine auto: `max_new_tokens` is the larger of the run's teacher and student
+    budgets. CUDA: `generate` until a GPU has measured the two side by side."""
+    if device != "cpu":
+        return "generate", f"{device}: generate (the continuous engine is not yet measured faster there)"
+    big, long = n_params >= AUTO_CPU_MIN_PARAMS, max_new_tokens >= AUTO_CPU_MIN_NEW_TOKENS
+    if big and long:
+        return "continuous", (f"cpu, {n_params / 1e6:.1f}M parameters >= {AUTO_CPU_MIN_PARAMS / 1e6:.0f}M and up to "
+                              f"{max_new_tokens} new tokens >= {AUTO_CPU_MIN_NEW_TOKENS}: padded slots cost more "
+                              "than continuous batching's per-call set-up")
+    why = " and ".join(w for w, bad in (
+        (f"{n_params / 1e6:.1f}M parameters < {AUTO_CPU_MIN_PARAMS / 1e6:.0f}M", not big),
+        (f"up to {max_new_tokens} new tokens < {AUTO_CPU_MIN_NEW_TOKENS}", not long)) if bad)
+    return "generate", f"cpu, {why}: one padded batch beats continuous batching's per-call set-up"
+
+
+
 def step_prompts(name: str, tok, n_problems: int, group: int, seed: int) -> list:
     """n_problems student prompts, each repeated `group` times: the model's own kind of problem."""
     import random
@@ -302,6 +330,9 @@ def bench_steps(name: str, threads: int, args) -> list:
               f"{row['step_s']['min']:.2f}-{row['step_s']['max']:.2f})  generation {row['gen_s']['mean']:6.2f} s "
               f"({row['gen_tokens_per_s']['mean']:7.1f} tok/s)  training {row['train_s']['mean']:6.2f} s  "
               f"{row['completions_per_s']['mean']:6.2f} completions/s  mean length {row['mean_len']:.1f}")
+    auto, why = auto_engine("cpu", w["n_params"], w["max_new"])
+    faster = min(engines, key=lambda e: statistics.mean(x["step_s"] for x in runs[e]))
+    print(f"  --engine auto would take {auto} ({why}); faster step here: {faster}")
     for b in engines[1:]:
         a = engines[0]
         for key in ("step_s", "gen_s"):  # time of a over time of b: > 1 means b is faster
@@ -310,7 +341,8 @@ def bench_steps(name: str, threads: int, args) -> list:
                              per_round=ratio))
             print(f"  {key}: {a} / {b} = {statistics.mean(ratio):.2f} (range {min(ratio):.2f}-{max(ratio):.2f}; "
                   f"> 1: {b} faster)")
-    rows.append(dict(mode="step", model=name, threads=threads, order=order, load_avg=[load0, os.getloadavg()[0]]))
+    rows.append(dict(mode="step", model=name, threads=threads, order=order, load_avg=[load0, os.getloadavg()[0]],
+                     auto=auto, auto_reason=why, faster=faster))
     return rows
 
 

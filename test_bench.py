@@ -36,7 +36,7 @@ def test_step_mode_times_whole_steps_of_both_engines_on_the_tiny_model(tmp_path)
     assert all(len(r["per_round"]) == 2 and r["mean"] > 0 for r in ratios.values())
     order = next(r for r in rows if "order" in r)
     assert order["order"] == ["generate", "continuous", "generate", "continuous"]  # alternating, in turn
-    assert len(order["load_avg"]) == 2
+    assert len(order["load_avg"]) == 2 and order["auto"] == "generate" and order["faster"] in ENGINES
 
 
 def test_step_mode_warmup_is_untimed_and_engine_order_is_kept():
@@ -59,3 +59,14 @@ def test_trl_mode_times_the_same_workload():
     (row,) = rows
     assert (row["engine"], row["completions"], row["rounds"]) == ("trl", 8, 1)
     assert row["step_s"]["mean"] >= row["gen_s"]["mean"] > 0
+
+
+def test_auto_engine_takes_continuous_on_cpu_only_for_big_models_with_long_budgets():
+    big, long = bench.AUTO_CPU_MIN_PARAMS, bench.AUTO_CPU_MIN_NEW_TOKENS
+    assert bench.auto_engine("cpu", 560_000, 48)[0] == "generate"  # the tiny model's shape
+    assert bench.auto_engine("cpu", big, long - 1)[0] == "generate"
+    assert bench.auto_engine("cpu", big - 1, long)[0] == "generate"
+    assert bench.auto_engine("cpu", big, long)[0] == "continuous"
+    assert bench.auto_engine("cuda", 10 * big, 10 * long)[0] == "generate"
+    engine, reason = bench.auto_engine("cpu", 560_000, 48)
+    assert "0.6M parameters" in reason and "48 new tokens" in reason
