@@ -419,7 +419,9 @@ def trl_steps(name: str, threads: int, args) -> list:
                step_s=spread(step_s), gen_s=spread(gen_s), train_s=spread([a - b for a, b in zip(step_s, gen_s)]),
                completions_per_s=spread([n / s for s in step_s]),
                gen_tokens_per_s=spread([n * m / g for m, g in zip(lens, gen_s)]) if lens else None,
-               load_avg=[load0, os.getloadavg()[0]], trl=__import__("trl").__version__)
+               load_avg=[load0, os.getloadavg()[0]], trl=__import__("trl").__version__,
+               per_round=[dict(engine="trl", step_s=s, gen_s=g, train_s=s - g, completions=n, tokens=n * m,
+                               mean_len=m) for s, g, m in zip(step_s, gen_s, lens)])
     print(f"\n{name} TRL {row['trl']}, {threads} thread(s): step {row['step_s']['mean']:.2f} s "
           f"({row['step_s']['min']:.2f}-{row['step_s']['max']:.2f}), generation {row['gen_s']['mean']:.2f} s, "
           f"{row['completions_per_s']['mean']:.2f} completions/s, mean length {row['mean_len']:.1f}")
