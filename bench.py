@@ -462,28 +462,33 @@ def compare(models: list, threads: list, args) -> list:
 
 
 def markdown(rows: list) -> str:
-    """The step rows as the tables of docs/engines-cpu.md: per model, thread count and engine (TRL too),
-    then the paired ratios."""
-    def f(s, nd=2):
-        return f"{s['mean']:.{nd}f} (sd {s['sd']:.{nd}f}; {s['min']:.{nd}f}-{s['max']:.{nd}f})"
+    """The tables of docs/engines-cpu.md from step/trl/compare rows (of one run or several): per model,
+    thread count and engine (TRL too), every timed step pooled over rounds and processes, median (range),
+    a shared machine's spikes being what they are; then the paired ratios, pooled the same way."""
+    def med(xs, nd=2):
+        return f"{statistics.median(xs):.{nd}f} ({min(xs):.{nd}f}-{max(xs):.{nd}f})"
+    steps, ratios = {}, {}
+    for r in rows:
+        if "step_s" in r:
+            if "per_round" not in r:  # rows written before TRL's per-step timings were kept: its means
+                m = {k: r[k]["mean"] for k in ("step_s", "gen_s", "train_s")}
+                r = dict(r, rounds=1, per_round=[dict(m, completions=r["completions"],
+                                                      tokens=r["gen_tokens_per_s"]["mean"] * m["gen_s"])])
+            steps.setdefault((r["model"], r["threads"], r["engine"]), []).append(r)
+        elif "ratio" in r:
+            ratios.setdefault((r["model"], r["threads"], r["ratio"]), []).extend(r.get("per_round") or r["per_process"])
     out = ["| model | threads | engine | max new | mean length | step s | generation s | training s | "
-           "generation tokens/s | completions/s of the step | rounds |", "|" + "---|" * 11]
-    seen = set()
-    for r in rows:
-        if "engine" not in r or "step_s" not in r:
-            continue
-        key = (r["model"], r["threads"], r["engine"], r.get("process"))
-        seen.add(key)
-        tps = f(r["gen_tokens_per_s"], 0) if r.get("gen_tokens_per_s") else "-"
-        out.append(f"| {r['model']} | {r['threads']} | {r['engine']}{'' if r.get('process') is None else ' #%d' % r['process']} "
-                   f"| {r['max_new_tokens']} | {r['mean_len']:.1f} | {f(r['step_s'])} | {f(r['gen_s'])} | "
-                   f"{f(r['train_s'])} | {tps} | {f(r['completions_per_s'])} | {r['rounds']} |")
-    out += ["", "| model | threads | ratio | mean | sd | range | per round / process |", "|" + "---|" * 7]
-    for r in rows:
-        if "ratio" in r:
-            per = r.get("per_round") or r.get("per_process")
-            out.append(f"| {r['model']} | {r['threads']} | {r['ratio']} | {r['mean']:.2f} | {r['sd']:.2f} | "
-                       f"{r['min']:.2f}-{r['max']:.2f} | {', '.join(f'{x:.2f}' for x in per)} |")
+           "generation tokens/s | completions/s of the step | steps (processes x rounds) |", "|" + "---|" * 11]
+    for (m, t, e), rs in steps.items():
+        xs = [x for r in rs for x in r["per_round"]]
+        out.append(f"| {m} | {t} | {e} | {rs[0]['max_new_tokens']} | {statistics.mean(r['mean_len'] for r in rs):.1f} | "
+                   f"{med([x['step_s'] for x in xs])} | {med([x['gen_s'] for x in xs])} | "
+                   f"{med([x['train_s'] for x in xs])} | {med([x['tokens'] / x['gen_s'] for x in xs], 0)} | "
+                   f"{med([x['completions'] / x['step_s'] for x in xs])} | {len(xs)} ({len(rs)} x {rs[0]['rounds']}) |")
+    out += ["", "| model | threads | ratio | median | range | mean | paired |", "|" + "---|" * 7]
+    for (m, t, k), xs in ratios.items():
+        out.append(f"| {m} | {t} | {k} | {statistics.median(xs):.2f} | {min(xs):.2f}-{max(xs):.2f} | "
+                   f"{statistics.mean(xs):.2f} | {len(xs)} {'processes' if k.endswith('completions_per_s') else 'rounds'} |")
     return "\n".join(out)
 
 
