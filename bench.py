@@ -478,13 +478,13 @@ def markdown(rows: list) -> str:
         elif "ratio" in r:
             ratios.setdefault((r["model"], r["threads"], r["ratio"]), []).extend(r.get("per_round") or r["per_process"])
     out = ["| model | threads | engine | max new | mean length | step s | generation s | training s | "
-           "generation tokens/s | completions/s of the step | steps (processes x rounds) |", "|" + "---|" * 11]
+           "generation tokens/s | completions/s of the step | timed steps |", "|" + "---|" * 11]
     for (m, t, e), rs in steps.items():
         xs = [x for r in rs for x in r["per_round"]]
         out.append(f"| {m} | {t} | {e} | {rs[0]['max_new_tokens']} | {statistics.mean(r['mean_len'] for r in rs):.1f} | "
                    f"{med([x['step_s'] for x in xs])} | {med([x['gen_s'] for x in xs])} | "
                    f"{med([x['train_s'] for x in xs])} | {med([x['tokens'] / x['gen_s'] for x in xs], 0)} | "
-                   f"{med([x['completions'] / x['step_s'] for x in xs])} | {len(xs)} ({len(rs)} x {rs[0]['rounds']}) |")
+                   f"{med([x['completions'] / x['step_s'] for x in xs])} | {len(xs)} ({len(rs)} processes) |")
     out += ["", "| model | threads | ratio | median | range | mean | paired |", "|" + "---|" * 7]
     for (m, t, k), xs in ratios.items():
         out.append(f"| {m} | {t} | {k} | {statistics.median(xs):.2f} | {min(xs):.2f}-{max(xs):.2f} | "
