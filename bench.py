@@ -335,7 +335,8 @@ def bench_steps(name: str, threads: int, args) -> list:
         a = engines[0]
         for key in ("step_s", "gen_s"):  # time of a over time of b: > 1 means b is faster
             ratio = [x[key] / y[key] for x, y in zip(runs[a], runs[b])]
-            rows.append(dict(mode="step", model=name, threads=threads, ratio=f"{a}/{b} {key}", **spread(ratio),
+            rows.append(dict(mode="step", model=name, threads=threads, max_new_tokens=w["max_new"],
+                             ratio=f"{a}/{b} {key}", **spread(ratio),
                              per_round=ratio))
             print(f"  {key}: {a} / {b} = {statistics.mean(ratio):.2f} (range {min(ratio):.2f}-{max(ratio):.2f}; "
                   f"> 1: {b} faster)")
@@ -452,7 +453,9 @@ def compare(models: list, threads: list, args) -> list:
             for e in args.engines:
                 cps = [next(r for r in x if r.get("engine") == e)["completions_per_s"]["mean"] for x in got["step"]]
                 ratio = [a / b for a, b in zip(cps, trl_cps)]
-                rows.append(dict(mode="compare", model=m, threads=t, ratio=f"{e}/trl completions_per_s",
+                budget = next(r["max_new_tokens"] for r in got["step"][0] if "max_new_tokens" in r)
+                rows.append(dict(mode="compare", model=m, threads=t, max_new_tokens=budget,
+                                 ratio=f"{e}/trl completions_per_s",
                                  **spread(ratio), per_process=ratio))
                 print(f"{m}, {t} thread(s): project --engine {e} / TRL completions per second of the step = "
                       f"{statistics.mean(ratio):.2f} (range {min(ratio):.2f}-{max(ratio):.2f}, {len(ratio)} processes each)")
@@ -472,20 +475,21 @@ def markdown(rows: list) -> str:
                 m = {k: r[k]["mean"] for k in ("step_s", "gen_s", "train_s")}
                 r = dict(r, rounds=1, per_round=[dict(m, completions=r["completions"],
                                                       tokens=r["gen_tokens_per_s"]["mean"] * m["gen_s"])])
-            steps.setdefault((r["model"], r["threads"], r["engine"]), []).append(r)
+            steps.setdefault((r["model"], r["threads"], r["engine"], r["max_new_tokens"]), []).append(r)
         elif "ratio" in r:
-            ratios.setdefault((r["model"], r["threads"], r["ratio"]), []).extend(r.get("per_round") or r["per_process"])
+            ratios.setdefault((r["model"], r["threads"], r.get("max_new_tokens", "-"), r["ratio"]), []).extend(
+                r.get("per_round") or r["per_process"])
     out = ["| model | threads | engine | max new | mean length | step s | generation s | training s | "
            "generation tokens/s | completions/s of the step | timed steps |", "|" + "---|" * 11]
-    for (m, t, e), rs in steps.items():
+    for (m, t, e, n), rs in steps.items():
         xs = [x for r in rs for x in r["per_round"]]
-        out.append(f"| {m} | {t} | {e} | {rs[0]['max_new_tokens']} | {statistics.mean(r['mean_len'] for r in rs):.1f} | "
+        out.append(f"| {m} | {t} | {e} | {n} | {statistics.mean(r['mean_len'] for r in rs):.1f} | "
                    f"{med([x['step_s'] for x in xs])} | {med([x['gen_s'] for x in xs])} | "
                    f"{med([x['train_s'] for x in xs])} | {med([x['tokens'] / x['gen_s'] for x in xs], 0)} | "
                    f"{med([x['completions'] / x['step_s'] for x in xs])} | {len(xs)} ({len(rs)} processes) |")
-    out += ["", "| model | threads | ratio | median | range | mean | paired |", "|" + "---|" * 7]
-    for (m, t, k), xs in ratios.items():
-        out.append(f"| {m} | {t} | {k} | {statistics.median(xs):.2f} | {min(xs):.2f}-{max(xs):.2f} | "
+    out += ["", "| model | threads | max new | ratio | median | range | mean | paired |", "|" + "---|" * 8]
+    for (m, t, n, k), xs in ratios.items():
+        out.append(f"| {m} | {t} | {n} | {k} | {statistics.median(xs):.2f} | {min(xs):.2f}-{max(xs):.2f} | "
                    f"{statistics.mean(xs):.2f} | {len(xs)} {'processes' if k.endswith('completions_per_s') else 'rounds'} |")
     return "\n".join(out)
 
@@ -524,7 +528,12 @@ def main(argv=None) -> list:
                                                                  "compare rows and exit")
     args = p.parse_args(argv)
     if args.tables:
-        rows = [r for path in args.tables for r in json.load(open(path))]
+        rows = []
+        for path in args.tables:
+            got = json.load(open(path))
+            budget = {(r["model"], r["threads"]): r["max_new_tokens"] for r in got if "max_new_tokens" in r}
+            rows += [r if "max_new_tokens" in r or (r.get("model"), r.get("threads")) not in budget
+                     else dict(r, max_new_tokens=budget[r["model"], r["threads"]]) for r in got]
         print(markdown(rows))
         return rows
     threads = [int(t) for t in str(args.threads).split(",")]
