@@ -536,48 +536,62 @@ def vllm_available() -> bool:
 
 def make_engine(name: str, model, eos_ids: list, pad_id: int, batch_size: int, kv_cache_gib: float = 0.0,
                 log: Callable = print, path: str = "", max_model_len: int = 0, gpu_memory: float = 0.3,
-                seed: int = 0, compile_width: int = 0):
+                seed: int = 0, compile_width: int = 0, max_new_tokens: int = 0):
     """The engine `name` ("auto" resolved by resolve_engine) over `model`, the generation copy of the policy;
     vLLM builds its own copy of `path` and takes the policy's weights by push (push them before generating)."""
-    chosen = resolve_engine(name, model)
+    chosen, why = resolve_engine(name, model, max_new_tokens)
     if chosen == "vllm":
-        return VLLMEngine(path, eos_ids, pad_id, max_model_len, gpu_memory, seed, log=log)
-    if chosen == "continuous":
-        return ContinuousEngine(model, eos_ids, pad_id, kv_cache_gib, log)
-    return HFEngine(model, eos_ids, pad_id, batch_size, log, compile_width)
+        engine = VLLMEngine(path, eos_ids, pad_id, max_model_len, gpu_memory, seed, log=log)
+    elif chosen == "continuous":
+        engine = ContinuousEngine(model, eos_ids, pad_id, kv_cache_gib, log)
+    else:
+        engine = HFEngine(model, eos_ids, pad_id, batch_size, log, compile_width)
+    engine.why = why
+    return engine
 
 
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-# The two generation engines (--engine). "continuous" is transformers' own continuous batching
+# The generation engines (--engine). "continuous" is transformers' own continuous batching
 # (engines.py): a finished sequence's slot goes to a waiting one instead of idling until its batch's
-# longest member ends. "auto" picks per device, by measurement (README, "Generation engines"); on CUDA
-# `generate` until a GPU has measured the two side by side.
+# longest member ends. "auto": auto_engine, by measurement.
 ENGINES = {"generate": "HF model.generate, padded batches of --gen_batch",
            "continuous": "transformers continuous batching, paged KV cache (engines.py)",
            "vllm": "vLLM in this process, weights pushed after every step (pip install -r requirements-vllm.txt)"}
 
 
-AUTO_ENGINE = {"cpu": "continuous", "cuda": "generate"}
+def auto_engine(device: str, n_params: int, max_new_tokens: int) -> tuple:
+    """(engine, why) for --engine auto, from measurements (docs/engines.md). A GPU: vLLM where it is
+    installed, else `generate` (no GPU has measured continuous batching faster). A CPU: `generate` at every
+    shape measured, whole steps, engines alternating: the continuous engine's set-up makes the step of the
+    tiny and toy models ~1.3x slower, and at 29.4M parameters with 128-256 new tokens it was level."""
+    shape = f"{n_params / 1e6:.1f}M parameters, up to {max_new_tokens} new tokens"
+    if device == "cuda" and vllm_available():
+        return "vllm", f"auto on cuda: vllm is installed ({shape})"
+    if device == "cpu":
+        return "generate", (f"auto on cpu ({shape}): the whole step measured as fast or faster than continuous "
+                            "batching at every shape tried (docs/engines.md)")
+    return "generate", f"auto on {device} ({shape}): continuous batching not measured faster there"
 
 
-def resolve_engine(engine: str, model) -> str:
-    """The engine that runs `model`: "auto" by device (vLLM on a GPU where it is installed), falling back to
-    `generate` where the continuous engine would change the model's distribution (Gemma-2's soft-capping);
-    asked for, that is an error."""
-    if engine == "vllm" or (engine == "auto" and model.device.type == "cuda" and vllm_available()):
+def resolve_engine(engine: str, model, max_new_tokens: int = 0) -> tuple:
+    """(the engine that runs `model`, why): "auto" by auto_engine; `generate` where the continuous engine
+    would change the model's distribution (Gemma-2's soft-capping), and asked for, that is an error."""
+    why = f"--engine {engine}"
+    if engine == "auto":
+        engine, why = auto_engine(model.device.type, sum(p.numel() for p in model.parameters()), max_new_tokens)
+    if engine == "vllm":
         if model.device.type != "cuda" or not vllm_available():
             raise ValueError("--engine vllm needs a CUDA GPU and `pip install -r requirements-vllm.txt`; "
                              "use --engine generate")
-        return "vllm"
-    if engine == "generate" or (engine == "auto" and AUTO_ENGINE.get(model.device.type) != "continuous"):
-        return "generate"
-    refusal = softcap_refusal(model)
-    if refusal and engine == "continuous":
-        raise ValueError(refusal)
-    return "generate" if refusal else "continuous"
+        return "vllm", why
+    if engine == "continuous":
+        refusal = softcap_refusal(model)
+        if refusal:
+            raise ValueError(refusal)
+    return engine, why
 
 
 def progress_range(start: int, stop: int, step: int, desc: str):

@@ -143,7 +143,7 @@ class Config:
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no full-vocab tensor for the batch)
     grad_ckpt: bool = True  # gradient checkpointing (on cuda)
     random_init: bool = False  # random weights from the architecture in models.MODELS (no download)
-    engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache), "vllm"; "auto": vllm on a GPU where installed, else engines.AUTO_ENGINE
+    engine: str = "auto"  # "generate" (HF, padded batches), "continuous" (paged KV cache), "vllm"; "auto": engines.auto_engine, by measurement
     kv_cache_gib: float = 0.0  # cap on the continuous engine's KV cache in GiB (0: sized from free memory)
     compile: bool = False  # --engine generate: compiled decode over a static KV cache (CUDA graphs on a GPU), prompts padded to 1024 tokens
     vllm_gpu_memory: float = 0.3  # --engine vllm: share of the GPU its weights and KV cache may take (training keeps the rest)
@@ -1158,11 +1158,12 @@ def train(cfg: Config) -> str:
             cfg.engine, sampler, eos_ids, tokenizer.pad_token_id, cfg.gen_batch, cfg.kv_cache_gib, run.log,
             path=cfg.model if cfg.random_init else models.resolve_model(cfg.model, PROMPTS), seed=cfg.seed,
             max_model_len=models.PLAN_PROMPT_TOKENS + max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens),
-            gpu_memory=cfg.vllm_gpu_memory, compile_width=models.PLAN_PROMPT_TOKENS if cfg.compile else 0)
+            gpu_memory=cfg.vllm_gpu_memory, compile_width=models.PLAN_PROMPT_TOKENS if cfg.compile else 0,
+            max_new_tokens=max(cfg.teacher_max_new_tokens, cfg.student_max_new_tokens))
     except ValueError as err:  # the continuous engine would drop Gemma-2's soft-capping
         raise SystemExit(str(err))
     run.log(f"model {cfg.model}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters on {device}, "
-            f"compute {cdtype}, reference model {'yes' if frozen is not None else 'no'}, engine {engine.name}")
+            f"compute {cdtype}, reference model {'yes' if frozen is not None else 'no'}, engine {engine.name} ({engine.why})")
 
     engine.update(policy)  # the engine samples from the policy's weights (vLLM: pushed into its own copy)
     set_seed(cfg.seed)  # after loading: building the tiny model or initialising weights draws random numbers

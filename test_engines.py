@@ -181,7 +181,7 @@ def test_gemma2_softcapping_refused_on_cpu_and_why():
     assert msg and "--engine generate" in msg and "flash-attn" in msg
     with pytest.raises(ValueError, match="--engine generate"):
         E.resolve_engine("continuous", capped)
-    assert E.resolve_engine("auto", capped) == "generate"
+    assert E.resolve_engine("auto", capped)[0] == "generate"
     with pytest.raises(ValueError, match="soft-caps"):
         _greedy(capped, tok, [O.chat(tok, "w10 w11")], 4, "continuous")
     uncapped, _ = _gemma2(None)
