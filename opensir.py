@@ -608,31 +608,6 @@ class Candidate:
         return self.parsed.legal and self.n_parsed > 0
 
 
-def score_candidates(cands: list, pool_emb: Optional[torch.Tensor], cfg: Config) -> None:
-    """Fill every reward of a round's candidates (in place). Illegal candidates keep all zeros.
-    pool_emb: what diversity compares with (div_mode topk: the pool now; nearest: the pool before the step).
-    A legal problem with no parsed answer gets length 0 (its solutions may ramble to the budget; that
-    must not pay the teacher) and is never selected (`scored` is False)."""
-    legal = [c for c in cands if c.parsed.legal]
-    for c in legal:
-        c.majority, c.solve_rate, c.n_parsed = majority_vote(c.answers, cfg.solve_rate_over)
-        c.solv = solvability_reward(c.solve_rate, cfg.student_group, cfg.band_lo, cfg.band_hi, cfg.tent_floor)
-        c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap) if c.n_parsed else 0.0  # its own
-        c.fmt = teacher_format_reward(c.parsed, cfg.teacher_format)
-        c.student_formats = [student_format_reward(s.text, cfg.student_format) for s in c.solutions]
-        c.student_rewards = student_rewards(c.answers, c.majority, c.student_formats, cfg)
-    if legal and cfg.w_div > 0:
-        emb = torch.stack([c.embedding for c in legal])  # (n, d)
-        center = cfg.div_embed == "center"
-        divs = (nearest_distance(emb, pool_emb, center) if cfg.div_mode == "nearest"
-                else diversity_rewards(emb, pool_emb, cfg.div_topk, center))
-        for c, d in zip(legal, divs.tolist()):
-            c.div = d
-    for c in legal:
-        c.reward = teacher_total(c.solv, c.div, c.length, c.fmt, cfg)
-        c.rank_key = c.reward if cfg.select_key == "total" else cfg.w_solv * c.solv + cfg.w_div * c.div
-
-
 def play_rounds(engine, frozen, tokenizer, pool: Pool, rounds_refs: dict, step: int, cfg: Config,
                 timers: Counter, pool_before: Optional[torch.Tensor] = None) -> dict:
     """Rounds of self-play in two generation calls: every round's teacher prompts at once, then every legal
@@ -671,6 +646,31 @@ def play_rounds(engine, frozen, tokenizer, pool: Pool, rounds_refs: dict, step: 
     timers["student_tokens"] += sum(len(s.ids) for s in sols)
     timers["scoring"] += time.perf_counter() - t2
     return cands
+
+
+def score_candidates(cands: list, pool_emb: Optional[torch.Tensor], cfg: Config) -> None:
+    """Fill every reward of a round's candidates (in place). Illegal candidates keep all zeros.
+    pool_emb: what diversity compares with (div_mode topk: the pool now; nearest: the pool before the step).
+    A legal problem with no parsed answer gets length 0 (its solutions may ramble to the budget; that
+    must not pay the teacher) and is never selected (`scored` is False)."""
+    legal = [c for c in cands if c.parsed.legal]
+    for c in legal:
+        c.majority, c.solve_rate, c.n_parsed = majority_vote(c.answers, cfg.solve_rate_over)
+        c.solv = solvability_reward(c.solve_rate, cfg.student_group, cfg.band_lo, cfg.band_hi, cfg.tent_floor)
+        c.length = length_reward([len(s.ids) for s in c.solutions], cfg.len_cap) if c.n_parsed else 0.0  # its own
+        c.fmt = teacher_format_reward(c.parsed, cfg.teacher_format)
+        c.student_formats = [student_format_reward(s.text, cfg.student_format) for s in c.solutions]
+        c.student_rewards = student_rewards(c.answers, c.majority, c.student_formats, cfg)
+    if legal and cfg.w_div > 0:
+        emb = torch.stack([c.embedding for c in legal])  # (n, d)
+        center = cfg.div_embed == "center"
+        divs = (nearest_distance(emb, pool_emb, center) if cfg.div_mode == "nearest"
+                else diversity_rewards(emb, pool_emb, cfg.div_topk, center))
+        for c, d in zip(legal, divs.tolist()):
+            c.div = d
+    for c in legal:
+        c.reward = teacher_total(c.solv, c.div, c.length, c.fmt, cfg)
+        c.rank_key = c.reward if cfg.select_key == "total" else cfg.w_solv * c.solv + cfg.w_div * c.div
 
 
 # ================================================================================================
