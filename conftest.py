@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import eval as ev
 import models
 import opensir as O
 import tiny as T
@@ -50,6 +51,23 @@ def sample(model, tok, prompts: list, max_new_tokens: int, temperature: float = 
     eng = engines.make_engine(engine, model, O.eos_token_ids(model, tok), tok.pad_token_id, batch_size, kv_cache_gib)
     return O.generate(eng, tok, prompts, max_new_tokens, engines.Sampling(temperature, top_k, top_p, greedy),
                       [seed + i for i in range(len(prompts))], desc)
+
+
+# small eval.py inputs: a two-problem GSM8K file, and eval.py's exit message
+GSM = [{"question": "What is 1+1?", "answer": "#### 2"}, {"question": "What is 2+2?", "answer": "#### 4"}]
+
+
+def data_dir(tmp_path, rows=GSM):
+    d = tmp_path / "data"
+    d.mkdir(exist_ok=True)
+    (d / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(d)
+
+
+def eval_exit(argv):
+    with pytest.raises(SystemExit) as err:
+        ev.main(argv)
+    return str(err.value.code)
 
 
 def rows(path):

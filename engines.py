@@ -2,21 +2,15 @@
 
 Plumbing beside opensir.py; a first reading can skip it. Every engine has one small interface: `generate`
 (raw token ids for tokenised prompts, one budget per call or per prompt, the run's Sampling, one seed per
-prompt),
-`update` (take the new weights after an optimiser step), `sleep` and `wake` (free and retake generation
-memory around training). opensir.generate turns the ids into Completions (cut at the first EOS).
+prompt), `update` (take the new weights after an optimiser step), `sleep` and `wake` (free and retake
+generation memory around training). opensir.generate turns the ids into Completions (cut at the first EOS).
 
-The continuous engine: transformers' continuous batching (`--engine continuous`).
-
-`model.generate` pads each batch to its longest member and keeps every row's slot until the longest one
-ends. Continuous batching (transformers >= 5: `model.generate_batch`, a paged KV cache) lets a finished
-sequence's slot go to a waiting one, so eight solutions whose lengths differ several-fold do not wait for
-the longest. opensir.generate calls `generate_continuous` and builds Completions from the token ids it
-returns, exactly as for the other engine (cut at the first EOS, masks from there).
-
-No state survives a call: the manager, its KV cache and any attention switch are built and torn down
-inside it, so every call samples from the weights as they are at that moment (the loop updates them in
-place after every optimiser step).
+The continuous engine: `model.generate` pads each batch to its longest member and keeps every row's slot
+until the longest one ends. Continuous batching (transformers >= 5: `model.generate_batch`, a paged KV
+cache) lets a finished sequence's slot go to a waiting one, so eight solutions whose lengths differ
+several-fold do not wait for the longest. Its manager is kept across the calls of a step and freed by
+`sleep`; each call restarts it over the weights as they are at that moment (the loop updates them in place
+after every optimiser step).
 """
 from __future__ import annotations
 

@@ -141,9 +141,9 @@ def test_run_with_budget_stops_a_hang(in_thread):
 
 # (name, pred, gold) as Python expressions, so the subprocess builds the big strings itself
 DEGENERATE = [
-    ("unit words then a number (issue)", "'1' + ' m'*30 + ' 2'", "'5'"),
-    ("repeated hrs then ')' (issue)", "'7' + ' hrs'*12 + ')'", "'5'"),
-    ("400 spaces (issue)", "'1' + ' '*400 + '2'", "'12'"),
+    ("unit words then a number", "'1' + ' m'*30 + ' 2'", "'5'"),
+    ("repeated hrs then ')'", "'7' + ' hrs'*12 + ')'", "'5'"),
+    ("400 spaces", "'1' + ' '*400 + '2'", "'12'"),
     ("10^6 spaces", "'1' + ' '*10**6 + '2'", "'12'"),
     ("unit words up to the cap", "'5' + ' cm'*600", "'5'"),
     ("letters that are all units", "'5 ' + 'm'*1900", "'5'"),
@@ -216,7 +216,7 @@ def test_degenerate_inputs_return_within_the_budget():
     for r in rows:
         assert isinstance(r["eq"], bool) and r["te"] < BUDGET + 1.0, r  # slack: a loaded 2-core machine
     by_name = {r["name"]: r for r in rows}
-    assert by_name["400 spaces (issue)"]["eq"] and by_name["10^6 spaces"]["eq"]  # `1 2` is 12
+    assert by_name["400 spaces"]["eq"] and by_name["10^6 spaces"]["eq"]  # `1 2` is 12
     assert by_name["5,000-digit integer, itself"]["eq"]  # too long to read, but the very same text
 
 
@@ -267,7 +267,7 @@ def test_run_with_budget_passes_errors_through():
 
 
 # ------------------------------------------------------------------------------------------------
-# Wrong answers the old checker accepted, right ones it rejected (issue 7), and their neighbours
+# Wrong answers the old checker accepted, right ones it rejected, and their neighbours
 # ------------------------------------------------------------------------------------------------
 
 RC = "I(0) e^{-\\frac{t}{RC}}"
@@ -310,7 +310,7 @@ def test_false_negatives_fixed(pred, gold):
 
 
 # ------------------------------------------------------------------------------------------------
-# The last \boxed{} is the answer, in training's vote and in eval.py (issue 8, fix 6)
+# The last \boxed{} is the answer, in training's vote and in eval.py
 # ------------------------------------------------------------------------------------------------
 
 TWO_BOXES = "First try: \\boxed{1}. That was wrong; so the answer is \\boxed{2}."

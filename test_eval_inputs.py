@@ -8,7 +8,7 @@ import pytest
 
 import eval as ev
 from checker import answers_equal as checker_equal
-from conftest import HERE
+from conftest import HERE, data_dir, eval_exit
 
 # a real copy of AIME 2024 (Qwen2.5-Math layout), where the development machine keeps one; else fixture rows
 AIME24 = next((p for p in (os.path.join(HERE, *up, "shared", "benchmarks", "aime24.jsonl") for up in ([".."], ["..", ".."]))
@@ -19,20 +19,6 @@ AIME24_ROWS = [  # the layout of the public copy: id, problem, solution, answer 
     {"id": 70, "problem": "Find the remainder when N is divided by 1000.", "solution": "...", "answer": "025",
      "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_11"},
 ]
-GSM = [{"question": "What is 1+1?", "answer": "#### 2"}, {"question": "What is 2+2?", "answer": "#### 4"}]
-
-
-def data_dir(tmp_path, rows=GSM):
-    d = tmp_path / "data"
-    d.mkdir(exist_ok=True)
-    (d / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(d)
-
-
-def eval_exit(argv):
-    with pytest.raises(SystemExit) as err:
-        ev.main(argv)
-    return str(err.value.code)
 
 
 def test_eval_benchmark_sets():

@@ -27,7 +27,7 @@ def _cfg(**kw):
 
 
 def _cand(group, legal=True, answers=(), lengths=(), think=True, emb=None, combined=None):
-    """A candidate as play_round leaves it (before scoring): parsed output, solutions, answers. With
+    """A candidate as play_rounds leaves it (before scoring): parsed output, solutions, answers. With
     `combined`, a scored candidate with that ranking key."""
     text = GOOD if legal else "<problem>x</problem>"
     parsed = O.parse_teacher(text)

@@ -19,7 +19,7 @@ import torch
 import eval as ev
 import opensir as O
 import runs
-from conftest import FAST_TINY, HERE, files, params, rows
+from conftest import FAST_TINY, HERE, data_dir, eval_exit, files, params, rows
 
 FAST = ["--rounds_per_step", "1", "--n_refs", "2", "--teacher_group", "4", "--student_group", "4",
         "--teacher_max_new_tokens", "24", "--student_max_new_tokens", "16", "--init_pool_size", "0",
@@ -347,21 +347,6 @@ def test_fresh_start_after_an_interrupted_start_is_not_blocked(tmp_path, capsys)
 # ------------------------------------------------------------------------------------------------
 # eval.py on run directories and bad benchmark files
 # ------------------------------------------------------------------------------------------------
-
-GSM = [{"question": "What is 1+1?", "answer": "#### 2"}, {"question": "What is 2+2?", "answer": "#### 4"}]
-
-
-def data_dir(tmp_path, rows=GSM):
-    d = tmp_path / "data"
-    d.mkdir(exist_ok=True)
-    (d / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(d)
-
-
-def eval_exit(argv):
-    with pytest.raises(SystemExit) as err:
-        ev.main(argv)
-    return str(err.value.code)
 
 
 def test_eval_of_a_run_directory_uses_its_newest_checkpoint_and_the_runs_budget(run, tmp_path):
