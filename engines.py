@@ -208,8 +208,10 @@ def _one_pass(model, prompts, gen_cfg, blocks, batch_tokens, max_req, desc, keep
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     from transformers.generation.continuous_batching.utils import WorkloadHints
     from tqdm.auto import tqdm
-    cb_cfg = ContinuousBatchingConfig(
-        page_size=PAGE_TOKENS, num_blocks=blocks, max_batch_tokens=batch_tokens, max_requests_per_batch=max_req,
+    import inspect
+    size = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else "block_size"
+    cb_cfg = ContinuousBatchingConfig(  # (transformers before 5.18, which vLLM 0.31 pins, calls a page a block)
+        **{size: PAGE_TOKENS}, num_blocks=blocks, max_batch_tokens=batch_tokens, max_requests_per_batch=max_req,
         max_memory_percent=0.95, cpu_offload_space=0.0)
     hints = WorkloadHints(max_prompt_length=max(len(p) for p in prompts),
                           max_generated_length=gen_cfg.max_new_tokens, num_requests=len(prompts))
