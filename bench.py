@@ -481,9 +481,11 @@ def markdown(rows: list) -> str:
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mode", default="gen", choices=["gen", "step", "trl", "compare"],
+    p.add_argument("--mode", default="gen", choices=["gen", "step", "trl", "compare", "calls"],
                    help="gen: generation alone; step: the whole GRPO step (CPU); trl: the step in TRL's "
-                        "GRPOTrainer; compare: alternate processes of step and trl")
+                        "GRPOTrainer; compare: alternate processes of step and trl; calls: a step's rounds in "
+                        "two calls against one call per round, and the continuous engine's kept manager "
+                        "against a new one per call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds; for tests)")
     p.add_argument("--models", help="comma-separated (default: both paper shapes on cuda, cpu-29m on cpu; "
@@ -525,7 +527,9 @@ def main(argv=None) -> list:
     args.engines = args.engines.split(",")
     print(f"bench.py {' '.join(argv) if argv else ''}: torch {torch.__version__}, mode {args.mode}, "
           f"threads {threads}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    if args.mode in ("step", "trl", "compare"):
+    if args.mode == "calls":
+        rows = call_bench(args, threads[0])
+    elif args.mode in ("step", "trl", "compare"):
         if args.device != "cpu":
             raise SystemExit("bench.py: --mode step/trl/compare measure CPU steps (pass --device cpu)")
         args.rounds = args.rounds or (1 if args.smoke else 5)
@@ -542,6 +546,54 @@ def main(argv=None) -> list:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    return rows
+
+
+def call_bench(args, threads: int) -> list:
+    """Whole play_rounds of one step, variants alternating in every round: `generate` with the step's rounds
+    in two calls (play_rounds over all rounds) and with one call per round; the continuous engine with its
+    manager kept across those per-round calls and with a new manager per call. Rows: seconds per variant
+    (the first round warms up and is dropped) and the paired ratios."""
+    from collections import Counter
+    torch.set_num_threads(threads)
+    name = "tiny" if args.smoke or not args.models else args.models.split(",")[0]
+    model, tok = O.load_model(name, device="cpu", dtype="fp32")
+    eos = O.eos_token_ids(model, tok)
+    cfg = O.Config(model=name, rounds_per_step=2 if args.smoke else 8, n_refs=4, teacher_max_new_tokens=64,
+                   student_max_new_tokens=48)
+    texts = ["What is 1+1?", "What is 2+3?", "What is 4*5?", "What is 7-2?"]
+    pool = O.Pool()
+    pool.add(texts, [[] for _ in texts], O.embed_texts(model, tok, texts))
+    refs = {r: [(r + i) % len(texts) for i in range(cfg.n_refs)] for r in range(cfg.rounds_per_step)}
+
+    class NewManagerPerCall(engines.ContinuousEngine):
+        def generate(self, *a, **k):
+            out = super().generate(*a, **k)
+            self.sleep()
+            return out
+
+    def timed(engine, step, together):
+        t0 = time.perf_counter()
+        for part in ([refs] if together else [{r: refs[r]} for r in refs]):
+            O.play_rounds(engine, model, tok, pool, part, step, cfg, Counter())
+        engine.sleep()
+        return time.perf_counter() - t0
+    variants = {"generate, two calls": (lambda: engines.HFEngine(model, eos, tok.pad_token_id, 256), True),
+                "generate, a call per round": (lambda: engines.HFEngine(model, eos, tok.pad_token_id, 256), False),
+                "continuous, kept manager": (lambda: engines.ContinuousEngine(model, eos, tok.pad_token_id), False),
+                "continuous, a manager per call": (lambda: NewManagerPerCall(model, eos, tok.pad_token_id), False)}
+    secs = {v: [] for v in variants}
+    for step in range(1 + (args.rounds or (1 if args.smoke else 5))):
+        for v, (make, together) in variants.items():
+            secs[v].append(timed(make(), step + 1, together))
+    rows = [dict(mode="calls", model=name, threads=threads, variant=v, rounds=cfg.rounds_per_step,
+                 seconds=spread(s[1:])) for v, s in secs.items()]
+    for a, b in (("generate, a call per round", "generate, two calls"),
+                 ("continuous, a manager per call", "continuous, kept manager")):
+        r = [x / y for x, y in zip(secs[a][1:], secs[b][1:])]
+        rows.append(dict(mode="calls", model=name, threads=threads, ratio=f"{a} / {b}", per_step=r, **spread(r)))
+    for row in rows:
+        print({k: v for k, v in row.items() if k != "per_step"})
     return rows
 
 

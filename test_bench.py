@@ -93,3 +93,14 @@ def test_gpu_llama_engines_agree_and_bench_smoke():
     torch.cuda.empty_cache()
     rows = bench.main(["--device", "cuda", "--smoke"])
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows if "tokens" in r)
+
+
+def test_calls_mode_times_two_calls_against_per_round_calls_and_kept_against_new_managers():
+    rows = bench.main(["--mode", "calls", "--device", "cpu", "--smoke", "--threads", "1", "--rounds", "1"])
+    variants = {r["variant"]: r for r in rows if "variant" in r}
+    assert set(variants) == {"generate, two calls", "generate, a call per round", "continuous, kept manager",
+                             "continuous, a manager per call"}
+    assert all(r["seconds"]["mean"] > 0 and r["rounds"] == 2 for r in variants.values())
+    ratios = [r for r in rows if "ratio" in r]
+    assert len(ratios) == 2 and all(len(r["per_step"]) == 1 and r["mean"] > 0 for r in ratios)
+
