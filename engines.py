@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
+import models
+
 PAGE_TOKENS = 64  # tokens per KV page: small pages waste less on short completions
 CPU_BATCH_TOKENS = 512  # tokens per forward on CPU (prefill chunks + decodes); GPU: transformers' default
 # Sequences decoding at once on CPU. Without flash attention (CUDA only), transformers' paged attention
@@ -69,12 +71,8 @@ def full_attention_within_window(model, longest: int):
 
 
 def kv_bytes_per_token(model, dtype: Optional[torch.dtype] = None) -> int:
-    """Bytes of keys and values one token holds across all layers."""
-    cfg = model.config.get_text_config()
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    size = (dtype or model.dtype).itemsize
-    return 2 * cfg.num_hidden_layers * heads * head_dim * size
+    """Bytes of keys and values one token holds across all layers (models.kv_bytes, in the model's dtype)."""
+    return models.kv_bytes(model.config, (dtype or model.dtype).itemsize)
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -32,7 +32,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("env", "generate", "compiled", "continuous", "vllm", "step", "tests", "trl")
 TIMEOUTS = {"env": 60, "generate": 90, "compiled": 150, "continuous": 90, "vllm": 120, "step": 150,
             "tests": 150, "trl": 120}  # seconds; about 8 minutes when every section runs
-BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12, "A10G": 0.6e12}  # bytes/s, HBM
 MEANS = {"teacher": (207, 1024), "student": (387, 2048)}  # the paper's mean lengths and budgets
 
 
@@ -43,21 +42,9 @@ def budgets(n: int, mean: int, cap: int, seed: int = 0) -> list:
     return [int(x) for x in np.clip(rng.geometric(1.0 / mean, size=n), 8, cap)]
 
 
-def roofline(model, n_seqs: int, context: float) -> float:
-    """Tokens/s the GPU's memory bandwidth allows at n_seqs in flight with this mean context length."""
-    import torch
-    import models
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    bw = next((b for k, b in BANDWIDTH.items() if k in name), 0.0)
-    if not bw:
-        return 0.0
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_token = models.kv_bytes(model.config, next(model.parameters()).element_size())
-    return n_seqs * bw / (weights + n_seqs * context * per_token)
-
-
 def engine_section(name: str, args) -> dict:
     import torch
+    import bench
     import engines
     import models
     import opensir as O
@@ -91,8 +78,10 @@ def engine_section(name: str, args) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-        tokens = sum(len(O.cut_at_eos(g, eos)[0]) for g in gen)
-        roof = roofline(model, n, prompt_len + sum(b) / len(b) / 2)
+        comps = [O.Completion(p, O.cut_at_eos(g, eos)[0], "", False) for p, g in zip(prompts, gen)]
+        tokens = sum(len(c.ids) for c in comps)
+        bw = bench.bandwidth(device, 0.0)[0]  # the device's memory bandwidth (bench.BANDWIDTH), None on a CPU
+        roof = bench.roofline_tps(model, comps, bw) if bw else 0.0
         out[role] = {"sequences": n, "tokens": tokens, "seconds": round(dt, 3), "tok_per_s": round(tokens / dt, 1),
                      "roofline_share": round(tokens / dt / roof, 4) if roof else None,
                      "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
