@@ -791,3 +791,4 @@ if __name__ == "__main__":
         sys.exit(f"eval.py: {err}")
     except KeyboardInterrupt:  # before any output directory was touched
         sys.exit("\neval.py: interrupted before anything was written; run the same command again")
+    parallel.exit_process(0)  # under torchrun: every file is written; skip a teardown that can abort

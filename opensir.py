@@ -1258,3 +1258,4 @@ if __name__ == "__main__":
         main()
     except OSError as err:  # a model that cannot load: one clear line, not a traceback
         raise SystemExit(f"opensir.py: {err}") from None
+    parallel.exit_process(0)  # under torchrun: every file is written; skip a teardown that can abort

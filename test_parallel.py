@@ -32,6 +32,12 @@ def test_dist_env_without_torchrun_is_one_process(monkeypatch):
     assert parallel.dist_env() == (1, 4)
 
 
+def test_exit_process_returns_with_one_process(monkeypatch):
+    """Outside torchrun exit_process is a no-op (under torchrun every launch below must still exit 0)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parallel.exit_process(3) is None
+
+
 # ------------------------------------------------------------------------------------------------
 # several processes: rounds shared out over the ranks
 # ------------------------------------------------------------------------------------------------
