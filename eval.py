@@ -785,10 +785,14 @@ def _evaluate(args, path: str, out: str, names: list, problems: list, skipped: d
 
 
 if __name__ == "__main__":
+    status = 0
     try:
         main()
     except OSError as err:  # a model that cannot load, a full disk: one clear line, not a traceback
-        sys.exit(f"eval.py: {err}")
+        status = f"eval.py: {err}"
     except KeyboardInterrupt:  # before any output directory was touched
-        sys.exit("\neval.py: interrupted before anything was written; run the same command again")
-    parallel.exit_process(0)  # under torchrun: every file is written; skip a teardown that can abort
+        status = "\neval.py: interrupted before anything was written; run the same command again"
+    except SystemExit as err:
+        status = err.code
+    parallel.exit_process(status)  # under torchrun: skip the teardown, which can abort a finished run
+    sys.exit(status)

@@ -1254,8 +1254,12 @@ def main(argv: Optional[list] = None) -> None:
 
 
 if __name__ == "__main__":
+    status = 0
     try:
         main()
     except OSError as err:  # a model that cannot load: one clear line, not a traceback
-        raise SystemExit(f"opensir.py: {err}") from None
-    parallel.exit_process(0)  # under torchrun: every file is written; skip a teardown that can abort
+        status = f"opensir.py: {err}"
+    except SystemExit as err:
+        status = err.code
+    parallel.exit_process(status)  # under torchrun: skip the teardown, which can abort a finished run
+    raise SystemExit(status)

@@ -104,15 +104,18 @@ def dist_call(name: str, *args):
     return args[0] if name.endswith("_object") or name.endswith("_object_list") else None
 
 
-def exit_process(code: int = 0) -> None:
-    """End a torchrun process whose work is written and whose process group is left: exit at once, without
-    the interpreter's teardown. In that teardown torch's gloo threads can abort a finished run ("terminate
-    called without an active exception", SIGABRT; torchrun then reports the whole run failed, though its
-    checkpoint was complete: seen once in CI, rank 1 of an --fsdp run). A one-process run returns."""
+def exit_process(status=0) -> None:
+    """End a torchrun process whose work is written (or that stops with a message): exit at once, without the
+    interpreter's teardown. In that teardown torch's gloo threads can abort the process ("terminate called
+    without an active exception", SIGABRT), so torchrun reports a finished run as failed, or hides the exit
+    status a stop chose (130 after Ctrl-C): seen once in CI, rank 1 of a finished --fsdp run. status: as
+    SystemExit's (None, an int, or a message for stderr and exit 1). A one-process run returns."""
     if dist_env()[1] > 1:
+        if isinstance(status, str):
+            print(status, file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
+        os._exit(status if isinstance(status, int) else 0 if status is None else 1)
 
 
 def without_prompts(c):

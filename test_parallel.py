@@ -38,6 +38,16 @@ def test_exit_process_returns_with_one_process(monkeypatch):
     assert parallel.exit_process(3) is None
 
 
+@pytest.mark.parametrize("status, code, said", [("None", 0, ""), ("130", 130, ""), ("'stop: why'", 1, "stop: why")])
+def test_exit_process_under_torchrun_keeps_the_status(status, code, said):
+    """Under torchrun (WORLD_SIZE > 1) it exits at once with SystemExit's meaning of the status, printed
+    output flushed first."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}
+    proc = subprocess.run([sys.executable, "-c", f"import parallel; print('done'); parallel.exit_process({status}); "
+                           "raise SystemExit(99)"], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr.strip()) == (code, "done\n", said)
+
+
 # ------------------------------------------------------------------------------------------------
 # several processes: rounds shared out over the ranks
 # ------------------------------------------------------------------------------------------------
