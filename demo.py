@@ -8,6 +8,9 @@
     python demo.py opensir  --seeds 1 2   # (c) the full loop (opensir.train) from "What is 1+1?", and
                                           #     the frozen-teacher ablation beside it
 
+    python demo.py gate --split dev       # before any training: does the vote know more than the model's
+                                          #     greedy answer, and what does lowering the temperature give?
+
 Each reuses opensir.py's functions (generate, majority_vote, student_rewards, group_advantages,
 optimise: sequence_logprobs and the GRPO loss). Every few steps it measures held-out accuracy: 16
 samples per problem, mean accuracy (mean@16) and accuracy of the majority answer (maj@16), at the
@@ -43,6 +46,8 @@ SETTINGS = {  # name: (temperature, top_k, top_p)
     "T1.0": (1.0, 50, 1.0),  # the training sampling
     "T0.6": (0.6, 0, 0.95),  # eval.py's
 }
+METRICS = [(s, m) for s in SETTINGS for m in ("mean", "maj")] + [("greedy", "mean")]  # greedy: the mode's answer
+SWEEP = (0.2, 0.4, 0.6, 0.8, 1.0)  # gate: temperatures (top-p 0.95) of the sharpening baseline's sweep
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -56,21 +61,26 @@ def sample(model, tok, prompts: list, max_new_tokens: int, sampling: engines.Sam
 
 
 def evaluate(model, tok, problems: list, n: int, max_new_tokens: int, seed: int, batch: int = 256) -> dict:
-    """{setting: {"mean": per-problem share of correct samples, "maj": per-problem 0/1 majority correct}}.
-    problems: [(text, answer, rung)]. Answers compared by opensir's vote key (normalize_answer)."""
+    """{setting: {"mean": per-problem share of correct samples, "maj": per-problem 0/1 majority correct}},
+    and {"greedy": {"mean": per-problem 0/1 greedy answer correct}}. problems: [(text, answer, rung)].
+    Answers compared by opensir's vote key (normalize_answer)."""
     out = {}
-    prompts = [O.chat(tok, O.student_prompt(t)) for t, _, _ in problems for _ in range(n)]
     for name, (temp, top_k, top_p) in SETTINGS.items():
-        comps = sample(model, tok, prompts, max_new_tokens, engines.Sampling(temp, top_k, top_p), seed, batch=batch)
-        ans = [O.normalize_answer(O.final_answer(c.text)) for c in comps]
-        mean, maj = [], []
-        for i, (_, gold, _) in enumerate(problems):
-            a = ans[i * n: (i + 1) * n]
-            key = O.normalize_answer(str(gold))
-            mean.append(sum(x == key for x in a) / n)
-            maj.append(float(O.majority_vote(a)[0] == key))
-        out[name] = {"mean": mean, "maj": maj}
+        per = sampled_answers(model, tok, problems, n, max_new_tokens, engines.Sampling(temp, top_k, top_p), seed, batch)
+        out[name] = {"mean": [sum(a == key for a in ans) / n for ans, key in per],
+                     "maj": [float(O.majority_vote(ans)[0] == key) for ans, key in per]}
+    per = sampled_answers(model, tok, problems, 1, max_new_tokens, engines.Sampling(greedy=True), seed, batch)
+    out["greedy"] = {"mean": [float(ans[0] == key) for ans, key in per]}
     return out
+
+
+def sampled_answers(model, tok, problems: list, n: int, max_new_tokens: int, sampling, seed: int,
+                    batch: int = 256) -> list:
+    """Per problem: (its n sampled answers, the gold answer), both under opensir's vote key."""
+    prompts = [O.chat(tok, O.student_prompt(t)) for t, _, _ in problems for _ in range(n)]
+    ans = [O.normalize_answer(O.final_answer(c.text))
+           for c in sample(model, tok, prompts, max_new_tokens, sampling, seed, batch=batch)]
+    return [(ans[i * n: (i + 1) * n], O.normalize_answer(str(gold))) for i, (_, gold, _) in enumerate(problems)]
 
 
 def paired(before: list, after: list) -> tuple:
@@ -85,16 +95,15 @@ def summarise(evals_by_seed: dict) -> list:
     rows = []
     seeds = sorted(evals_by_seed)
     steps = sorted(set.intersection(*[set(evals_by_seed[s]) for s in seeds]), key=int)
-    for setting in SETTINGS:
-        for metric in ("mean", "maj"):
-            for st in steps:
-                acc = [100 * float(np.mean(evals_by_seed[s][st][setting][metric])) for s in seeds]
-                diffs = [paired(evals_by_seed[s][steps[0]][setting][metric], evals_by_seed[s][st][setting][metric])
-                         for s in seeds]
-                up = all(d > 2 * se for d, se in diffs)
-                down = all(d < -2 * se for d, se in diffs)
-                rows.append({"setting": setting, "metric": metric, "step": int(st), "acc": acc, "diff": diffs,
-                             "verdict": "gain" if up else "loss" if down else "no change beyond 2 SE in every seed"})
+    for setting, metric in METRICS:
+        for st in steps:
+            acc = [100 * float(np.mean(evals_by_seed[s][st][setting][metric])) for s in seeds]
+            diffs = [paired(evals_by_seed[s][steps[0]][setting][metric], evals_by_seed[s][st][setting][metric])
+                     for s in seeds]
+            up = all(d > 2 * se for d, se in diffs)
+            down = all(d < -2 * se for d, se in diffs)
+            rows.append({"setting": setting, "metric": metric, "step": int(st), "acc": acc, "diff": diffs,
+                         "verdict": "gain" if up else "loss" if down else "no change beyond 2 SE in every seed"})
     return rows
 
 
@@ -104,10 +113,47 @@ def table(rows: list, seeds: list, label: str = "") -> str:
             + " | " + " | ".join(f"Δ vs step 0, seed {s} (± SE)" for s in seeds) + " | verdict |")
     lines = [head, "|" + "---|" * (5 + 2 * len(seeds))]
     for r in rows:
-        lines.append(f"| {label} | {r['setting']} | {r['metric']} | {r['step']} | "
+        lines.append(f"| {label} | {r['setting']} | {'acc@1' if r['setting'] == 'greedy' else r['metric']} | {r['step']} | "
                      + " | ".join(f"{a:.1f}" for a in r["acc"]) + " | "
                      + " | ".join(f"{d:+.1f} ± {se:.1f}" for d, se in r["diff"]) + f" | {r['verdict']} |")
     return "\n".join(lines)
+
+
+# --- the gate: does the vote know more than the model's first guess? --------------------------------
+
+def gate(args, problems: list, log) -> dict:
+    """The untrained toy model on --split (choose settings on dev): greedy accuracy; mean@N and maj@N at the
+    training sampling (--sampling); over disjoint groups of --group samples at that sampling, how often the
+    majority label is right where greedy is wrong, and the reverse; and mean@N at each SWEEP temperature
+    (top-p 0.95), whose best is the sharpening baseline that a label-free gain must beat. A world is fit for
+    the label-free demonstrations when maj@N beats greedy by >= 5 points and the first count is >= 5 times
+    the second: only then can the vote teach the model something its mode does not already know."""
+    model, tok = O.load_model("toy", device="cpu", dtype="fp32")
+    n, g, budget = args.eval_samples, args.group, args.max_new_tokens
+    greedy = [a[0] == k for a, k in sampled_answers(model, tok, problems, 1, budget, engines.Sampling(greedy=True),
+                                                    args.eval_seed)]
+    per = sampled_answers(model, tok, problems, n, budget, engines.Sampling(*SETTINGS[args.sampling]), args.eval_seed)
+    labels = [[O.majority_vote(ans[i:i + g])[0] == key for i in range(0, n - g + 1, g)] for ans, key in per]
+    res = {"problems": len(problems), "split": args.split, "sampling": args.sampling, "n": n, "group": g,
+           "greedy": 100 * float(np.mean(greedy)),
+           "mean": 100 * float(np.mean([sum(a == k for a in ans) / n for ans, k in per])),
+           "maj": 100 * float(np.mean([O.majority_vote(ans)[0] == k for ans, k in per])),
+           "label_right_greedy_wrong": sum(lab and not gr for ls, gr in zip(labels, greedy) for lab in ls),
+           "label_wrong_greedy_right": sum(gr and not lab for ls, gr in zip(labels, greedy) for lab in ls),
+           "sweep_mean": {}}
+    for t in SWEEP:
+        per_t = sampled_answers(model, tok, problems, n, budget, engines.Sampling(t, 0, 0.95), args.eval_seed)
+        res["sweep_mean"][str(t)] = 100 * float(np.mean([sum(a == k for a in ans) / n for ans, k in per_t]))
+    res["sharpening_baseline"] = max(res["sweep_mean"].items(), key=lambda kv: kv[1])
+    res["passes"] = bool(res["maj"] - res["greedy"] >= 5 and
+                         res["label_right_greedy_wrong"] >= 5 * res["label_wrong_greedy_right"])
+    log(f"gate on {len(problems)} {args.split} problems: greedy {res['greedy']:.1f}, at {args.sampling} mean@{n} "
+        f"{res['mean']:.1f} maj@{n} {res['maj']:.1f} (maj - greedy {res['maj'] - res['greedy']:+.1f}, need >= +5); groups "
+        f"of {g}: label right where greedy wrong {res['label_right_greedy_wrong']}, the reverse "
+        f"{res['label_wrong_greedy_right']} (need >= 5:1); mean@{n} by temperature (top-p 0.95) "
+        + ", ".join(f"T {t} {v:.1f}" for t, v in res["sweep_mean"].items())
+        + f" -> {'PASSES' if res['passes'] else 'FAILS'}")
+    return res
 
 
 # --- (a) and (b): the student alone, with opensir's pieces -----------------------------------------
@@ -175,7 +221,7 @@ def student_only(mode: str, seed: int, args, problems: list, log) -> dict:
 
 
 def _brief(ev: dict) -> str:
-    return " ".join(f"{s} mean {100 * np.mean(ev[s]['mean']):.1f} maj {100 * np.mean(ev[s]['maj']):.1f}" for s in ev)
+    return " ".join(f"{s} {m} {100 * np.mean(ev[s][m]):.1f}" for s, m in METRICS)
 
 
 # --- (c): the full loop, and the frozen-teacher ablation ---------------------------------------------
@@ -251,14 +297,15 @@ def plot(summary: dict, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, (setting, metric) in zip(axes, [(s, m) for s in SETTINGS for m in ("mean", "maj")]):
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
+    for ax, (setting, metric) in zip(axes, METRICS):
         for variant, res in summary.items():
             rows = [r for r in res["rows"] if r["setting"] == setting and r["metric"] == metric]
             for k, seed in enumerate(res["seeds"]):
                 ax.plot([r["step"] for r in rows], [r["acc"][k] for r in rows], marker="o", ms=3,
                         label=f"{variant} seed {seed}")
-        ax.set_title(f"held-out {metric}@16 at {setting}", fontsize=10)
+        ax.set_title(f"held-out greedy accuracy" if setting == "greedy" else f"held-out {metric}@16 at {setting}",
+                     fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=6)
@@ -270,7 +317,7 @@ def plot(summary: dict, path: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["trainer", "majority", "opensir"])
+    p.add_argument("mode", choices=["gate", "trainer", "majority", "opensir"])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds")
     p.add_argument("--out", default="", help="default: demo_runs/<mode>")
     p.add_argument("--steps", type=int, default=60)
@@ -321,6 +368,11 @@ def main(argv: Optional[list] = None) -> dict:
     log(f"demo {args.mode}: {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}")
     log(f"evaluation set: {len(problems)} {args.split} problems, by rung "
         f"{dict(sorted(Counter(r for _, _, r in problems).items()))}")
+    if args.mode == "gate":
+        res = gate(args, problems, log)
+        with open(os.path.join(args.out, "gate.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return res
     variants = args.variants if args.mode == "opensir" else [args.mode]
     summary = {}
     for variant in variants:

@@ -273,7 +273,8 @@ def test_demo_modes_run_a_few_steps(quick_toy):
         res = demo.main([mode, "--out", out, "--problems_per_step", "2", "--group", "2", "--fixed_per_rung", "2",
                          "--rungs", "2", "3", "--min_agreement", "0.9", "--sampling", sampling, *common])
         rows = res["variants"][mode]["rows"]
-        assert {(r["setting"], r["metric"]) for r in rows} == {(s, m) for s in demo.SETTINGS for m in ("mean", "maj")}
+        assert {(r["setting"], r["metric"]) for r in rows} == {(s, m) for s in demo.SETTINGS for m in ("mean", "maj")} | {
+            ("greedy", "mean")}
         assert sorted({r["step"] for r in rows}) == [0, 1, 2]
         assert all(r["diff"][0][0] == 0.0 for r in rows if r["step"] == 0)
         train = [json.loads(line) for line in open(os.path.join(out, "seed1", "train.jsonl"))]
@@ -298,3 +299,18 @@ def test_demo_modes_run_a_few_steps(quick_toy):
         assert shift and all(abs(sum(s["rung_share"].values()) - 1) < 1e-9 for s in shift if s["legal"])
     cfg = json.load(open(os.path.join(out, "frozen_teacher-seed1", "config.json")))
     assert cfg["train_teacher"] is False and (cfg["band_lo"], cfg["band_hi"]) == (0.4, 0.8)  # --opensir_args
+
+
+def test_demo_gate_reports_the_vote_against_greedy_and_the_temperature_sweep(quick_toy):
+    import demo
+    res = demo.main(["gate", "--split", "dev", "--out", str(quick_toy / "gate"), "--eval_per_rung", "2",
+                     "--eval_samples", "4", "--group", "2", "--max_new_tokens", "16"])
+    assert res["problems"] == 10 and res["split"] == "dev" and (res["n"], res["group"]) == (4, 2)
+    groups = res["problems"] * 2  # two disjoint groups of 2 in 4 samples
+    assert 0 <= res["label_right_greedy_wrong"] + res["label_wrong_greedy_right"] <= groups
+    assert all(0 <= res[k] <= 100 for k in ("greedy", "mean", "maj"))
+    assert [float(t) for t in res["sweep_mean"]] == list(demo.SWEEP)
+    assert res["sharpening_baseline"][1] == max(res["sweep_mean"].values())
+    assert res["passes"] == (res["maj"] - res["greedy"] >= 5 and
+                             res["label_right_greedy_wrong"] >= 5 * res["label_wrong_greedy_right"])
+    assert json.load(open(quick_toy / "gate" / "gate.json"))["sweep_mean"] == res["sweep_mean"]
