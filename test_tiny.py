@@ -194,11 +194,14 @@ def _step(line):
     return int(a), op, int(b), int(r), (int(a) + int(b) if op == "+" else int(a) * int(b))
 
 
-def test_slips_are_off_by_one_to_nine_and_carried_forward(toy_corpus):
-    """In the worked solutions the builder trains on, a slipped step's result is wrong by 1 to 9 (never
-    below 0), later steps compute from it, and the answer is the chain's last result; a chain without a
-    slip is the problem's true worked solution; about TOY_SLIP of all steps slip."""
-    slipped = total = 0
+def test_worked_solutions_take_several_paths_with_weak_facts_and_slips(toy_corpus):
+    """In the worked solutions the builder trains on: every solution is a path of its problem (each step
+    joins the previous result, or two operands at first, with an operand not yet used; rung 3 adds before
+    it multiplies); a step's result is right, or for a weak fact its fixed misconception, or off by 1 to 9
+    (never below 0); later steps compute from it; the answer is the chain's last result. Weak facts are
+    taught with their misconception more often than right (so the mode is wrong), strong facts slip about
+    TOY_SLIP of the time, and the problem's left-to-right order is the most common path."""
+    weak, strong, first = Counter(), Counter(), Counter()
     students = [(p, c) for p, c in toy_corpus["pairs"] if p.startswith("STUDENT:")]
     assert len(students) >= 900
     for user, completion in students:
@@ -207,23 +210,28 @@ def test_slips_are_off_by_one_to_nine_and_carried_forward(toy_corpus):
         lines = completion.split("\n")
         steps, final = lines[:-1], lines[-1]
         assert rung is not None and len(steps) == [1, 1, 2, 2, 3][rung]
-        numbers = [int(x) for x in re.findall(r"\d+", text)]
-        prev, clean = None, True
+        left = [int(x) for x in re.findall(r"\d+", text)]
+        prev = None
         for k, line in enumerate(steps):
             a, op, b, r, true = _step(line)
-            assert r == true or (1 <= abs(r - true) <= 9 and r >= 0)
+            assert op == ("*" if rung == 1 or (rung == 3 and k == 1) else "+")
             if k == 0:
-                assert (a, b) == tuple(numbers[:2])
-            else:  # computed from the previous (perhaps slipped) result and the next operand
-                assert (a, b) == (prev, numbers[k + 1])
-            slipped += r != true
-            clean &= r == true
-            total += 1
+                for x in (a, b):
+                    left.remove(x)  # two of the problem's operands
+            else:  # the previous (perhaps wrong) result and one operand not used yet, either way round
+                assert prev in (a, b)
+                left.remove(b if a == prev else a)
+            kind = "right" if r == true else "mis" if T.toy_weak(a, op, b) and r == T.toy_misconception(a, op, b) else "slip"
+            assert kind != "slip" or (1 <= abs(r - true) <= 9 and r >= 0)
+            (weak if T.toy_weak(a, op, b) else strong)[kind] += 1
             prev = r
+        assert not left  # every operand used once
         assert final == f"Therefore, the final answer is: $\\boxed{{{prev}}}$"
-        if clean:  # no slip: the true worked solution
-            assert prev == T.toy_answer(text)
-    assert abs(slipped / total - T.TOY_SLIP) < 0.05
+        first[steps[0].split(" =")[0] == " ".join(text[len("What is "):-1].replace("(", "").replace(")", "").split()[:3])] += 1
+    assert weak["mis"] > weak["right"] > 0 and abs(sum(weak.values()) / (sum(weak.values()) + sum(strong.values()))
+                                                   - T.TOY_WEAK) < 0.1
+    assert abs(strong["slip"] / sum(strong.values()) - T.TOY_SLIP) < 0.02 and strong["mis"] == 0
+    assert first[True] > first[False]  # the written order leads: greedy's path
 
 
 def test_splits_are_fixed_and_held_out_never_drawn_for_training(toy_corpus):
@@ -314,3 +322,22 @@ def test_demo_gate_reports_the_vote_against_greedy_and_the_temperature_sweep(qui
     assert res["passes"] == (res["maj"] - res["greedy"] >= 5 and
                              res["label_right_greedy_wrong"] >= 5 * res["label_wrong_greedy_right"])
     assert json.load(open(quick_toy / "gate" / "gate.json"))["sweep_mean"] == res["sweep_mean"]
+
+
+def test_toy_seed_0_is_the_shipped_weights_and_a_damaged_copy_is_rebuilt(quick_toy, monkeypatch, capfd):
+    import shutil
+    assert T.shipped_toy_intact() and sorted(os.listdir(T.TOY_SHIPPED)) == sorted(T.TOY_SHIPPED_SHA256)
+    root = models.cache_root()
+    path = T.ensure_toy_model(O.PROMPTS, root, seed=0)
+    for f in T.TOY_SHIPPED_SHA256:  # a copy, byte for byte, with no build
+        assert open(os.path.join(path, f), "rb").read() == open(os.path.join(T.TOY_SHIPPED, f), "rb").read()
+    damaged = str(quick_toy / "shipped")
+    shutil.copytree(T.TOY_SHIPPED, damaged)
+    with open(os.path.join(damaged, "model.safetensors"), "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    monkeypatch.setattr(T, "TOY_SHIPPED", damaged)
+    assert not T.shipped_toy_intact()
+    other = T.ensure_toy_model(O.PROMPTS, str(quick_toy / "other-cache"), seed=0)  # the quick recipe builds it
+    assert open(os.path.join(other, "model.safetensors"), "rb").read() != open(os.path.join(path, "model.safetensors"), "rb").read()
+    assert "NOT the same as the shipped one" in capfd.readouterr().err

@@ -181,7 +181,7 @@ def _ensure_built(path: str, build, seed: int, what: str) -> str:
     import tempfile
     if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"building the {what} in {path}", file=sys.stderr)
+        print(f"preparing the {what} in {path}", file=sys.stderr)
         tmp = tempfile.mkdtemp(prefix=".tiny-building-", dir=os.path.dirname(path))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished cache need not be
         try:
@@ -200,22 +200,33 @@ def _ensure_built(path: str, build, seed: int, what: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# The toy world behind `--model toy`: a difficulty ladder that a model can learn to climb.
+# The toy world behind `--model toy`: a difficulty ladder where the vote knows more than the first guess.
 # ------------------------------------------------------------------------------------------------
-# The tiny model above is for reading the loop; it has almost no head-room (one-fact problems, weak
-# votes). The toy world is for showing learning: five rungs of arithmetic, each a chain of one to
-# three one-fact steps written out. The facts are few enough for the model to learn (at most ~180 a
-# rung), and pre-training solutions slip now and then (TOY_SLIP), so single samples err more often the
-# longer the chain, their errors scatter, and a majority of samples beats a single sample: head-room
-# that rewards can reach. Version 1 used sums of products whose hundreds of two-digit addition facts
-# the model never learned; its errors were per fact, and no reward moved held-out problems (README).
+# The tiny model above is for reading the loop; it has almost no head-room. The toy world is for showing
+# learning: five rungs of arithmetic, each a chain of one to three one-fact steps written out, where
+# label-free rewards have something to learn. Real models on maths gain from self-consistency (the
+# majority of sampled answers beats the greedy one); the toy world is built to be in that regime:
+# - several correct solution paths per problem: an order of the operands (a + b or b + a), a grouping of a
+#   sum, the product written either way round; the problem's own left-to-right order is the most common
+#   in pre-training, so greedy decoding takes it;
+# - weak facts: TOY_WEAK of the ordered facts ("x op y", hashed) were mostly taught wrong, a fixed
+#   misconception (off by 1 to 3) more often than the right result, so the model's mode is wrong on them.
+#   A fact is weak in one order and usually fine in the other, so where greedy's path meets a weak fact
+#   the other paths still reach the right answer, and the majority of samples is right where greedy is
+#   wrong. Rare slips (TOY_SLIP, off by 1 to 9, carried on) make the rest of the noise.
+# demo.py gate measures it before any training (docs/toy-world.md). Version 1 (sums of products; hundreds
+# of two-digit facts never learned) and version 2 (one path, random slips: the mode was already the
+# majority answer, so voting could only sharpen) did not show label-free learning (docs/toy-world.md).
 # Problems are split by a hash of their text into train / dev / held-out; the builder and every
 # training path draw only "train" problems.
 
-TOY_VERSION = "2"  # part of the cache directory name: bump it whenever the recipe below changes
+TOY_VERSION = "3"  # part of the cache directory name: bump it whenever the recipe below changes
 TOY_ARCH = dict(TINY_ARCH, num_hidden_layers=3)  # one more layer: copying an intermediate result
-TOY_TRAIN = dict(examples=6000, steps=500, student_batch=48, teacher_batch=8, lr=3e-3, warmup=20)
-TOY_SLIP = 0.15  # chance that a worked step of a pre-training solution carries a wrong result (a slip)
+TOY_TRAIN = dict(examples=36000, steps=3000, student_batch=48, teacher_batch=8, lr=3e-3, warmup=20)
+TOY_SLIP = 0.02  # chance that a step of a strong fact carries a wrong result (a slip, off by 1 to 9)
+TOY_WEAK = 0.20  # share of ordered facts "x op y" that are weak (chosen by a hash of the fact)
+TOY_WEAK_RIGHT, TOY_WEAK_MISCONCEPTION = 0.35, 0.45  # a weak fact's right result, its fixed wrong one; else a slip
+TOY_FIRST_ORDER = 0.6  # one-fact rungs and each step of rung 3: the written order first; else swapped
 TOY_RUNGS = [  # (main concept, second concept); the rung is the index
     ("single-digit addition", "addition"),
     ("multiplication facts", "multiplication"),
@@ -303,24 +314,64 @@ def toy_problem_set(split: str, n_per_rung: int, seed: int, rungs: Optional[list
     return out
 
 
-def _slipped(text: str, rung: int, rng: random.Random, p: float = TOY_SLIP) -> tuple:
-    """The worked steps of a toy problem and their final answer, where each step's result is off by 1 to 9
-    (either way, never below 0) with probability p and later steps use the slipped value, as a person
-    who slips carries on. So the model learns to slip now and then: its single samples err, their errors
-    scatter over many values, and the majority of several samples is usually right (the regime in which
-    voting on answers is a useful label). Returns (steps, answer)."""
+def _hash(text: str) -> int:
+    import hashlib
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def toy_weak(x: int, op: str, y: int) -> bool:
+    """Is the ordered fact "x op y" weak (mostly taught wrong)? Fixed by a hash: TOY_WEAK of all facts."""
+    return _hash(f"weak {x} {op} {y}") % 100 < round(100 * TOY_WEAK)
+
+
+def toy_misconception(x: int, op: str, y: int) -> int:
+    """The wrong result a weak fact is mostly taught with: off by 1 to 3, fixed per fact, never below 0."""
+    r, d = (x + y if op == "+" else x * y), 1 + _hash(f"mis {x} {op} {y}") % 3
+    return r + d if (_hash(f"sign {x} {op} {y}") % 2 or r - d < 0) else r - d
+
+
+def _fact(x: int, op: str, y: int, rng: random.Random) -> int:
+    """A pre-training result of "x op y": a weak fact is right with TOY_WEAK_RIGHT, its misconception with
+    TOY_WEAK_MISCONCEPTION, else a slip; a strong fact slips with TOY_SLIP."""
+    r, u = (x + y if op == "+" else x * y), rng.random()
+    if toy_weak(x, op, y):
+        if u < TOY_WEAK_RIGHT:
+            return r
+        if u < TOY_WEAK_RIGHT + TOY_WEAK_MISCONCEPTION:
+            return toy_misconception(x, op, y)
+    elif u >= TOY_SLIP:
+        return r
+    return max(0, r + rng.choice([-1, 1]) * rng.randint(1, 9)) or r + rng.randint(1, 9)
+
+
+def _toy_path(rung: int, rng: random.Random) -> list:
+    """A solution path: its steps as (x, op, y), each x, y an operand's index or "r" (the previous result).
+    The problem's left-to-right order is the most common path (greedy's); the others are as right."""
+    u = rng.random()
+    if rung in (0, 1):
+        op = "+" if rung == 0 else "*"
+        return [(0, op, 1)] if u < TOY_FIRST_ORDER else [(1, op, 0)]
+    if rung == 2:  # (a + b) + c half the time; (b + c) + a and (a + c) + b a quarter each
+        return [[(0, "+", 1), ("r", "+", 2)], [(1, "+", 2), ("r", "+", 0)], [(0, "+", 2), ("r", "+", 1)]][
+            0 if u < 0.5 else 1 if u < 0.75 else 2]
+    if rung == 3:  # (a + b) * c: either order of the sum, then either order of the product
+        first = (0, "+", 1) if u < TOY_FIRST_ORDER else (1, "+", 0)
+        return [first, ("r", "*", 2) if rng.random() < TOY_FIRST_ORDER else (2, "*", "r")]
+    order = [0, 1, 2, 3] if u < 0.5 else rng.sample([0, 1, 2, 3], 4)  # left to right half the time
+    return [(order[0], "+", order[1]), ("r", "+", order[2]), ("r", "+", order[3])]
+
+
+def _worked(text: str, rung: int, rng: random.Random) -> tuple:
+    """A pre-training solution of a toy problem: a path (_toy_path) whose every step's result is drawn by
+    _fact, later steps computing from the previous (perhaps wrong) result, as a person carries on.
+    Returns (steps, answer)."""
     n = [int(x) for x in _TOY_RE[rung].match(text).groups()]
-    ops = {0: [("+", 0, 1)], 1: [("*", 0, 1)], 2: [("+", 0, 1), ("+", "r", 2)], 3: [("+", 0, 1), ("*", "r", 2)],
-           4: [("+", 0, 1), ("+", "r", 2), ("+", "r", 3)]}[rung]
-    steps, results = [], []
-    for op, x, y in ops:
-        a, b = (results[-1] if k == "r" else n[k] for k in (x, y))  # "r": the previous step's result
-        r = a + b if op == "+" else a * b
-        if rng.random() < p:
-            r = max(0, r + rng.choice([-1, 1]) * rng.randint(1, 9)) or r + rng.randint(1, 9)
-        steps.append(f"{a} {op} {b} = {r}.")
-        results.append(r)
-    return steps, results[-1]
+    steps, r = [], None
+    for xs, op, ys in _toy_path(rung, rng):
+        x, y = (r if k == "r" else n[k] for k in (xs, ys))
+        r = _fact(x, op, y, rng)
+        steps.append(f"{x} {op} {y} = {r}.")
+    return steps, r
 
 
 def _toy_examples(rng: random.Random, prompts: tuple) -> list:
@@ -337,7 +388,7 @@ def _toy_examples(rng: random.Random, prompts: tuple) -> list:
     style = rng.random()  # ~10% without <think> (legal, no format reward), ~10% illegal concepts
     teacher = ((think if style >= 0.1 else "") + f"<problem>{text}</problem>"
                + (f"\n<concepts>{main}, {second}</concepts>" if style < 0.9 else f"\n<concepts>{main[:4]}</concepts>"))
-    steps, ans = _slipped(text, rung, rng)
+    steps, ans = _worked(text, rung, rng)
     student = "\n".join(steps) + f"\nTherefore, the final answer is: $\\boxed{{{ans}}}$"
     teacher_prompt, student_prompt = prompts
     return [(teacher_prompt(ref), teacher), (student_prompt(text), student)]
@@ -353,7 +404,48 @@ def toy_model_path(root: str, seed: int = 0) -> str:
     return os.path.join(root, f"toy-v{TOY_VERSION}-seed{seed}")
 
 
+# The built toy model of seed 0 ships with the project (3 MB): a build on another machine (another CPU,
+# another torch) need not be bit-identical, and the figures in docs/toy-world.md come from these weights.
+TOY_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"toy-v{TOY_VERSION}-seed0")
+TOY_SHIPPED_SHA256 = {  # every file of TOY_SHIPPED; a copy whose bytes differ is not used
+    "chat_template.jinja": "d4720d8989d64d09167022bd8b21f8c2cda7f898cd3d2726208c96ad71fb5ce4",
+    "config.json": "567f12bc7728f925b29feb539bbb1ba85b8420b361eef111914f39eec858abb6",
+    "generation_config.json": "59f7814408c393a65c63ddb43e70d5a555cae20ee5a6baa638034a404a80ebd0",
+    "model.safetensors": "ef1e1feb1d1e6dafc5387189d2c20545ad9f325ae7bd84fc96dcc0cbb0f53262",
+    "tokenizer.json": "90fdc2c07d7427e3aaf5a933ead9d5c059ee8908be84e71316264e3648990324",
+    "tokenizer_config.json": "378333163ce004c6d23259e8f4330ef032e6079c9bf27c92d53907a0e1959793",
+}
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def shipped_toy_intact() -> bool:
+    """Are the shipped toy weights all there, byte for byte as recorded?"""
+    try:
+        return all(_sha256(os.path.join(TOY_SHIPPED, f)) == h for f, h in TOY_SHIPPED_SHA256.items())
+    except OSError:
+        return False
+
+
 def ensure_toy_model(prompts: tuple, root: str, seed: int = 0) -> str:
-    """The toy model's directory, built on first use (about 3 minutes on one CPU thread)."""
-    return _ensure_built(toy_model_path(root, seed), lambda p, s: build_toy_model(p, prompts, s), seed,
-                         "toy-world model (once, ~3 min)")
+    """The toy model's directory. Seed 0: a copy of the shipped weights when they are intact, else built
+    (and said whether the build equals the shipped bytes). Other seeds: built on first use (about 9
+    minutes on one CPU thread)."""
+    def build(tmp: str, s: int) -> None:
+        import shutil
+        if s == 0 and shipped_toy_intact():
+            for f in TOY_SHIPPED_SHA256:
+                shutil.copyfile(os.path.join(TOY_SHIPPED, f), os.path.join(tmp, f))
+            return
+        build_toy_model(tmp, prompts, s)
+        if s == 0:
+            same = _sha256(os.path.join(tmp, "model.safetensors")) == TOY_SHIPPED_SHA256["model.safetensors"]
+            print(f"the shipped toy weights are missing or damaged; this build is {'bit-identical to' if same else 'NOT the same as'} "
+                  "the shipped one" + ("" if same else ", so the figures in docs/toy-world.md will not reproduce "
+                  "exactly"), file=sys.stderr)
+    return _ensure_built(toy_model_path(root, seed), build, seed,
+                         "toy-world model (seed 0: the shipped weights; else once, ~9 min)")
