@@ -107,6 +107,21 @@ def summarise(evals_by_seed: dict) -> list:
     return rows
 
 
+def difference(per_a: dict, per_b: dict) -> list:
+    """a minus b at their last common step, per seed, paired over problems (the same held-out problems and
+    evaluation seed): rows of (setting, metric, step, [(diff, SE) per seed], verdict). per_a, per_b:
+    results.json's "per_problem" of two variants ({seed: {step: evaluate(...)}})."""
+    seeds = sorted(set(per_a) & set(per_b), key=int)
+    step = max(set.intersection(*[set(per_a[s]) & set(per_b[s]) for s in seeds]), key=int)
+    rows = []
+    for setting, metric in METRICS:
+        diffs = [paired(per_b[s][step][setting][metric], per_a[s][step][setting][metric]) for s in seeds]
+        up, down = all(d > 2 * se for d, se in diffs), all(d < -2 * se for d, se in diffs)
+        rows.append({"setting": setting, "metric": metric, "step": int(step), "diff": diffs,
+                     "verdict": "a higher" if up else "b higher" if down else "no difference beyond 2 SE in every seed"})
+    return rows
+
+
 def table(rows: list, seeds: list, label: str = "") -> str:
     """A markdown table of summarise() rows."""
     head = (f"| {label or 'run'} | setting | metric@16 | step | " + " | ".join(f"acc seed {s}" for s in seeds)
@@ -389,7 +404,13 @@ def main(argv: Optional[list] = None) -> dict:
                                  for s in args.seeds}
         summary[variant] = res
         log(table(res["rows"], args.seeds, variant))
+    if len(summary) == 2:  # the paired effect of training the teacher
+        rows = difference(summary["full"]["per_problem"], summary["frozen_teacher"]["per_problem"])
+        log("full minus frozen teacher, paired: " + "; ".join(
+            f"{r['setting']} {r['metric']} " + ", ".join(f"{d:+.1f} ± {se:.1f}" for d, se in r["diff"]) for r in rows))
     result = {"mode": args.mode, "args": vars(args), "problems": problems, "variants": summary}
+    if len(summary) == 2:
+        result["full_minus_frozen"] = rows
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f)
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -298,6 +298,7 @@ def test_demo_modes_run_a_few_steps(quick_toy):
     res = demo.main(["opensir", "--out", out, "--rounds_per_step", "1", "--stages", "2", *common,
                      "--opensir_args", "--band_lo 0.4 --band_hi 0.8"])
     assert set(res["variants"]) == {"full", "frozen_teacher"}
+    assert [(r["setting"], r["metric"], r["step"]) for r in res["full_minus_frozen"]] == [(s, m, 2) for s, m in demo.METRICS]
     for variant, teacher_seqs in (("full", O.Config.teacher_group), ("frozen_teacher", 0)):
         metrics = [json.loads(line) for line in open(os.path.join(out, f"{variant}-seed1", "metrics.jsonl"))]
         assert [m["train/teacher_seqs"] for m in metrics] == [teacher_seqs] * 2
@@ -341,3 +342,14 @@ def test_toy_seed_0_is_the_shipped_weights_and_a_damaged_copy_is_rebuilt(quick_t
     other = T.ensure_toy_model(O.PROMPTS, str(quick_toy / "other-cache"), seed=0)  # the quick recipe builds it
     assert open(os.path.join(other, "model.safetensors"), "rb").read() != open(os.path.join(path, "model.safetensors"), "rb").read()
     assert "NOT the same as the shipped one" in capfd.readouterr().err
+
+
+def test_demo_difference_is_paired_over_problems_at_the_last_common_step():
+    import demo
+    ev = lambda x: {s: {m: list(x) for m in ("mean", "maj")} for s in [*demo.SETTINGS, "greedy"]}  # noqa: E731
+    a = {"1": {"0": ev([0, 0]), "20": ev([1.0, 0.5]), "40": ev([1, 1])}}
+    b = {"1": {"0": ev([0, 0]), "20": ev([0.5, 0.5])}}
+    rows = demo.difference(a, b)
+    assert [(r["setting"], r["metric"]) for r in rows] == demo.METRICS and {r["step"] for r in rows} == {20}
+    (d, se), = rows[0]["diff"]  # differences 0.5 and 0: mean 25 points, SE 0.354 / sqrt(2) = 25 points
+    assert d == pytest.approx(25.0) and se == pytest.approx(25.0) and rows[0]["verdict"].startswith("no difference")
