@@ -316,9 +316,11 @@ def plot(summary: dict, path: str) -> bool:
     for ax, (setting, metric) in zip(axes, METRICS):
         for variant, res in summary.items():
             rows = [r for r in res["rows"] if r["setting"] == setting and r["metric"] == metric]
-            for k, seed in enumerate(res["seeds"]):
-                ax.plot([r["step"] for r in rows], [r["acc"][k] for r in rows], marker="o", ms=3,
-                        label=f"{variant} seed {seed}")
+            for k, seed in enumerate(res["seeds"]):  # error bars: the paired SE of the change from step 0
+                ax.errorbar([r["step"] for r in rows], [r["acc"][k] for r in rows], yerr=[r["diff"][k][1] for r in rows],
+                            marker="o", ms=3, capsize=2, label=f"{variant} seed {seed}")
+        if rows:
+            ax.axhline(rows[0]["acc"][0], color="grey", ls="--", lw=0.8, label="step 0")
         ax.set_title(f"held-out greedy accuracy" if setting == "greedy" else f"held-out {metric}@16 at {setting}",
                      fontsize=10)
         ax.set_xlabel("step")
