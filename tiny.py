@@ -433,7 +433,7 @@ def shipped_toy_intact() -> bool:
 
 def ensure_toy_model(prompts: tuple, root: str, seed: int = 0) -> str:
     """The toy model's directory. Seed 0: a copy of the shipped weights when they are intact, else built
-    (and said whether the build equals the shipped bytes). Other seeds: built on first use (about 9
+    (and said whether the build equals the shipped bytes). Other seeds: built on first use (about 15
     minutes on one CPU thread)."""
     def build(tmp: str, s: int) -> None:
         import shutil
@@ -448,4 +448,4 @@ def ensure_toy_model(prompts: tuple, root: str, seed: int = 0) -> str:
                   "the shipped one" + ("" if same else ", so the figures in docs/toy-world.md will not reproduce "
                   "exactly"), file=sys.stderr)
     return _ensure_built(toy_model_path(root, seed), build, seed,
-                         "toy-world model (seed 0: the shipped weights; else once, ~9 min)")
+                         "toy-world model (seed 0: the shipped weights; else once, ~15 min)")
