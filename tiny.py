@@ -261,10 +261,15 @@ def toy_problem(rng: random.Random, rung: int) -> tuple:
             a + b + c + d)
 
 
+def _hash(text: str) -> int:
+    """A fixed hash of a text (the first 32 bits of its SHA-256): splits, weak facts, misconceptions."""
+    import hashlib
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
 def toy_split(text: str) -> str:
     """train (80%), dev (10%) or heldout (10%), from a hash of the problem text: fixed forever."""
-    import hashlib
-    h = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 10
+    h = _hash(text) % 10
     return "heldout" if h == 0 else "dev" if h == 1 else "train"
 
 
@@ -314,9 +319,8 @@ def toy_problem_set(split: str, n_per_rung: int, seed: int, rungs: Optional[list
     return out
 
 
-def _hash(text: str) -> int:
-    import hashlib
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+def _result(x: int, op: str, y: int) -> int:
+    return x + y if op == "+" else x * y
 
 
 def toy_weak(x: int, op: str, y: int) -> bool:
@@ -326,14 +330,14 @@ def toy_weak(x: int, op: str, y: int) -> bool:
 
 def toy_misconception(x: int, op: str, y: int) -> int:
     """The wrong result a weak fact is mostly taught with: off by 1 to 3, fixed per fact, never below 0."""
-    r, d = (x + y if op == "+" else x * y), 1 + _hash(f"mis {x} {op} {y}") % 3
+    r, d = _result(x, op, y), 1 + _hash(f"mis {x} {op} {y}") % 3
     return r + d if (_hash(f"sign {x} {op} {y}") % 2 or r - d < 0) else r - d
 
 
 def _fact(x: int, op: str, y: int, rng: random.Random) -> int:
     """A pre-training result of "x op y": a weak fact is right with TOY_WEAK_RIGHT, its misconception with
     TOY_WEAK_MISCONCEPTION, else a slip; a strong fact slips with TOY_SLIP."""
-    r, u = (x + y if op == "+" else x * y), rng.random()
+    r, u = _result(x, op, y), rng.random()
     if toy_weak(x, op, y):
         if u < TOY_WEAK_RIGHT:
             return r
