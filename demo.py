@@ -67,10 +67,9 @@ def evaluate(model, tok, problems: list, n: int, max_new_tokens: int, seed: int,
     out = {}
     for name, (temp, top_k, top_p) in SETTINGS.items():
         per = sampled_answers(model, tok, problems, n, max_new_tokens, engines.Sampling(temp, top_k, top_p), seed, batch)
-        out[name] = {"mean": [sum(a == key for a in ans) / n for ans, key in per],
-                     "maj": [float(O.majority_vote(ans)[0] == key) for ans, key in per]}
-    per = sampled_answers(model, tok, problems, 1, max_new_tokens, engines.Sampling(greedy=True), seed, batch)
-    out["greedy"] = {"mean": [float(ans[0] == key) for ans, key in per]}
+        out[name] = {"mean": share_right(per), "maj": majority_right(per)}
+    greedy = sampled_answers(model, tok, problems, 1, max_new_tokens, engines.Sampling(greedy=True), seed, batch)
+    out["greedy"] = {"mean": share_right(greedy)}
     return out
 
 
@@ -81,6 +80,16 @@ def sampled_answers(model, tok, problems: list, n: int, max_new_tokens: int, sam
     ans = [O.normalize_answer(O.final_answer(c.text))
            for c in sample(model, tok, prompts, max_new_tokens, sampling, seed, batch=batch)]
     return [(ans[i * n: (i + 1) * n], O.normalize_answer(str(gold))) for i, (_, gold, _) in enumerate(problems)]
+
+
+def share_right(per: list) -> list:
+    """Per problem, the share of its sampled answers that are right (sampled_answers' pairs)."""
+    return [sum(a == key for a in ans) / len(ans) for ans, key in per]
+
+
+def majority_right(per: list) -> list:
+    """Per problem, 1.0 when the majority of its sampled answers is right, else 0.0."""
+    return [float(O.majority_vote(ans)[0] == key) for ans, key in per]
 
 
 def paired(before: list, after: list) -> tuple:
@@ -145,20 +154,19 @@ def gate(args, problems: list, log) -> dict:
     the second: only then can the vote teach the model something its mode does not already know."""
     model, tok = O.load_model("toy", device="cpu", dtype="fp32")
     n, g, budget = args.eval_samples, args.group, args.max_new_tokens
-    greedy = [a[0] == k for a, k in sampled_answers(model, tok, problems, 1, budget, engines.Sampling(greedy=True),
-                                                    args.eval_seed)]
+    greedy = [x == 1.0 for x in share_right(sampled_answers(model, tok, problems, 1, budget,
+                                                            engines.Sampling(greedy=True), args.eval_seed))]
     per = sampled_answers(model, tok, problems, n, budget, engines.Sampling(*SETTINGS[args.sampling]), args.eval_seed)
     labels = [[O.majority_vote(ans[i:i + g])[0] == key for i in range(0, n - g + 1, g)] for ans, key in per]
     res = {"problems": len(problems), "split": args.split, "sampling": args.sampling, "n": n, "group": g,
            "greedy": 100 * float(np.mean(greedy)),
-           "mean": 100 * float(np.mean([sum(a == k for a in ans) / n for ans, k in per])),
-           "maj": 100 * float(np.mean([O.majority_vote(ans)[0] == k for ans, k in per])),
+           "mean": 100 * float(np.mean(share_right(per))), "maj": 100 * float(np.mean(majority_right(per))),
            "label_right_greedy_wrong": sum(lab and not gr for ls, gr in zip(labels, greedy) for lab in ls),
            "label_wrong_greedy_right": sum(gr and not lab for ls, gr in zip(labels, greedy) for lab in ls),
            "sweep_mean": {}}
     for t in SWEEP:
         per_t = sampled_answers(model, tok, problems, n, budget, engines.Sampling(t, 0, 0.95), args.eval_seed)
-        res["sweep_mean"][str(t)] = 100 * float(np.mean([sum(a == k for a in ans) / n for ans, k in per_t]))
+        res["sweep_mean"][str(t)] = 100 * float(np.mean(share_right(per_t)))
     res["sharpening_baseline"] = max(res["sweep_mean"].items(), key=lambda kv: kv[1])
     res["passes"] = bool(res["maj"] - res["greedy"] >= 5 and
                          res["label_right_greedy_wrong"] >= 5 * res["label_wrong_greedy_right"])
