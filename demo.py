@@ -99,6 +99,11 @@ def paired(before: list, after: list) -> tuple:
     return 100 * float(d.mean()), 100 * float(se)
 
 
+def beyond_2se(diffs: list) -> int:
+    """+1 when every seed's (diff, SE) is above +2 SE, -1 when every one is below -2 SE, else 0."""
+    return 1 if all(d > 2 * se for d, se in diffs) else -1 if all(d < -2 * se for d, se in diffs) else 0
+
+
 def summarise(evals_by_seed: dict) -> list:
     """Rows: (setting, metric, step, per-seed accuracy, per-seed (diff, SE) vs step 0, verdict)."""
     rows = []
@@ -109,10 +114,8 @@ def summarise(evals_by_seed: dict) -> list:
             acc = [100 * float(np.mean(evals_by_seed[s][st][setting][metric])) for s in seeds]
             diffs = [paired(evals_by_seed[s][steps[0]][setting][metric], evals_by_seed[s][st][setting][metric])
                      for s in seeds]
-            up = all(d > 2 * se for d, se in diffs)
-            down = all(d < -2 * se for d, se in diffs)
             rows.append({"setting": setting, "metric": metric, "step": int(st), "acc": acc, "diff": diffs,
-                         "verdict": "gain" if up else "loss" if down else "no change beyond 2 SE in every seed"})
+                         "verdict": {1: "gain", -1: "loss", 0: "no change beyond 2 SE in every seed"}[beyond_2se(diffs)]})
     return rows
 
 
@@ -125,9 +128,8 @@ def difference(per_a: dict, per_b: dict) -> list:
     rows = []
     for setting, metric in METRICS:
         diffs = [paired(per_b[s][step][setting][metric], per_a[s][step][setting][metric]) for s in seeds]
-        up, down = all(d > 2 * se for d, se in diffs), all(d < -2 * se for d, se in diffs)
-        rows.append({"setting": setting, "metric": metric, "step": int(step), "diff": diffs,
-                     "verdict": "a higher" if up else "b higher" if down else "no difference beyond 2 SE in every seed"})
+        rows.append({"setting": setting, "metric": metric, "step": int(step), "diff": diffs, "verdict": {
+            1: "a higher", -1: "b higher", 0: "no difference beyond 2 SE in every seed"}[beyond_2se(diffs)]})
     return rows
 
 
